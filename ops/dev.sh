@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv, installs Custody into it, then runs
+#   ops/dev.sh serve   the service on embedded defaults (embedded Postgres, simulated Gemini)
+#   ops/dev.sh test    the test suite (needs Postgres on 127.0.0.1:5432, see README)
+#   ops/dev.sh bench   the benchmarks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.custody-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  touch "$stamp"
+fi
+
+command="${1:-}"
+shift || true
+case "$command" in
+  serve) exec .venv/bin/custody serve "$@" ;;
+  test) exec .venv/bin/python -m pytest "$@" ;;
+  bench) exec .venv/bin/python ops/bench/run_all.py "$@" ;;
+  *) echo "usage: ops/dev.sh serve|test|bench [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Custody: a conversation service that keeps Gemini history encrypted in its own Postgres."""

@@ -1,0 +1,5 @@
+"""`python -m service` runs the `custody` command line."""
+
+from .cli import main
+
+raise SystemExit(main())

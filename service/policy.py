@@ -1,0 +1,397 @@
+"""Route policy: the data-class catalogue, the routes, and the provider-storage decision."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+import rfc8785
+import yaml
+from jsonschema.exceptions import ValidationError, best_match
+
+__all__ = [
+    "POLICY_SCHEMA_PATH",
+    "DataClass",
+    "DataClassNotAllowedError",
+    "Policy",
+    "PolicyError",
+    "PolicyViolation",
+    "Route",
+    "StorageDecision",
+    "UnknownDataClassError",
+    "UnknownRouteError",
+    "check_data_classes",
+    "decide_storage",
+    "load_policy",
+    "parse_policy",
+]
+
+POLICY_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "policy.schema.json"
+
+# Largest integer every JSON implementation holds exactly; RFC 8785 refuses anything larger.
+_MAX_SAFE_INTEGER = 2**53 - 1
+# Route settings re-sent with every create call besides model/agent, in the SDK's keyword names.
+_UPSTREAM_OPTIONAL = (
+    "agent_config",
+    "system_instruction",
+    "tools",
+    "generation_config",
+    "response_format",
+)
+
+
+class PolicyError(Exception):
+    """The policy file is unreadable or invalid; `path` locates the bad field ("" for the file)."""
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        super().__init__(f"{source}: {path}: {problem}" if path else f"{source}: {problem}")
+        self.source = source
+        self.path = path
+        self.problem = problem
+
+
+class PolicyViolation(Exception):
+    """A request does not fit the route policy: the caller's mistake, not the file's."""
+
+
+class UnknownRouteError(PolicyViolation):
+    """The requested route is not declared in the policy."""
+
+    def __init__(self, route: str) -> None:
+        super().__init__(f"unknown route {route!r}")
+        self.route = route
+
+
+class UnknownDataClassError(PolicyViolation):
+    """The request names data classes that the catalogue does not declare."""
+
+    def __init__(self, classes: Iterable[str]) -> None:
+        self.classes = tuple(sorted(set(classes)))
+        super().__init__("undeclared data classes: " + ", ".join(self.classes))
+
+
+class DataClassNotAllowedError(PolicyViolation):
+    """The request carries data classes that the route does not allow."""
+
+    def __init__(self, route: str, classes: Iterable[str]) -> None:
+        self.route = route
+        self.classes = tuple(sorted(set(classes)))
+        super().__init__(f"route {route} does not allow data classes: " + ", ".join(self.classes))
+
+
+@dataclass(frozen=True)
+class DataClass:
+    """One entry of the catalogue."""
+
+    name: str
+    description: str
+    provider_storage: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """A route and the interaction-scoped settings it sends upstream on every turn."""
+
+    name: str
+    description: str
+    model: str | None = None
+    agent: str | None = None
+    agent_config: Mapping[str, Any] | None = None
+    system_instruction: str | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()
+    generation_config: Mapping[str, Any] | None = None
+    response_format: Any | None = None
+    data_classes: frozenset[str] = frozenset()
+    provider_storage: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.agent is None):
+            raise ValueError(f"route {self.name}: set exactly one of model or agent")
+        # The settings are re-sent on every turn of every conversation on the route, so they are
+        # frozen: a caller that edits what it was handed must not change what later turns send.
+        for name in ("agent_config", "tools", "generation_config", "response_format"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+        object.__setattr__(self, "data_classes", frozenset(self.data_classes))
+
+    def upstream_settings(self) -> dict[str, Any]:
+        """Keyword arguments for `interactions.create` that must accompany every call.
+
+        The API treats these as interaction-scoped: one left out silently resets, even when the
+        history is replayed in full. Unset ones are omitted. The result is a fresh mutable copy.
+        """
+        settings: dict[str, Any] = (
+            {"model": self.model} if self.model is not None else {"agent": self.agent}
+        )
+        for name in _UPSTREAM_OPTIONAL:
+            value = getattr(self, name)
+            if value is not None and value != ():
+                settings[name] = _thaw(value)
+        return settings
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded policy file; `version` identifies its content for turn records and audits."""
+
+    version: str
+    data_classes: Mapping[str, DataClass]
+    routes: Mapping[str, Route]
+
+    def route(self, name: str) -> Route:
+        """Return the route called `name`, or raise `UnknownRouteError`."""
+        try:
+            return self.routes[name]
+        except KeyError:
+            raise UnknownRouteError(name) from None
+
+
+@dataclass(frozen=True)
+class StorageDecision:
+    """Whether the provider may keep a copy; `reason` is `code: detail` and never holds content."""
+
+    provider_storage: bool
+    reason: str
+
+    @property
+    def code(self) -> str:
+        """The machine-friendly part of `reason`, e.g. `route_denies`."""
+        return self.reason.partition(":")[0]
+
+
+def decide_storage(
+    route: Route, data_classes: Iterable[str], catalogue: Mapping[str, DataClass]
+) -> StorageDecision:
+    """Decide provider storage for a conversation on `route` carrying `data_classes`.
+
+    Default deny: storage is permitted only when the route allows it and every class is declared,
+    allowed on the route and allows it itself. The first failing rule gives the reason.
+    """
+    classes = frozenset(data_classes)
+    if not route.provider_storage:
+        return _deny("route_denies", f"route {route.name} does not permit provider storage")
+    if not classes:
+        # Nothing declared is not the same as "nothing sensitive": storage needs a positive label.
+        return _deny("unclassified", "no data class declared for the conversation")
+    if unknown := sorted(classes - catalogue.keys()):
+        # A class dropped from the catalogue after a conversation carried it must still deny.
+        return _deny("unknown_data_class", "undeclared data classes: " + ", ".join(unknown))
+    if outside := sorted(classes - route.data_classes):
+        return _deny(
+            "data_class_not_allowed",
+            f"route {route.name} does not allow data classes: " + ", ".join(outside),
+        )
+    if denying := sorted(c for c in classes if not catalogue[c].provider_storage):
+        return _deny(
+            "data_class_denies",
+            "data classes that do not permit provider storage: " + ", ".join(denying),
+        )
+    listed = ", ".join(sorted(classes))
+    detail = f"route {route.name} and data classes {listed} permit provider storage"
+    return StorageDecision(provider_storage=True, reason=f"permitted: {detail}")
+
+
+def check_data_classes(
+    route: Route, requested: Iterable[str], catalogue: Mapping[str, DataClass]
+) -> None:
+    """Raise unless every requested class is declared and allowed on `route`."""
+    wanted = frozenset(requested)
+    # Undeclared first: a misspelt class is a different client bug from a forbidden one.
+    if unknown := wanted - catalogue.keys():
+        raise UnknownDataClassError(unknown)
+    if forbidden := wanted - route.data_classes:
+        raise DataClassNotAllowedError(route.name, forbidden)
+
+
+def load_policy(path: Path) -> Policy:
+    """Read, validate and load the policy file at `path`."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(source, "", f"cannot read policy file: {exc}") from exc
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(source, where, f"invalid YAML: {problem}") from exc
+    return parse_policy(document, source=source)
+
+
+def parse_policy(document: Any, *, source: str) -> Policy:
+    """Validate an already parsed policy document; `source` names it in error messages."""
+    _check_json_values(document, (), source)
+    error = best_match(_validator().iter_errors(document))
+    if error is not None:
+        path, problem = _describe(error)
+        raise PolicyError(source, path, problem)
+    catalogue = {
+        name: DataClass(name, spec["description"], spec["provider_storage"])
+        for name, spec in document["data_classes"].items()
+    }
+    routes = {
+        name: _build_route(name, spec, catalogue, source)
+        for name, spec in document["routes"].items()
+    }
+    try:
+        # Canonical JSON, so reformatting the YAML or reordering keys keeps the version.
+        canonical = rfc8785.dumps(document)
+    except rfc8785.CanonicalizationError as exc:
+        raise PolicyError(source, "", f"cannot canonicalize policy: {exc}") from exc
+    return Policy(
+        version="sha256:" + hashlib.sha256(canonical).hexdigest(),
+        data_classes=MappingProxyType(catalogue),
+        routes=MappingProxyType(routes),
+    )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys.
+
+    PyYAML silently keeps the last duplicate, so a pasted second copy of a route would quietly
+    replace the first one. Keys brought in by a `<<` merge may still be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    # Read on first use, not at import time; the file never changes while the process runs.
+    schema = json.loads(POLICY_SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _build_route(
+    name: str, spec: Mapping[str, Any], catalogue: Mapping[str, DataClass], source: str
+) -> Route:
+    # The checks JSON Schema cannot express: references into the catalogue and uniqueness of
+    # function names, which the turn engine relies on to match function results to their calls.
+    for index, cls in enumerate(spec["data_classes"]):
+        if cls not in catalogue:
+            where = _format_path(("routes", name, "data_classes", index))
+            raise PolicyError(source, where, f"{cls!r} is not a declared data class")
+    functions: set[str] = set()
+    for index, tool in enumerate(spec.get("tools", ())):
+        if tool["type"] == "function":
+            if tool["name"] in functions:
+                where = _format_path(("routes", name, "tools", index, "name"))
+                raise PolicyError(source, where, f"duplicate function name {tool['name']!r}")
+            functions.add(tool["name"])
+    return Route(
+        name=name,
+        description=spec["description"],
+        model=spec.get("model"),
+        agent=spec.get("agent"),
+        agent_config=spec.get("agent_config"),
+        system_instruction=spec.get("system_instruction"),
+        tools=tuple(spec.get("tools", ())),
+        generation_config=spec.get("generation_config"),
+        response_format=spec.get("response_format"),
+        data_classes=frozenset(spec["data_classes"]),
+        provider_storage=spec.get("provider_storage", False),
+    )
+
+
+def _check_json_values(value: Any, path: tuple[str | int, ...], source: str) -> None:
+    # YAML has values JSON lacks (dates, non-string keys, .inf/.nan, huge integers). They would
+    # break the version hash or reach the API in a form nobody wrote, so refuse them by path.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PolicyError(source, _format_path(path), f"key {key!r} must be a string")
+            _check_json_values(item, (*path, key), source)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json_values(item, (*path, index), source)
+    elif value is None or isinstance(value, (str, bool)):
+        return
+    elif isinstance(value, int):
+        if abs(value) > _MAX_SAFE_INTEGER:
+            raise PolicyError(source, _format_path(path), f"integer {value} is too large for JSON")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise PolicyError(source, _format_path(path), f"{value} is not a JSON number")
+    else:
+        problem = f"{type(value).__name__} value {value!r} is not JSON; quote it to make a string"
+        raise PolicyError(source, _format_path(path), problem)
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    """Turn a schema error into (field path, problem), naming the offending key itself."""
+    parts: list[str | int] = list(error.absolute_path)
+    schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
+    instance = error.instance
+    if error.validator == "additionalProperties" and isinstance(instance, Mapping):
+        known = schema.get("properties", {})
+        patterns = list(schema.get("patternProperties", {}))
+        extras = [
+            k for k in instance if k not in known and not any(re.search(p, k) for p in patterns)
+        ]
+        extra = extras[0] if extras else "?"
+        if patterns:
+            problem = f"{extra!r} is not a valid name (must match {' or '.join(patterns)})"
+        else:
+            problem = f"unknown field {extra!r} (expected one of: {', '.join(sorted(known))})"
+        return _format_path((*parts, extra)), problem
+    if error.validator == "oneOf" and isinstance(instance, Mapping):
+        # The only oneOf is "exactly one of model / agent"; its stock message dumps the route.
+        names = [key for option in schema["oneOf"] for key in option.get("required", ())]
+        found = [key for key in names if key in instance]
+        problem = f"set exactly one of {' or '.join(names)} (found {' and '.join(found) or 'none'})"
+        return _format_path(parts), problem
+    if error.validator == "not" and "description" in schema:
+        # Rules written as "not: {}" carry their human explanation in the description.
+        return _format_path(parts), str(schema["description"])
+    return _format_path(parts), error.message
+
+
+def _format_path(parts: Iterable[str | int]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(item) for item in value]
+    return value
+
+
+def _deny(code: str, detail: str) -> StorageDecision:
+    return StorageDecision(provider_storage=False, reason=f"{code}: {detail}")

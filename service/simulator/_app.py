@@ -1,0 +1,417 @@
+"""The simulator as an ASGI application: routing, the request log and fault handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl
+
+from ._config import SimulatorConfig
+from ._errors import ApiError, failed_precondition, invalid
+from ._faults import FaultPlan, FaultSpec
+from ._model import SimulatedModel
+from ._sse import DONE, encode_event, stream_events
+from ._steps import Ledger, normalize_input
+from ._store import Clock, InteractionStore, StoredInteraction
+
+__all__ = ["DroppedConnection", "RecordedRequest", "Simulator"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+# /{version}/interactions[/{id}][/cancel], with Vertex's /projects/{p}/locations/{l} prefix too.
+_ROUTE = re.compile(
+    r"^/(?P<version>[^/]+)/(?:projects/[^/]+/locations/[^/]+/)?interactions(?:/(?P<rest>.+))?$"
+)
+_CREATE_FIELDS = frozenset(
+    {
+        "model", "agent", "agent_config", "input", "previous_interaction_id", "system_instruction",
+        "tools", "generation_config", "store", "background", "stream", "response_format",
+        "response_mime_type", "response_modalities", "safety_settings", "labels", "service_tier",
+        "cached_content", "webhook_config", "environment", "continuation_token",
+    }
+)
+_THINKING_LEVELS = frozenset({"minimal", "low", "medium", "high", "xhigh"})
+_REDACTED_HEADERS = frozenset({"x-goog-api-key", "authorization"})
+
+
+class DroppedConnection(Exception):
+    """Raised after a partial response so the server closes the connection (fault injection)."""
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request exactly as the client sent it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any  # parsed JSON, or the raw text when the body is not JSON, or None when empty
+
+    def as_json(self, *, redact: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        if redact:
+            data["headers"] = {
+                k: ("<redacted>" if k in _REDACTED_HEADERS else v) for k, v in self.headers.items()
+            }
+        return data
+
+
+class Simulator:
+    """A strict, deterministic stand-in for the Gemini Interactions REST API."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self.clock = Clock()
+        self.store = InteractionStore(self.clock)
+        self.ledger = Ledger()
+        self.model = SimulatedModel(emit_unknown=self.config.emit_unknown)
+        self.faults = FaultPlan()
+        self.closing = threading.Event()
+        self._log_lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+
+    # --- the Python API tests use -------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """API requests received so far, oldest first (admin calls are not recorded)."""
+        with self._log_lock:
+            return list(self._requests)
+
+    def creates(self) -> list[dict[str, Any]]:
+        """Bodies of the create requests received so far."""
+        return [
+            r.body for r in self.requests
+            if r.method == "POST" and r.path.endswith("/interactions")
+        ]
+
+    def inject(self, fault: FaultSpec) -> None:
+        self.faults.inject(fault)
+
+    def advance(self, seconds: float) -> None:
+        """Move the simulator's clock forward (expiry, background progress)."""
+        self.clock.advance(seconds)
+
+    def reset(self, *, state: bool = False) -> None:
+        """Forget logged requests and pending faults; with `state`, stored interactions and the
+        ledger of produced steps too."""
+        with self._log_lock:
+            self._requests.clear()
+        self.faults.clear()
+        if state:
+            self.store.clear()
+            self.ledger.clear()
+
+    # --- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        raw = await _read_body(receive)
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if path.startswith("/_simulator/"):
+            await self._admin(method, path, raw, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        self._record(RecordedRequest(method, path, query, headers, _parse_body(raw)))
+        try:
+            fault = self.faults.next_fault(headers.get("x-sim-fault"))
+        except ValueError as exc:
+            await _send_json(send, 400, invalid(f"x-sim-fault: {exc}").body())
+            return
+        await self._delay(fault)
+        if fault is not None and fault.status is not None:
+            extra = [] if fault.retry_after is None else [(b"retry-after", _num(fault.retry_after))]
+            err = ApiError(fault.status, f"simulated {fault.status}")
+            await _send_json(send, fault.status, err.body(), extra)
+            return
+        try:
+            self._authenticate(headers)
+            result = self._dispatch(method, path, query, raw)
+        except ApiError as exc:
+            await _send_json(send, exc.code, exc.body())
+            return
+        drop = fault is not None and fault.drop
+        if isinstance(result, list):
+            await _send_stream(send, result, drop_after=fault.drop_after_events if drop and fault else None)
+        else:
+            await _send_json(send, 200, result, drop=drop)
+
+    async def _delay(self, fault: FaultSpec | None) -> None:
+        latency = self.config.latency_ms + (fault.latency_ms if fault else 0.0)
+        if latency:
+            await asyncio.sleep(latency / 1000)
+        if fault is not None and fault.hang_seconds:
+            # Poll so that stopping the simulator releases hung requests promptly.
+            deadline = self.clock.now() + fault.hang_seconds
+            while self.clock.now() < deadline and not self.closing.is_set():
+                await asyncio.sleep(0.05)
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._log_lock:
+            self._requests.append(request)
+            if self.config.request_log_path is not None:
+                with self.config.request_log_path.open("a", encoding="utf-8") as log:
+                    log.write(json.dumps(request.as_json()) + "\n")
+
+    def _authenticate(self, headers: dict[str, str]) -> None:
+        key = headers.get("x-goog-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not key:
+            raise ApiError(403, "Method doesn't allow unregistered callers. Please use an API key.")
+        if self.config.api_key is not None and key != self.config.api_key:
+            raise invalid("API key not valid. Please pass a valid API key.")
+
+    def _dispatch(self, method: str, path: str, query: dict[str, str], raw: bytes) -> Any:
+        match = _ROUTE.match(path)
+        if match is None:
+            raise ApiError(404, f"no such endpoint: {method} {path}")
+        rest = match.group("rest")
+        if rest is None:
+            if method != "POST":
+                raise ApiError(405, f"{method} is not allowed here", "METHOD_NOT_ALLOWED")
+            return self._create(_parse_create_body(raw))
+        if method == "POST" and rest.endswith("/cancel"):
+            return self._cancel(rest.removesuffix("/cancel"))
+        if method == "GET":
+            return self._get(rest, query)
+        if method == "DELETE":
+            self.store.delete(rest)
+            return {}
+        raise ApiError(405, f"{method} is not allowed here", "METHOD_NOT_ALLOWED")
+
+    # --- the four operations ------------------------------------------------------------------
+
+    def _create(self, body: dict[str, Any]) -> Any:
+        _validate_create(body)
+        store = body.get("store", True)  # the real API stores unless told not to
+        background = body.get("background", False)
+        if background and not store:
+            raise invalid("background=true requires store=true")
+        if background and body.get("stream"):
+            raise invalid("the simulator does not stream background interactions")
+        history: list[dict[str, Any]] = []
+        previous_id = body.get("previous_interaction_id")
+        if previous_id is not None:
+            previous = self.store.get(previous_id)
+            if previous.status(self.clock.now()) in {"queued", "in_progress"}:
+                raise failed_precondition(f"interaction {previous_id!r} has not finished")
+            history = previous.transcript
+        input_steps = normalize_input(body["input"])
+        self.ledger.check_history(history, input_steps, strict=self.config.strict_replay)
+
+        interaction_id = "int_" + secrets.token_hex(12)
+        turn = self.model.reply(interaction_id, history + input_steps, body)
+        self.ledger.record(turn.steps)
+        now = self.clock.now()
+        item = StoredInteraction(
+            id=interaction_id, body=body, history=history, input_steps=input_steps,
+            steps=turn.steps, final_status=turn.status, usage=turn.usage, created=now,
+            expires=now + self.config.retention_seconds, background=background,
+        )
+        if background:
+            item.queued_until = now + self.config.background_queued_seconds
+            item.done_at = item.queued_until + self.config.background_run_seconds
+        if body.get("stream"):
+            summary = self._render(item, include_input=False) | {"status": "in_progress", "steps": []}
+            summary.pop("usage", None)
+            final = self._render(item, include_input=False)
+            final.pop("steps")
+            item.events = stream_events(summary, turn.steps, final, self.config.stream_chunk_words)
+        if store:
+            self.store.put(item)
+        return item.events if body.get("stream") else self._render(item, include_input=False)
+
+    def _get(self, interaction_id: str, query: dict[str, str]) -> Any:
+        item = self.store.get(interaction_id)
+        include_input = query.get("include_input") == "true"
+        if query.get("stream") != "true":
+            return self._render(item, include_input=include_input)
+        rendered = self._render(item, include_input=False)
+        if rendered["status"] in {"queued", "in_progress"}:
+            return [{"event_type": "interaction.created", "interaction": rendered, "event_id": f"{item.id}:1"}]
+        events = item.events or stream_events(
+            rendered | {"steps": []}, item.steps, rendered, self.config.stream_chunk_words
+        )
+        after = query.get("last_event_id")
+        if after is not None:
+            ids = [e["event_id"] for e in events]
+            if after not in ids:
+                raise invalid(f"unknown last_event_id {after!r}")
+            events = events[ids.index(after) + 1 :]
+        return events
+
+    def _cancel(self, interaction_id: str) -> Any:
+        item = self.store.get(interaction_id)
+        if item.status(self.clock.now()) not in {"queued", "in_progress"}:
+            raise failed_precondition(f"interaction {interaction_id!r} is not running")
+        item.cancelled_at = self.clock.now()
+        return self._render(item, include_input=False)
+
+    def _render(self, item: StoredInteraction, *, include_input: bool) -> dict[str, Any]:
+        now = self.clock.now()
+        status = item.status(now)
+        done = status not in {"queued", "in_progress", "cancelled"}
+        body = item.body
+        data: dict[str, Any] = {"id": item.id, "object": "interaction", "status": status}
+        data["agent" if "agent" in body else "model"] = body.get("agent") or body.get("model")
+        data["created"] = self.clock.iso(item.created)
+        data["updated"] = self.clock.iso(item.done_at if item.background and done else item.created)
+        data["steps"] = item.steps if done else []
+        if done:
+            data["usage"] = item.usage
+        if body.get("previous_interaction_id"):
+            data["previous_interaction_id"] = body["previous_interaction_id"]
+        if include_input:
+            data["input"] = item.input_steps
+        return data
+
+    # --- admin endpoints for standalone use -----------------------------------------------------
+
+    async def _admin(self, method: str, path: str, raw: bytes, send: Send) -> None:
+        action = path.removeprefix("/_simulator/")
+        try:
+            if (method, action) == ("GET", "health"):
+                reply: Any = {"ok": True}
+            elif (method, action) == ("GET", "requests"):
+                reply = [r.as_json() for r in self.requests]
+            elif (method, action) == ("DELETE", "requests"):
+                with self._log_lock:
+                    self._requests.clear()
+                reply = {}
+            elif (method, action) == ("POST", "faults"):
+                self.inject(FaultSpec.from_json(json.loads(raw or b"{}")))
+                reply = {}
+            elif (method, action) == ("POST", "advance"):
+                self.advance(float(json.loads(raw)["seconds"]))
+                reply = {}
+            elif (method, action) == ("POST", "reset"):
+                self.reset(state=True)
+                reply = {}
+            else:
+                raise ApiError(404, f"no such admin endpoint: {method} {path}")
+        except (ValueError, KeyError, TypeError) as exc:
+            await _send_json(send, 400, invalid(f"bad admin request: {exc}").body())
+            return
+        except ApiError as exc:
+            await _send_json(send, exc.code, exc.body())
+            return
+        await _send_json(send, 200, reply)
+
+
+def _parse_create_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise invalid("Invalid JSON payload received.") from None
+    if not isinstance(body, dict):
+        raise invalid("Invalid JSON payload received: the body must be an object.")
+    return body
+
+
+def _validate_create(body: dict[str, Any]) -> None:
+    unknown = sorted(set(body) - _CREATE_FIELDS)
+    if unknown:
+        raise invalid(f"Invalid JSON payload received. Unknown name {unknown[0]!r}.")
+    if ("model" in body) == ("agent" in body):
+        raise invalid("exactly one of model or agent is required")
+    target = body.get("model", body.get("agent"))
+    if not isinstance(target, str) or not target:
+        raise invalid("model/agent must be a non-empty string")
+    if "continuation_token" in body:
+        raise invalid("the simulator does not simulate continuation")
+    if "input" not in body:
+        raise invalid("input is required")
+    for flag in ("store", "background", "stream"):
+        if flag in body and not isinstance(body[flag], bool):
+            raise invalid(f"{flag} must be a boolean")
+    if "previous_interaction_id" in body and not isinstance(body["previous_interaction_id"], str):
+        raise invalid("previous_interaction_id must be a string")
+    if "system_instruction" in body and not isinstance(body["system_instruction"], str):
+        raise invalid("system_instruction must be a string")
+    tools = body.get("tools", [])
+    if not isinstance(tools, list):
+        raise invalid("tools must be a list")
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise invalid(f"tools[{index}] needs a type")
+        if tool["type"] == "function" and not isinstance(tool.get("name"), str):
+            raise invalid(f"tools[{index}]: a function tool needs a name")
+    config = body.get("generation_config", {})
+    if not isinstance(config, dict):
+        raise invalid("generation_config must be an object")
+    temperature = config.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2):
+        raise invalid("generation_config.temperature must be a number in [0, 2]")
+    level = config.get("thinking_level")
+    if level is not None and level not in _THINKING_LEVELS:
+        raise invalid(f"generation_config.thinking_level must be one of {sorted(_THINKING_LEVELS)}")
+    if "response_format" in body and not isinstance(body["response_format"], (dict, list)):
+        raise invalid("response_format must be an object or a list")
+
+
+def _parse_body(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return raw.decode("utf-8", "replace")
+
+
+def _num(value: float) -> bytes:
+    return (str(int(value)) if float(value).is_integer() else str(value)).encode()
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _send_json(
+    send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None,
+    *, drop: bool = False,
+) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json; charset=UTF-8"),
+               (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if drop:
+        await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+        raise DroppedConnection("simulated connection drop")
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_stream(send: Send, events: list[dict[str, Any]], *, drop_after: int | None) -> None:
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for number, event in enumerate(events):
+        if drop_after is not None and number >= drop_after:
+            raise DroppedConnection("simulated connection drop mid-stream")
+        await send({"type": "http.response.body", "body": encode_event(event), "more_body": True})
+    await send({"type": "http.response.body", "body": DONE})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,254 @@
+"""Tests for service.keyring: versioned KEKs, AES key wrap and the keyring file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.keyring import (
+    FORMAT,
+    KeyringError,
+    KeyUnwrapError,
+    LocalKeyring,
+    WrappedKey,
+    _write_private,
+    aes_kw_unwrap,
+    aes_kw_wrap,
+)
+
+WYCHEPROOF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "wycheproof"
+
+
+def _wycheproof_cases(name: str) -> list[Any]:
+    path = WYCHEPROOF_DIR / name
+    if not path.is_file():
+        return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"{path} not found"))]
+    doc = json.loads(path.read_text())
+    return [
+        pytest.param(group, case, id=f"tc{case['tcId']}")
+        for group in doc["testGroups"]
+        for case in group["tests"]
+    ]
+
+
+KW_CASES = _wycheproof_cases("aes_wrap_test.json")
+
+
+@pytest.mark.parametrize(("group", "case"), KW_CASES)
+def test_wycheproof_aes_key_wrap(group: dict[str, Any], case: dict[str, Any]) -> None:
+    """Valid vectors wrap and unwrap exactly; invalid ones, and 8-byte keys, are rejected."""
+    kek, msg, ct = (bytes.fromhex(case[field]) for field in ("key", "msg", "ct"))
+    if case["result"] == "valid":
+        assert aes_kw_wrap(kek, msg) == ct
+        assert aes_kw_unwrap(kek, ct) == msg
+        return
+    if case["result"] == "acceptable":
+        # RFC 3394 allows wrapping 8-byte keys, SP 800-38F does not; we refuse them by design.
+        assert case["flags"] == ["ShortKey"]
+    with pytest.raises(KeyUnwrapError):
+        aes_kw_unwrap(kek, ct)
+    if len(msg) >= 16 and len(msg) % 8 == 0:
+        assert aes_kw_wrap(kek, msg) != ct
+    else:
+        with pytest.raises(ValueError):
+            aes_kw_wrap(kek, msg)
+
+
+def test_wycheproof_kw_cases_all_collected() -> None:
+    """Every vector the key-wrap file declares is parametrized above, none dropped."""
+    path = WYCHEPROOF_DIR / "aes_wrap_test.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    assert len(KW_CASES) == json.loads(path.read_text())["numberOfTests"]
+
+
+@pytest.fixture
+def keyring_path(tmp_path: Path) -> Path:
+    return tmp_path / "keyring.json"
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    # A permissive umask proves the 0600 mode comes from our code, not the environment.
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _file_keys(path: Path) -> list[bytes]:
+    return [base64.b64decode(v) for v in json.loads(path.read_text())["keys"].values()]
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_generate_creates_private_file_with_one_key(keyring_path: Path) -> None:
+    """generate writes a mode-0600 keyring holding one 256-bit key as version 1, no temp files."""
+    keyring = LocalKeyring.generate(keyring_path)
+    assert _mode(keyring_path) == 0o600
+    doc = json.loads(keyring_path.read_text())
+    assert doc["format"] == FORMAT and doc["current"] == 1
+    assert [len(k) for k in _file_keys(keyring_path)] == [32]
+    assert keyring.versions() == [1] and keyring.current_version == 1
+    assert list(keyring_path.parent.iterdir()) == [keyring_path]
+
+
+def test_generate_refuses_to_overwrite(keyring_path: Path) -> None:
+    """generate on an existing path raises KeyringError and leaves the file unchanged."""
+    keyring_path.write_text("precious")
+    with pytest.raises(KeyringError, match="overwrite"):
+        LocalKeyring.generate(keyring_path)
+    assert keyring_path.read_text() == "precious"
+
+
+def test_no_overwrite_write_is_atomic_against_a_racing_file(keyring_path: Path) -> None:
+    """A file that appears after generate's existence check is still never overwritten."""
+    keyring_path.write_text("created by a racing process")
+    with pytest.raises(KeyringError, match="overwrite"):
+        _write_private(keyring_path, b"new", overwrite=False)
+    assert keyring_path.read_text() == "created by a racing process"
+    assert list(keyring_path.parent.iterdir()) == [keyring_path]
+
+
+def test_load_round_trips_generated_keyring(keyring_path: Path) -> None:
+    """A loaded keyring unwraps what the generating instance wrapped."""
+    wrapped = LocalKeyring.generate(keyring_path).wrap(b"d" * 32)
+    assert LocalKeyring.load(keyring_path).unwrap(wrapped) == b"d" * 32
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_load_refuses_file_others_can_access(keyring_path: Path, mode: int) -> None:
+    """load refuses a keyring file with any group or other permission bit and says to chmod 600."""
+    LocalKeyring.generate(keyring_path)
+    keyring_path.chmod(mode)
+    with pytest.raises(KeyringError, match="chmod 600") as excinfo:
+        LocalKeyring.load(keyring_path)
+    assert str(keyring_path) in str(excinfo.value)
+
+
+def test_load_missing_file_names_path(keyring_path: Path) -> None:
+    """load of a missing file raises KeyringError naming the path."""
+    with pytest.raises(KeyringError, match="does not exist") as excinfo:
+        LocalKeyring.load(keyring_path)
+    assert str(keyring_path) in str(excinfo.value)
+
+
+_KEY = base64.b64encode(b"S" * 32).decode()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"\xff\xfe",
+        json.dumps({"format": "other", "current": 1, "keys": {"1": _KEY}}).encode(),
+        json.dumps({"format": FORMAT, "current": 2, "keys": {"1": _KEY}}).encode(),
+        json.dumps({"format": FORMAT, "current": 1, "keys": {}}).encode(),
+        json.dumps({"format": FORMAT, "current": "1", "keys": {"1": _KEY}}).encode(),
+        json.dumps({"format": FORMAT, "current": 1, "keys": {"01": _KEY}}).encode(),
+        json.dumps({"format": FORMAT, "current": 1, "keys": {"1": _KEY[:-4]}}).encode(),
+        json.dumps({"format": FORMAT, "current": 1, "keys": {"1": "!!" + _KEY}}).encode(),
+        json.dumps({"format": FORMAT, "current": 1, "keys": {"1": _KEY}, "x": 1}).encode(),
+    ],
+    ids=["not-json", "not-utf8", "format", "current-missing", "no-keys", "current-type",
+         "version-spelling", "short-key", "bad-base64", "extra-field"],
+)
+def test_malformed_file_error_names_path_not_keys(keyring_path: Path, content: bytes) -> None:
+    """A malformed keyring file raises KeyringError naming the path and no key material."""
+    keyring_path.write_bytes(content)
+    keyring_path.chmod(0o600)
+    with pytest.raises(KeyringError, match="malformed") as excinfo:
+        LocalKeyring.load(keyring_path)
+    assert str(keyring_path) in str(excinfo.value)
+    assert _KEY[:16] not in str(excinfo.value) and "SSSS" not in str(excinfo.value)
+
+
+def test_rotate_adds_current_version_and_keeps_old_keys(keyring_path: Path) -> None:
+    """rotate makes a new current version, keeps old DEKs unwrappable, and saves a 0600 file."""
+    keyring = LocalKeyring.generate(keyring_path)
+    old = keyring.wrap(b"a" * 32)
+    assert keyring.rotate(keyring_path) == 2
+    assert keyring.current_version == 2 and keyring.versions() == [1, 2]
+    assert keyring.wrap(b"b" * 32).kek_version == 2
+    assert keyring.unwrap(old) == b"a" * 32
+    assert _mode(keyring_path) == 0o600
+    reloaded = LocalKeyring.load(keyring_path)
+    assert reloaded.current_version == 2 and reloaded.unwrap(old) == b"a" * 32
+    assert list(keyring_path.parent.iterdir()) == [keyring_path]
+
+
+def test_rotate_refuses_when_file_changed_since_load(keyring_path: Path) -> None:
+    """rotate from a stale instance raises instead of dropping a key another process added."""
+    first = LocalKeyring.generate(keyring_path)
+    stale = LocalKeyring.load(keyring_path)
+    first.rotate(keyring_path)
+    with pytest.raises(KeyringError, match="changed since it was loaded"):
+        stale.rotate(keyring_path)
+    assert LocalKeyring.load(keyring_path).versions() == [1, 2]
+
+
+def test_rewrap_moves_data_key_to_current_version(keyring_path: Path) -> None:
+    """rewrap returns the same data key wrapped under the current KEK version."""
+    keyring = LocalKeyring.generate(keyring_path)
+    old = keyring.wrap(b"c" * 32)
+    keyring.rotate(keyring_path)
+    new = keyring.rewrap(old)
+    assert new.kek_version == 2 and new.wrapped != old.wrapped
+    assert keyring.unwrap(new) == b"c" * 32
+
+
+def test_unwrap_rejects_every_flipped_bit(keyring_path: Path) -> None:
+    """Flipping any single bit of a wrapped data key makes unwrap raise KeyUnwrapError."""
+    keyring = LocalKeyring.generate(keyring_path)
+    wrapped = keyring.wrap(b"e" * 32)
+    for bit in range(len(wrapped.wrapped) * 8):
+        tampered = bytearray(wrapped.wrapped)
+        tampered[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(KeyUnwrapError):
+            keyring.unwrap(WrappedKey(wrapped.kek_version, bytes(tampered)))
+
+
+def test_unwrap_rejects_wrong_or_unknown_version(keyring_path: Path) -> None:
+    """A wrapped key labelled with another existing version or an unknown one fails to unwrap."""
+    keyring = LocalKeyring.generate(keyring_path)
+    wrapped = keyring.wrap(b"f" * 32)
+    keyring.rotate(keyring_path)
+    with pytest.raises(KeyUnwrapError):
+        keyring.unwrap(WrappedKey(2, wrapped.wrapped))
+    with pytest.raises(KeyUnwrapError, match="unknown KEK version 7"):
+        keyring.unwrap(WrappedKey(7, wrapped.wrapped))
+
+
+@pytest.mark.parametrize("size", [16, 24, 31, 33, 64])
+def test_wrap_requires_256_bit_data_keys(size: int) -> None:
+    """LocalKeyring.wrap refuses data keys that are not 32 bytes."""
+    with pytest.raises(ValueError, match="32 bytes"):
+        LocalKeyring({1: bytes(32)}, current=1).wrap(bytes(size))
+
+
+def test_constructor_requires_256_bit_keks() -> None:
+    """LocalKeyring refuses KEKs that are not 32 bytes, although KW itself allows 16 and 24."""
+    with pytest.raises(ValueError, match="expected 32"):
+        LocalKeyring({1: bytes(16)}, current=1)
+
+
+def test_reprs_show_no_key_material(keyring_path: Path) -> None:
+    """repr of a keyring and of a wrapped key shows versions only, never key bytes."""
+    keyring = LocalKeyring.generate(keyring_path)
+    keyring.rotate(keyring_path)
+    wrapped = keyring.wrap(b"g" * 32)
+    text = f"{keyring!r} {wrapped!r}"
+    assert text == "LocalKeyring(versions=[1, 2], current=2) WrappedKey(kek_version=2)"
+    for secret in [*_file_keys(keyring_path), wrapped.wrapped]:
+        assert secret.hex() not in text and base64.b64encode(secret).decode() not in text
