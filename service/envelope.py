@@ -17,6 +17,7 @@ __all__ = [
     "aesgcm_encrypt",
     "new_data_key",
     "open_sealed",
+    "record_aad",
     "seal",
     "step_aad",
 ]
@@ -61,6 +62,24 @@ def step_aad(*, tenant_id: str, conversation_id: str, position: int, key_version
     step when it was sealed; it must be stored with the row and never updated, because KEK
     rotation rewraps the data key without re-encrypting steps.
     """
+    return _bound_aad(_STEP_AAD_LABEL, tenant_id, conversation_id, position, key_version)
+
+
+def record_aad(
+    *, label: str, tenant_id: str, conversation_id: str, number: int, key_version: int
+) -> bytes:
+    """Associated data for a conversation's other sealed records (its profile, a stored
+    idempotent response): the same binding as a step, under a distinct label so that a step's
+    ciphertext can never be passed off as one of these, or the other way round."""
+    full_label = f"custody.{label}.v1".encode()
+    if full_label == _STEP_AAD_LABEL:
+        raise ValueError("record labels must differ from the step label")
+    return _bound_aad(full_label, tenant_id, conversation_id, number, key_version)
+
+
+def _bound_aad(
+    label: bytes, tenant_id: str, conversation_id: str, position: int, key_version: int
+) -> bytes:
     if not tenant_id or not conversation_id:
         raise ValueError("tenant_id and conversation_id must be non-empty")
     if not 0 <= position <= _UINT64_MAX:
@@ -69,7 +88,7 @@ def step_aad(*, tenant_id: str, conversation_id: str, position: int, key_version
         raise ValueError(f"key_version must be between 1 and 2**64-1, got {key_version}")
     return b"".join(
         (
-            _length_prefixed(_STEP_AAD_LABEL),
+            _length_prefixed(label),
             _length_prefixed(tenant_id.encode("utf-8")),
             _length_prefixed(conversation_id.encode("utf-8")),
             position.to_bytes(8, "big"),

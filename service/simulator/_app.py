@@ -7,7 +7,7 @@ import json
 import re
 import secrets
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
@@ -44,15 +44,17 @@ class DroppedConnection(Exception):
     """Raised after a partial response so the server closes the connection (fault injection)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RecordedRequest:
-    """One request exactly as the client sent it."""
+    """One request exactly as the client sent it, and the JSON the simulator answered."""
 
     method: str
     path: str
     query: dict[str, str]
     headers: dict[str, str]
     body: Any  # parsed JSON, or the raw text when the body is not JSON, or None when empty
+    status: int | None = field(default=None, compare=False)
+    response: Any = field(default=None, compare=False)  # JSON body, or the SSE events
 
     def as_json(self, *, redact: bool = True) -> dict[str, Any]:
         data = asdict(self)
@@ -87,10 +89,11 @@ class Simulator:
 
     def creates(self) -> list[dict[str, Any]]:
         """Bodies of the create requests received so far."""
-        return [
-            r.body for r in self.requests
-            if r.method == "POST" and r.path.endswith("/interactions")
-        ]
+        return [r.body for r in self.create_requests()]
+
+    def create_requests(self) -> list[RecordedRequest]:
+        """The create requests received so far, with what was answered."""
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/interactions")]
 
     def inject(self, fault: FaultSpec) -> None:
         self.faults.inject(fault)
@@ -125,7 +128,8 @@ class Simulator:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        self._record(RecordedRequest(method, path, query, headers, _parse_body(raw)))
+        record = RecordedRequest(method, path, query, headers, _parse_body(raw))
+        self._record(record)
         try:
             fault = self.faults.next_fault(headers.get("x-sim-fault"))
         except ValueError as exc:
@@ -135,14 +139,17 @@ class Simulator:
         if fault is not None and fault.status is not None:
             extra = [] if fault.retry_after is None else [(b"retry-after", _num(fault.retry_after))]
             err = ApiError(fault.status, f"simulated {fault.status}")
+            record.status, record.response = fault.status, err.body()
             await _send_json(send, fault.status, err.body(), extra)
             return
         try:
             self._authenticate(headers)
             result = self._dispatch(method, path, query, raw)
         except ApiError as exc:
+            record.status, record.response = exc.code, exc.body()
             await _send_json(send, exc.code, exc.body())
             return
+        record.status, record.response = 200, result
         drop = fault is not None and fault.drop
         if isinstance(result, list):
             await _send_stream(send, result, drop_after=fault.drop_after_events if drop and fault else None)

@@ -1,0 +1,5 @@
+"""Custody's REST API (Litestar)."""
+
+from .app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,25 @@
+"""The composition root of the HTTP layer: `create_app(ctx)`."""
+
+from __future__ import annotations
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from ..context import ServiceContext
+from .conversations import ConversationController
+from .health import healthz, readyz
+from .problems import exception_handlers
+
+__all__ = ["create_app"]
+
+
+def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
+    return Litestar(
+        route_handlers=[ConversationController, healthz, readyz],
+        state=State({"ctx": ctx}),
+        exception_handlers=exception_handlers,
+        request_max_body_size=max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Custody", version="0.1.0", path="/schema"),
+        debug=False,
+    )

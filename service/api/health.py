@@ -1,0 +1,31 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+from sqlalchemy import text
+
+from ..context import ServiceContext
+from .problems import problem
+
+__all__ = ["healthz", "readyz"]
+
+
+@get("/healthz", operation_id="Healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@get("/readyz", operation_id="Readyz", tags=["health"])
+async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """The database answers; the service can take traffic."""
+    ctx: ServiceContext = request.app.state.ctx
+    try:
+        async with ctx.sessions() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        return problem(503, "not-ready", "Not ready", "the database is not reachable")
+    return Response({"status": "ready"})

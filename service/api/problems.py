@@ -1,0 +1,104 @@
+"""The one mapping from errors to RFC 9457 problem+json responses.
+
+Bodies carry a stable `type`, a `title`, the `status`, a `detail` written by us (never a copy of
+the request or of an upstream body), and where useful a JSON `pointer` into the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from .. import errors
+from ..policy import DataClassNotAllowedError, PolicyViolation, UnknownDataClassError, UnknownRouteError
+
+__all__ = ["PROBLEM_JSON", "exception_handlers", "problem"]
+
+PROBLEM_JSON = "application/problem+json"
+logger = logging.getLogger("custody.api")
+
+# error class -> (status, type slug, title); the most specific class wins (checked in order).
+_MAPPING: list[tuple[type[Exception], int, str, str]] = [
+    (errors.AuthenticationFailed, 401, "unauthenticated", "Authentication failed"),
+    (errors.PermissionDenied, 403, "forbidden", "Not allowed for this role"),
+    (errors.ConversationNotFound, 404, "conversation-not-found", "Conversation not found"),
+    (errors.FunctionResultMismatch, 422, "function-result-mismatch", "Function result answers no pending call"),
+    (errors.InvalidInput, 422, "invalid-input", "Invalid input"),
+    (errors.PayloadTooLarge, 413, "payload-too-large", "Request body too large"),
+    (errors.TurnInProgress, 409, "turn-in-progress", "Another turn is in progress"),
+    (errors.IdempotencyKeyReused, 422, "idempotency-key-reused", "Idempotency-Key reused with a different request"),
+    (errors.IdempotencyKeyInFlight, 409, "idempotency-key-in-flight", "Idempotency-Key in use"),
+    (UnknownRouteError, 422, "unknown-route", "Unknown route"),
+    (UnknownDataClassError, 422, "unknown-data-class", "Unknown data class"),
+    (DataClassNotAllowedError, 422, "data-class-not-allowed", "Data class not allowed on this route"),
+    (PolicyViolation, 422, "policy-violation", "Request violates the route policy"),
+]
+
+
+def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> Response[dict[str, Any]]:
+    body = {"type": f"urn:custody:problem:{slug}", "title": title, "status": status, "detail": detail}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {"WWW-Authenticate": 'Bearer realm="custody"'} if status == 401 else None
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _detail(request: Request[Any, Any, Any], exc: Exception) -> str:
+    # Unknown names came from the client and may be anything (even content): list the known ones
+    # instead of echoing them.
+    policy = request.app.state.ctx.policy
+    if isinstance(exc, UnknownRouteError):
+        return f"no such route in the policy; routes: {', '.join(sorted(policy.routes))}"
+    if isinstance(exc, UnknownDataClassError):
+        return f"undeclared data class; declared: {', '.join(sorted(policy.data_classes))}"
+    return str(exc)
+
+
+def _custody_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    for cls, status, slug, title in _MAPPING:
+        if isinstance(exc, cls):
+            return problem(status, slug, title, _detail(request, exc), pointer=getattr(exc, "pointer", None))
+    if isinstance(exc, errors.UpstreamFailed):
+        status = 504 if exc.timeout else 502
+        return problem(status, "upstream-failed", "The model call failed", str(exc), code=exc.code)
+    return _internal(request, exc)
+
+
+def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
+    # Litestar's details can quote the offending value, which may be content: keep only where.
+    pointers = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        if isinstance(item, dict) and item.get("key"):
+            pointers.append(str(item["key"]))
+    return problem(400, "malformed-request", "Malformed request",
+                   "the request body or parameters do not match the API schema", fields=pointers or None)
+
+
+def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    if exc.status_code == 400:
+        return problem(400, "malformed-request", "Malformed request",
+                       "the request body is not valid JSON or does not match the API schema")
+    if exc.status_code == 413:
+        return problem(413, "payload-too-large", "Request body too large", "the request body exceeds the configured limit")
+    if exc.status_code == 404:
+        return problem(404, "not-found", "Not found", "no such endpoint")
+    if exc.status_code == 405:
+        return problem(405, "method-not-allowed", "Method not allowed", "this endpoint does not support the method")
+    return problem(exc.status_code, "http-error", "Request failed", "the request could not be processed")
+
+
+def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    # The exception type only: messages of unexpected errors may carry anything.
+    logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return problem(500, "internal-error", "Internal error", "the service failed; the request may be retried")
+
+
+exception_handlers: dict[type[Exception], Any] = {
+    errors.CustodyError: _custody_error,
+    PolicyViolation: _custody_error,
+    ValidationException: _validation,
+    HTTPException: _http,
+    Exception: _internal,
+}

@@ -1,0 +1,136 @@
+"""Opening, reading and deleting conversations, and reading their history.
+
+Each public function is one unit of work: the caller runs it inside one database transaction
+(`async with sessions.begin()`), so that the audit record can join that same transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .auth import Principal, new_id
+from .context import ServiceContext
+from .errors import ConversationNotFound, InvalidInput
+from .history import create_cipher, load_cipher, read_steps, shred_data_key
+from .models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
+from .policy import check_data_classes
+
+__all__ = ["ConversationView", "HistoryPage", "delete_conversation", "get_conversation",
+           "list_steps", "open_conversation"]
+
+_PROFILE = "profile"
+
+
+@dataclass(frozen=True)
+class ConversationView:
+    """A conversation's metadata: never its content."""
+
+    id: str
+    route: str
+    data_classes: list[str]
+    subject: str | None
+    metadata: dict[str, Any]
+    policy_version: str
+    turn_count: int
+    step_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    steps: list[tuple[int, str, Any]]  # (position, turn id, step)
+    next_cursor: int | None
+
+
+async def _owned(session: AsyncSession, principal: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:
+    """The caller's conversation; another tenant's is indistinguishable from a missing one."""
+    query = select(Conversation).where(
+        Conversation.id == conversation_id, Conversation.tenant_id == principal.tenant_id
+    )
+    if lock:
+        query = query.with_for_update()
+    conversation = await session.scalar(query)
+    if conversation is None:
+        raise ConversationNotFound(conversation_id)
+    return conversation
+
+
+async def open_conversation(
+    session: AsyncSession, ctx: ServiceContext, principal: Principal, *, route: str,
+    data_classes: list[str], subject: str | None, metadata: dict[str, Any] | None,
+) -> ConversationView:
+    route_policy = ctx.policy.route(route)
+    classes = sorted(set(data_classes))
+    if not classes:
+        raise InvalidInput("declare at least one data class", pointer="/data_classes")
+    check_data_classes(route_policy, classes, ctx.policy.data_classes)
+    conversation_id = new_id("conv")
+    # The conversation row goes first: the data key row refers to it.
+    conversation = Conversation(
+        id=conversation_id, tenant_id=principal.tenant_id, route=route, data_classes=classes,
+        subject_digest=ctx.subject_digest(principal.tenant_id, subject) if subject else None,
+        profile=b"", profile_key_version=0, policy_version=ctx.policy.version,
+        step_count=0, turn_count=0,
+    )
+    session.add(conversation)
+    await session.flush()
+    cipher = await create_cipher(session, ctx.keyring, principal.tenant_id, conversation_id)
+    conversation.profile = cipher.seal_record(_PROFILE, 0, {"subject": subject, "metadata": metadata or {}})
+    conversation.profile_key_version = cipher.key_version
+    await session.flush()
+    await session.refresh(conversation)
+    return _view(conversation, subject, metadata or {})
+
+
+async def get_conversation(session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str) -> ConversationView:
+    conversation = await _owned(session, principal, conversation_id)
+    cipher = await load_cipher(session, ctx.keyring, conversation)
+    profile = cipher.open_record(_PROFILE, 0, conversation.profile_key_version, conversation.profile)
+    return _view(conversation, profile["subject"], profile["metadata"])
+
+
+async def list_steps(
+    session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str,
+    *, cursor: int, limit: int,
+) -> HistoryPage:
+    conversation = await _owned(session, principal, conversation_id)
+    cipher = await load_cipher(session, ctx.keyring, conversation)
+    steps = await read_steps(session, cipher, start=cursor, limit=limit)
+    following = steps[-1][0] + 1 if steps else None
+    return HistoryPage(steps, following if following is not None and following < conversation.step_count else None)
+
+
+async def delete_conversation(session: AsyncSession, principal: Principal, conversation_id: str) -> list[str]:
+    """Shred the data key, then delete the rows; returns the provider copies still to delete.
+
+    The order matters for backups and replicas: once the key row is gone, any copy of the step
+    rows that survives elsewhere is ciphertext nobody can open.
+    """
+    conversation = await _owned(session, principal, conversation_id, lock=True)
+    await shred_data_key(session, conversation.id)
+    await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.conversation_id == conversation.id))
+    await session.execute(delete(Step).where(Step.conversation_id == conversation.id))
+    await session.execute(delete(Turn).where(Turn.conversation_id == conversation.id))
+    await session.delete(conversation)
+    stored = await session.scalars(
+        select(UpstreamInteraction.id).where(
+            UpstreamInteraction.conversation_id == conversation.id,
+            UpstreamInteraction.stored.is_(True), UpstreamInteraction.deleted_at.is_(None),
+        )
+    )
+    return list(stored)
+
+
+def _view(conversation: Conversation, subject: str | None, metadata: dict[str, Any]) -> ConversationView:
+    return ConversationView(
+        id=conversation.id, route=conversation.route, data_classes=list(conversation.data_classes),
+        subject=subject, metadata=metadata, policy_version=conversation.policy_version,
+        turn_count=conversation.turn_count, step_count=conversation.step_count,
+        created_at=conversation.created_at, updated_at=conversation.updated_at,
+    )

@@ -1,0 +1,58 @@
+"""The database connection, and the migration state the service insists on."""
+
+from __future__ import annotations
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine, AsyncSession
+
+from .config import REPO_ROOT
+from .errors import SchemaBehindError
+
+__all__ = ["alembic_config", "async_url", "check_schema_current", "make_engine", "make_sessions", "migrate"]
+
+
+def async_url(url: str) -> str:
+    """`postgresql://…` as the asyncpg dialect wants it."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix):]
+    raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+
+def make_engine(url: str, **options: object) -> AsyncEngine:
+    return create_async_engine(async_url(url), pool_pre_ping=True, **options)  # type: ignore[arg-type]
+
+
+def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.attributes["database_url"] = url
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the database to the newest migration (`custody migrate`)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
+
+
+def _current_and_head(connection: Connection, url: str) -> tuple[str | None, str | None]:
+    current = MigrationContext.configure(connection).get_current_revision()
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    return current, head
+
+
+async def check_schema_current(engine: AsyncEngine, url: str) -> None:
+    """Refuse to run on a database whose schema is behind (or ahead of) this code."""
+    async with engine.connect() as connection:
+        current, head = await connection.run_sync(_current_and_head, url)
+    if current != head:
+        raise SchemaBehindError(current, head)

@@ -1,0 +1,98 @@
+"""Every error Custody raises on purpose.
+
+    CustodyError
+    ├── ConfigurationError           the service cannot start as configured
+    │   └── SchemaBehindError        the database needs `custody migrate`
+    ├── AuthenticationFailed         no key, an unknown key, or a revoked key       (401)
+    ├── PermissionDenied             the key's role may not do this                 (403)
+    ├── ConversationNotFound         no such conversation for this tenant           (404)
+    ├── InvalidInput                 malformed or disallowed input                  (422)
+    │   └── FunctionResultMismatch   a function_result that answers no pending call
+    ├── PayloadTooLarge              the body exceeds the configured limit          (413)
+    ├── TurnInProgress               another turn holds the conversation            (409)
+    ├── IdempotencyKeyReused         same Idempotency-Key, different request        (422)
+    ├── IdempotencyKeyInFlight       same Idempotency-Key, first request running    (409)
+    └── UpstreamFailed               the model call failed after Custody's retries  (502/504)
+
+Policy violations (unknown route or data class, a class the route does not allow) are raised
+by `service.policy` as `PolicyViolation` subclasses. The HTTP layer maps all of these to
+problem+json in one place (`service.api.problems`). Messages never contain content.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationFailed", "ConfigurationError", "ConversationNotFound", "CustodyError",
+    "FunctionResultMismatch", "IdempotencyKeyInFlight", "IdempotencyKeyReused", "InvalidInput",
+    "PayloadTooLarge", "PermissionDenied", "SchemaBehindError", "TurnInProgress", "UpstreamFailed",
+]
+
+
+class CustodyError(Exception):
+    """Base of Custody's own errors."""
+
+
+class ConfigurationError(CustodyError):
+    """The service cannot start as configured; the message says what to fix."""
+
+
+class SchemaBehindError(ConfigurationError):
+    def __init__(self, current: str | None, head: str | None) -> None:
+        super().__init__(
+            f"the database schema is at revision {current or 'none'} but this code needs {head}: "
+            "run `custody migrate` (with the same DATABASE_URL) and start again"
+        )
+        self.current, self.head = current, head
+
+
+class AuthenticationFailed(CustodyError):
+    pass
+
+
+class PermissionDenied(CustodyError):
+    pass
+
+
+class ConversationNotFound(CustodyError):
+    def __init__(self, conversation_id: str) -> None:
+        # The id came from the request path; it is not repeated back.
+        super().__init__("no such conversation for this tenant")
+        self.conversation_id = conversation_id
+
+
+class InvalidInput(CustodyError):
+    def __init__(self, message: str, *, pointer: str | None = None) -> None:
+        super().__init__(message)
+        self.pointer = pointer
+
+
+class FunctionResultMismatch(InvalidInput):
+    pass
+
+
+class PayloadTooLarge(CustodyError):
+    pass
+
+
+class TurnInProgress(CustodyError):
+    def __init__(self, conversation_id: str) -> None:
+        super().__init__(
+            f"another turn on conversation {conversation_id} is in progress; retry when it ends"
+        )
+
+
+class IdempotencyKeyReused(CustodyError):
+    pass
+
+
+class IdempotencyKeyInFlight(CustodyError):
+    pass
+
+
+class UpstreamFailed(CustodyError):
+    """The model call failed. `code` is a short machine reason, never upstream content."""
+
+    def __init__(self, code: str, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.timeout = timeout

@@ -1,0 +1,107 @@
+"""A conversation's sealed history: its data key, and steps stored and read as exact JSON values."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .envelope import new_data_key, open_sealed, record_aad, seal, step_aad
+from .keyring import Keyring, WrappedKey
+from .models import Conversation, DataKey, Step
+
+__all__ = ["ConversationCipher", "append_steps", "create_cipher", "decode_json", "encode_json",
+           "load_cipher", "read_steps", "shred_data_key"]
+
+
+def encode_json(value: Any) -> bytes:
+    """The bytes we seal: compact JSON holding the value exactly as the API returned it.
+
+    Steps come from `json.loads` of the raw response, never from the SDK's typed objects, so
+    unknown fields, unknown step types and nulls are all still there (design invariant 3).
+    """
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_json(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+@dataclass(frozen=True)
+class ConversationCipher:
+    """A conversation's unwrapped data key with the identifiers every seal is bound to.
+
+    Lives only for one unit of work; the plaintext data key is never stored or logged.
+    """
+
+    tenant_id: str
+    conversation_id: str
+    data_key: bytes
+    key_version: int
+
+    def __repr__(self) -> str:
+        return f"ConversationCipher({self.conversation_id}, kek v{self.key_version})"
+
+    def seal_step(self, position: int, step: Any) -> bytes:
+        aad = step_aad(tenant_id=self.tenant_id, conversation_id=self.conversation_id,
+                       position=position, key_version=self.key_version)
+        return seal(self.data_key, encode_json(step), aad)
+
+    def open_step(self, position: int, key_version: int, sealed: bytes) -> Any:
+        aad = step_aad(tenant_id=self.tenant_id, conversation_id=self.conversation_id,
+                       position=position, key_version=key_version)
+        return decode_json(open_sealed(self.data_key, sealed, aad))
+
+    def seal_record(self, label: str, number: int, value: Any) -> bytes:
+        aad = record_aad(label=label, tenant_id=self.tenant_id, conversation_id=self.conversation_id,
+                         number=number, key_version=self.key_version)
+        return seal(self.data_key, encode_json(value), aad)
+
+    def open_record(self, label: str, number: int, key_version: int, sealed: bytes) -> Any:
+        aad = record_aad(label=label, tenant_id=self.tenant_id, conversation_id=self.conversation_id,
+                         number=number, key_version=key_version)
+        return decode_json(open_sealed(self.data_key, sealed, aad))
+
+
+async def create_cipher(session: AsyncSession, keyring: Keyring, tenant_id: str, conversation_id: str) -> ConversationCipher:
+    """A fresh random data key for a new conversation, stored wrapped by the current KEK."""
+    data_key = new_data_key()
+    wrapped = keyring.wrap(data_key)
+    session.add(DataKey(conversation_id=conversation_id, kek_version=wrapped.kek_version, wrapped=wrapped.wrapped))
+    return ConversationCipher(tenant_id, conversation_id, data_key, wrapped.kek_version)
+
+
+async def load_cipher(session: AsyncSession, keyring: Keyring, conversation: Conversation) -> ConversationCipher:
+    row = await session.get(DataKey, conversation.id)
+    if row is None:
+        raise LookupError(f"conversation {conversation.id} has no data key (shredded)")
+    data_key = keyring.unwrap(WrappedKey(kek_version=row.kek_version, wrapped=row.wrapped))
+    return ConversationCipher(conversation.tenant_id, conversation.id, data_key, row.kek_version)
+
+
+async def shred_data_key(session: AsyncSession, conversation_id: str) -> None:
+    """Crypto-shredding: without this row every ciphertext of the conversation is noise."""
+    await session.execute(delete(DataKey).where(DataKey.conversation_id == conversation_id))
+
+
+def append_steps(session: AsyncSession, cipher: ConversationCipher, turn_id: str, start: int, steps: list[Any]) -> None:
+    for offset, step in enumerate(steps):
+        position = start + offset
+        session.add(Step(conversation_id=cipher.conversation_id, position=position, turn_id=turn_id,
+                         key_version=cipher.key_version, sealed=cipher.seal_step(position, step)))
+
+
+async def read_steps(
+    session: AsyncSession, cipher: ConversationCipher, *, start: int = 0, limit: int | None = None
+) -> list[tuple[int, str, Any]]:
+    """(position, turn id, step) in order, decrypted."""
+    query = (select(Step.position, Step.turn_id, Step.key_version, Step.sealed)
+             .where(Step.conversation_id == cipher.conversation_id, Step.position >= start)
+             .order_by(Step.position))
+    if limit is not None:
+        query = query.limit(limit)
+    rows = (await session.execute(query)).all()
+    return [(row.position, row.turn_id, cipher.open_step(row.position, row.key_version, row.sealed)) for row in rows]

@@ -1,0 +1,147 @@
+"""Shared fixtures: a fresh Postgres database per test session, migrated with Alembic."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.database import make_engine, migrate
+
+ADMIN_URL = os.environ.get("CUSTODY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _with_database(url: str, name: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+async def _admin(sql: str) -> None:
+    connection = await asyncpg.connect(ADMIN_URL)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A new database on the test server, migrated to head, dropped at the end of the session."""
+    name = f"custody_test_{secrets.token_hex(4)}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    url = _with_database(ADMIN_URL, name)
+    try:
+        import asyncio
+
+        await asyncio.to_thread(migrate, url)
+        yield url
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def pepper() -> bytes:
+    return b"test-pepper-" + bytes(20)
+
+
+@pytest.fixture
+def unique() -> Iterator[str]:
+    """A short random suffix, so that tests sharing the session database never collide."""
+    yield secrets.token_hex(4)
+
+
+# --- the service, wired to the test database and an embedded simulator -------------------------
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+
+from service.api import create_app  # noqa: E402
+from service.auth import create_tenant, issue_key  # noqa: E402
+from service.config import REPO_ROOT, UpstreamSettings  # noqa: E402
+from service.context import ServiceContext  # noqa: E402
+from service.database import make_sessions  # noqa: E402
+from service.keyring import LocalKeyring  # noqa: E402
+from service.policy import load_policy  # noqa: E402
+from service.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
+from service.upstream import Upstream  # noqa: E402
+
+CANARY = "CANARY-d41d8cd98f00b204-NEVER-AT-REST"
+
+
+@pytest.fixture(scope="session")
+def gemini() -> Iterator[RunningSimulator]:
+    """The simulator the service calls in tests, shared by the session."""
+    with start_simulator(SimulatorConfig(retention_seconds=3600)) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def session_keyring(tmp_path_factory: pytest.TempPathFactory) -> LocalKeyring:
+    return LocalKeyring.generate(tmp_path_factory.mktemp("keys") / "keyring.json")
+
+
+def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
+    settings = UpstreamSettings(api_key="test-key", base_url=gemini.base_url, use_vertexai=False,
+                                project=None, location=None)
+    return Upstream(settings, **options)
+
+
+@pytest.fixture(scope="session")
+async def ctx(engine: AsyncEngine, gemini: RunningSimulator, session_keyring: LocalKeyring) -> AsyncIterator[ServiceContext]:
+    upstream = make_upstream(gemini, attempts=3, timeout_seconds=10)
+    yield ServiceContext(
+        sessions=make_sessions(engine), keyring=session_keyring,
+        policy=load_policy(REPO_ROOT / "ops" / "policy.example.yaml"), upstream=upstream,
+        pepper=b"test-pepper-" + bytes(20), turn_lease_seconds=30,
+    )
+    await upstream.aclose()
+
+
+@pytest.fixture
+async def api(ctx: ServiceContext, gemini: RunningSimulator) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for the app, in this event loop (the app's engine is bound to it)."""
+    gemini.app.reset()
+    transport = httpx.ASGITransport(app=create_app(ctx, max_body_bytes=64_000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://custody.test") as client:
+        yield client
+
+
+class Tenant:
+    """A fresh tenant with one key of each role, as Authorization headers."""
+
+    def __init__(self, name: str, keys: dict[str, str]) -> None:
+        self.name = name
+        self.keys = keys
+
+    def headers(self, role: str = "backend") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[role]}"}
+
+
+@pytest.fixture
+def new_tenant(ctx: ServiceContext) -> Any:
+    async def make() -> Tenant:
+        name = f"tenant-{secrets.token_hex(4)}"
+        async with ctx.sessions.begin() as session:
+            await create_tenant(session, name)
+            keys = {role: (await issue_key(session, ctx.pepper, name, role))[1]
+                    for role in ("backend", "auditor", "ops")}
+        return Tenant(name, keys)
+
+    return make
+
+
+@pytest.fixture
+async def tenant(new_tenant: Any) -> Tenant:
+    return await new_tenant()  # type: ignore[no-any-return]
