@@ -124,6 +124,13 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _openapi(args: argparse.Namespace) -> int:
+    from .api.app import openapi_document
+
+    sys.stdout.write(openapi_document())
+    return 0
+
+
 def _simulator(args: argparse.Namespace) -> int:
     from .simulator import SimulatorConfig, serve_forever
 
@@ -147,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("serve", help="run the REST API (configured by environment variables)").set_defaults(handler=_serve)
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(handler=_migrate)
+    commands.add_parser("openapi", help="print the OpenAPI document (schemas/openapi.json)").set_defaults(handler=_openapi)
 
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     create = tenants.add_parser("create", help="create a tenant")

@@ -93,8 +93,8 @@ def start_embedded_postgres(data_dir: Path, database: str = "custody") -> Embedd
         server = get_server(data_path, cleanup_mode="stop")
     except (OSError, subprocess.SubprocessError, RuntimeError, AssertionError) as err:
         raise ConfigurationError(
-            f"the embedded Postgres in {data_path} did not start ({type(err).__name__}: {err})"
-            f"{_log_tail(data_path)}; set DATABASE_URL to use another Postgres server"
+            f"the embedded Postgres in {data_path} did not start ({_describe(err)})"
+            f"{_log_tail(data_path)}{_root_hint()}; set DATABASE_URL to use another Postgres server"
         ) from err
 
     info = server.get_postmaster_info()
@@ -162,6 +162,23 @@ def _ensure_database(admin_url: str, database: str, data_path: Path) -> None:
     raise ConfigurationError(
         f"could not create the database {database!r} in the embedded Postgres in {data_path}: "
         f"{result.stderr.strip()}"
+    )
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, subprocess.CalledProcessError):
+        # pgserver's own logger has the command's output; its argument list is only noise here.
+        return f"{Path(err.cmd[0]).name} exited with status {err.returncode}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _root_hint() -> str:
+    # The usual cause as root: something tightened a directory above the data dir again.
+    if os.geteuid() != 0:
+        return ""
+    return (
+        "; as root, Postgres runs as the user `pgserver`, which must be able to enter every "
+        "directory above the data dir"
     )
 
 

@@ -50,11 +50,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
-def pepper() -> bytes:
-    return b"test-pepper-" + bytes(20)
-
-
-@pytest.fixture
 def unique() -> Iterator[str]:
     """A short random suffix, so that tests sharing the session database never collide."""
     yield secrets.token_hex(4)
@@ -78,6 +73,7 @@ from service.simulator import RunningSimulator, SimulatorConfig, start_simulator
 from service.upstream import Upstream  # noqa: E402
 
 CANARY = "CANARY-d41d8cd98f00b204-NEVER-AT-REST"
+TEST_PEPPER = b"test-pepper-" + bytes(20)
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +84,15 @@ def gemini() -> Iterator[RunningSimulator]:
 
 
 @pytest.fixture(scope="session")
-def session_keyring(tmp_path_factory: pytest.TempPathFactory) -> LocalKeyring:
-    return LocalKeyring.generate(tmp_path_factory.mktemp("keys") / "keyring.json")
+def keyring_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keyring.json"
+    LocalKeyring.generate(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_keyring(keyring_path: Path) -> LocalKeyring:
+    return LocalKeyring.load(keyring_path)
 
 
 def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
@@ -104,7 +107,7 @@ async def ctx(engine: AsyncEngine, gemini: RunningSimulator, session_keyring: Lo
     yield ServiceContext(
         sessions=make_sessions(engine), keyring=session_keyring,
         policy=load_policy(REPO_ROOT / "ops" / "policy.example.yaml"), upstream=upstream,
-        pepper=b"test-pepper-" + bytes(20), turn_lease_seconds=30,
+        pepper=TEST_PEPPER, turn_lease_seconds=30,
     )
     await upstream.aclose()
 

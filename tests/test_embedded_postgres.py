@@ -7,8 +7,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -52,15 +54,28 @@ def _kill_leftover(data_path: Path) -> None:
             time.sleep(0.05)
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    _kill_leftover(tmp_path / "postgres")
+@contextmanager
+def _scratch_dir() -> Iterator[Path]:
+    # Not tmp_path: as root, Postgres runs as the user `pgserver`, which must traverse every
+    # ancestor of its data dir, and each pytest session (others may run concurrently) resets
+    # /tmp/pytest-of-root to mode 0700.
+    with tempfile.TemporaryDirectory(prefix="custody-pg-") as name:
+        try:
+            yield Path(name)
+        finally:
+            _kill_leftover(Path(name) / "postgres")
 
 
 @pytest.fixture
-def embedded(data_dir: Path) -> Iterator[EmbeddedPostgres]:
-    with start_embedded_postgres(data_dir) as server:
+def data_dir() -> Iterator[Path]:
+    with _scratch_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[EmbeddedPostgres]:
+    """One server for the tests that only use it; a first start costs about a second."""
+    with _scratch_dir() as path, start_embedded_postgres(path) as server:
         yield server
 
 

@@ -11,7 +11,7 @@ from .conversations import ConversationController
 from .health import healthz, readyz
 from .problems import exception_handlers
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "openapi_document"]
 
 
 def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
@@ -23,3 +23,11 @@ def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Lites
         openapi_config=OpenAPIConfig(title="Custody", version="0.1.0", path="/schema"),
         debug=False,
     )
+
+
+def openapi_document() -> str:
+    """The OpenAPI document as checked into schemas/openapi.json (stable key order)."""
+    import json
+
+    schema = create_app(None).openapi_schema.to_schema()  # type: ignore[arg-type]
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,150 @@
+"""Latency Custody adds to a turn, against the direct SDK call to the same simulator.
+
+Run: .venv/bin/python ops/bench/turn_latency.py [--samples 40] [--sizes 1,20,200]
+
+Starts `custody simulator` and `custody serve` as separate processes (the service on a fresh
+database on the local Postgres, DATABASE_URL of the benchmark's choosing via BENCH_ADMIN_URL),
+then for each history size N: builds a conversation with N stored turns through Custody, and
+measures, interleaved sample by sample,
+  - direct: `client.aio.interactions.with_raw_response.create(input=<the same N-turn history +
+    a new input>, store=False)` straight to the simulator (what a backend would do without Custody);
+  - custody: POST /v1/conversations/{id}/turns with a new input (auth, claim, decrypt N turns,
+    the same SDK call, encrypt and store, respond).
+Prints median and p99 of both and of the difference. Asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from google import genai
+
+ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit(f"{url} exited early")
+        try:
+            httpx.get(url).raise_for_status()
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not become ready")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def measure(custody: str, headers: dict[str, str], sdk: genai.Client, size: int, samples: int) -> dict[str, list[float]]:
+    async with httpx.AsyncClient(base_url=custody, headers=headers, timeout=60) as http:
+        created = await http.post("/v1/conversations", json={"route": "patient-intake", "data_classes": ["phi"]})
+        conversation = created.json()["id"]
+        for index in range(size):
+            (await http.post(f"/v1/conversations/{conversation}/turns",
+                             json={"input": f"setup turn {index}: the patient reports mild symptoms"})).raise_for_status()
+        times: dict[str, list[float]] = {"direct": [], "custody": []}
+        for sample in range(-3, samples):  # three warm-up rounds, not recorded
+            history: list[Any] = []
+            cursor: int | None = 0
+            while cursor is not None:
+                page = (await http.get(f"/v1/conversations/{conversation}/steps",
+                                       params={"cursor": cursor, "limit": 500})).json()
+                history.extend(s["step"] for s in page["steps"])
+                cursor = page["next_cursor"]
+            text = f"sample {sample}: any update on my appointment?"
+            steps = [*history, {"type": "user_input", "content": [{"type": "text", "text": text}]}]
+            started = time.perf_counter()
+            raw = await sdk.aio.interactions.with_raw_response.create(
+                model="gemini-3-flash-preview", store=False, extra_body={"input": steps})
+            await raw.read()
+            direct = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            (await http.post(f"/v1/conversations/{conversation}/turns", json={"input": text})).raise_for_status()
+            through_custody = (time.perf_counter() - started) * 1000
+            if sample >= 0:
+                times["direct"].append(direct)
+                times["custody"].append(through_custody)
+        return times
+
+
+async def main_async(args: argparse.Namespace, custody: str, simulator: str, key: str) -> None:
+    sdk = genai.Client(api_key="bench", http_options={"base_url": simulator, "retry_options": {"attempts": 1}})
+    print(f"turn latency, ms ({args.samples} samples per size; Custody and simulator in separate processes)")
+    print(f"{'stored turns':>12} | {'direct p50':>10} {'p99':>7} | {'custody p50':>11} {'p99':>7} | {'added p50':>9} {'p99':>7}")
+    for size in args.sizes:
+        times = await measure(custody, {"Authorization": f"Bearer {key}"}, sdk, size, args.samples)
+        added = [c - d for c, d in zip(times["custody"], times["direct"])]
+        print(f"{size:>12} | {statistics.median(times['direct']):>10.2f} {percentile(times['direct'], 0.99):>7.2f} | "
+              f"{statistics.median(times['custody']):>11.2f} {percentile(times['custody'], 0.99):>7.2f} | "
+              f"{statistics.median(added):>9.2f} {percentile(added, 0.99):>7.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200])
+    args = parser.parse_args()
+
+    database = f"custody_bench_{secrets.token_hex(4)}"
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + database
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(ADMIN_URL)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            env = os.environ | {"DATABASE_URL": url, "CUSTODY_DATA_DIR": scratch}
+            subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "service", "tenants", "create", "bench"], env=env, check=True,
+                           capture_output=True)
+            key = subprocess.run([sys.executable, "-m", "service", "keys", "issue", "--tenant", "bench", "--role", "backend"],
+                                 env=env, check=True, capture_output=True, text=True).stdout.strip()
+            sim_port, custody_port = free_port(), free_port()
+            processes.append(subprocess.Popen([sys.executable, "-m", "service", "simulator", "--port", str(sim_port)],
+                                              stderr=subprocess.DEVNULL))
+            simulator = f"http://127.0.0.1:{sim_port}"
+            wait_ready(f"{simulator}/_simulator/health", processes[-1])
+            env |= {"GEMINI_API_KEY": "bench", "GOOGLE_GEMINI_BASE_URL": simulator, "CUSTODY_PORT": str(custody_port)}
+            processes.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env,
+                                              stderr=subprocess.DEVNULL))
+            custody = f"http://127.0.0.1:{custody_port}"
+            wait_ready(f"{custody}/readyz", processes[-1])
+            asyncio.run(main_async(args, custody, simulator, key))
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait()
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Startup: a DATABASE_URL or API key that is set but does not work stops the service, clearly."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from service.config import Settings
+from service.errors import ConfigurationError, SchemaBehindError
+from service.runtime import build_runtime
+from service.simulator import SimulatorConfig, start_simulator
+
+from .conftest import ADMIN_URL, TEST_PEPPER
+
+
+def _settings(tmp_path: Path, keyring_path: Path, **env: str) -> Settings:
+    pepper = tmp_path / "pepper"
+    if not pepper.exists():
+        pepper.write_bytes(TEST_PEPPER)
+        pepper.chmod(0o600)
+    os.environ["CUSTODY_PEPPER_FILE"] = str(pepper)
+    return Settings.from_env({"CUSTODY_DATA_DIR": str(tmp_path / "data"), "CUSTODY_KEYRING": str(keyring_path)} | env)
+
+
+@pytest.fixture(autouse=True)
+def _restore_env() -> object:
+    saved = os.environ.get("CUSTODY_PEPPER_FILE")
+    yield None
+    if saved is None:
+        os.environ.pop("CUSTODY_PEPPER_FILE", None)
+    else:
+        os.environ["CUSTODY_PEPPER_FILE"] = saved
+
+
+async def test_unreachable_database_url_fails_clearly(tmp_path: Path, keyring_path: Path) -> None:
+    """A DATABASE_URL nobody answers on is an error naming DATABASE_URL, not a fallback."""
+    settings = _settings(tmp_path, keyring_path, DATABASE_URL="postgresql://postgres:s3cret@127.0.0.1:1/custody")
+    with pytest.raises(ConfigurationError, match="cannot connect to the database at DATABASE_URL") as caught:
+        await build_runtime(settings)
+    assert "s3cret" not in str(caught.value)
+
+
+async def test_database_behind_migrations_is_refused(tmp_path: Path, keyring_path: Path) -> None:
+    """A database without the current schema is refused with the command that fixes it."""
+    name = f"custody_empty_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        with pytest.raises(SchemaBehindError, match="run `custody migrate`"):
+            await build_runtime(_settings(tmp_path, keyring_path, DATABASE_URL=url))
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_rejected_api_key_fails_clearly(tmp_path: Path, keyring_path: Path, database_url: str) -> None:
+    """An API key the Gemini endpoint refuses stops startup with a message naming the key variables."""
+    with start_simulator(SimulatorConfig(api_key="the-right-key")) as gemini:
+        settings = _settings(tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="a-wrong-key",
+                             GOOGLE_GEMINI_BASE_URL=gemini.base_url)
+        with pytest.raises(ConfigurationError, match="GEMINI_API_KEY"):
+            await build_runtime(settings)
+
+
+async def test_working_configuration_starts(tmp_path: Path, keyring_path: Path, database_url: str) -> None:
+    """With a reachable database, a migrated schema and an accepted key, the runtime starts without embedded defaults."""
+    with start_simulator(SimulatorConfig(api_key="the-right-key")) as gemini:
+        settings = _settings(tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="the-right-key",
+                             GOOGLE_GEMINI_BASE_URL=gemini.base_url)
+        runtime = await build_runtime(settings)
+        try:
+            assert not any("EMBEDDED" in line for line in runtime.announcements)
+            assert runtime.demo_keys == {}
+        finally:
+            await runtime.aclose()
+
+
+async def test_missing_keyring_file_fails_clearly(tmp_path: Path, database_url: str) -> None:
+    """CUSTODY_KEYRING naming a missing file is an error, not a freshly generated keyring."""
+    settings = _settings(tmp_path, tmp_path / "absent.json", DATABASE_URL=database_url, GEMINI_API_KEY="k")
+    with pytest.raises(ConfigurationError, match="absent.json"):
+        await build_runtime(settings)
+
+
+async def test_invalid_policy_names_the_field(tmp_path: Path, keyring_path: Path, database_url: str) -> None:
+    """A policy file with a bad field stops startup with that field's path."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\n"
+        "data_classes:\n  public: {description: public, provider_storage: true}\n"
+        "routes:\n  faq:\n    description: answers\n    model: 5\n    data_classes: [public]\n"
+    )
+    settings = _settings(tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="k",
+                         CUSTODY_POLICY=str(policy))
+    with pytest.raises(ConfigurationError, match=r"routes\.faq\.model"):
+        await build_runtime(settings)
+
+
+def test_serve_exits_with_the_message(tmp_path: Path, keyring_path: Path) -> None:
+    """`custody serve` with a dead DATABASE_URL exits non-zero and says why on stderr."""
+    env = os.environ | {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody", "CUSTODY_KEYRING": str(keyring_path),
+                        "CUSTODY_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "service", "serve"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "cannot start: cannot connect to the database at DATABASE_URL" in result.stderr
