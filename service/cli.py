@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,6 +52,10 @@ def _serve(args: argparse.Namespace) -> int:
             config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
                                     log_level="warning", lifespan="on")
             _say(f"custody: serving on http://{settings.host}:{settings.port}")
+            # uvicorn re-raises the stop signal once it has shut down; with the default handler
+            # that would kill the process before the embedded Postgres and simulator are stopped.
+            for stop_signal in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(stop_signal, lambda *_: None)
             await uvicorn.Server(config).serve()
         finally:
             await runtime.aclose()

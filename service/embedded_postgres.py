@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -29,7 +30,10 @@ _CREATE_DATABASE = r"""
 SELECT format('CREATE DATABASE %I', :'db')
 WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
 """
-_LOG_LINES_SHOWN = 5
+# pgserver hides the output of initdb and pg_ctl (and the server log) in its ERROR log records;
+# these lines are the reason a newcomer needs, e.g. "initdb: error: directory … is not empty".
+_REASON_LINE = re.compile(r"^.*\b(?:error|fatal|panic):[ \t]+\S.*$", re.IGNORECASE | re.MULTILINE)
+_REASONS_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -86,18 +90,24 @@ def start_embedded_postgres(data_dir: Path, database: str = "custody") -> Embedd
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         from pgserver.postgres_server import get_server
+    reasons = _ReasonCapture()
+    pgserver_logger = logging.getLogger("pgserver")
+    pgserver_logger.addHandler(reasons)
     try:
         _forget_dead_handles(data_path)
         # As root, pgserver runs Postgres (which refuses root) as a system user `pgserver` that it
         # creates with useradd, chowns data_path to it and opens data_path's ancestors to o+rx.
         server = get_server(data_path, cleanup_mode="stop")
+        # Inside the try: after a failed start pgserver caches a broken server, which asserts.
+        info = server.get_postmaster_info()
     except (OSError, subprocess.SubprocessError, RuntimeError, AssertionError) as err:
         raise ConfigurationError(
             f"the embedded Postgres in {data_path} did not start ({_describe(err)})"
-            f"{_log_tail(data_path)}{_root_hint()}; set DATABASE_URL to use another Postgres server"
+            f"{reasons.summary()}; set DATABASE_URL to use another Postgres server"
         ) from err
+    finally:
+        pgserver_logger.removeHandler(reasons)
 
-    info = server.get_postmaster_info()
     if info.socket_dir is None or info.port is None:
         raise ConfigurationError(f"the embedded Postgres in {data_path} has no unix socket")
     # The socket directory goes in the query, the one place asyncpg, SQLAlchemy and libpq all
@@ -172,20 +182,17 @@ def _describe(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _root_hint() -> str:
-    # The usual cause as root: something tightened a directory above the data dir again.
-    if os.geteuid() != 0:
-        return ""
-    return (
-        "; as root, Postgres runs as the user `pgserver`, which must be able to enter every "
-        "directory above the data dir"
-    )
+class _ReasonCapture(logging.Handler):
+    """Collects the error lines from pgserver's log records while it starts a server."""
 
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
 
-def _log_tail(data_path: Path) -> str:
-    log = data_path / "log"
-    try:
-        lines = log.read_text(errors="replace").splitlines()[-_LOG_LINES_SHOWN:]
-    except OSError:
-        return ""
-    return f"; the end of its log {log}: " + " | ".join(lines) if lines else ""
+    def emit(self, record: logging.LogRecord) -> None:
+        for line in _REASON_LINE.findall(record.getMessage()):
+            if line.strip() not in self.lines:
+                self.lines.append(line.strip())
+
+    def summary(self) -> str:
+        return ": " + " | ".join(self.lines[-_REASONS_SHOWN:]) if self.lines else ""

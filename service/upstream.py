@@ -54,11 +54,17 @@ class Upstream:
             retry_options=types.HttpRetryOptions(attempts=1),
             timeout=int(timeout_seconds * 1000),
         )
-        if settings.use_vertexai and not (api_key or settings.api_key):
-            self._client = genai.Client(vertexai=True, project=settings.project,
-                                        location=settings.location, http_options=http_options)
+        key = api_key or settings.api_key
+        if settings.use_vertexai:
+            # Vertex AI is the path Google's BAA covers for PHI: with an API key it is "express
+            # mode"; without one the SDK uses Application Default Credentials for the project.
+            self._client = genai.Client(
+                vertexai=True, api_key=key,
+                project=None if key else settings.project, location=None if key else settings.location,
+                http_options=http_options,
+            )
         else:
-            self._client = genai.Client(api_key=api_key or settings.api_key, http_options=http_options)
+            self._client = genai.Client(api_key=key, http_options=http_options)
         self._attempts = max(1, attempts)
 
     async def create(self, *, settings: dict[str, Any], steps: list[Any], store: bool) -> UpstreamReply:

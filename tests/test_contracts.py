@@ -39,3 +39,11 @@ async def test_models_match_migrations(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         differences = await connection.run_sync(diff)
     assert differences == []
+
+
+async def test_schema_is_served(api) -> None:  # type: ignore[no-untyped-def]
+    """The running service serves the same OpenAPI document at /schema/openapi.json."""
+    import json
+
+    served = (await api.get("/schema/openapi.json")).json()
+    assert served == json.loads((REPO_ROOT / "schemas" / "openapi.json").read_text())

@@ -141,7 +141,7 @@ async def test_stop_shuts_the_server_down(data_dir: Path) -> None:
 
 
 def test_another_process_keeps_a_shared_server_running(data_dir: Path) -> None:
-    """A server another live process also started survives this process's stop, until that one exits."""
+    """A server another live process shares survives this process's stop, until that one exits."""
     holder = _holder(data_dir)
     try:
         assert holder.stdout is not None
@@ -175,6 +175,14 @@ def test_an_unusable_data_dir_is_a_configuration_error(tmp_path: Path) -> None:
     not_a_dir.write_text("")
     with pytest.raises(ConfigurationError, match=re.escape(str(not_a_dir))):
         start_embedded_postgres(not_a_dir)
+
+
+def test_a_failed_start_reports_the_reason_from_postgres(data_dir: Path) -> None:
+    """When initdb refuses a non-empty directory, the ConfigurationError carries its reason."""
+    (data_dir / "postgres").mkdir()
+    (data_dir / "postgres" / "notes.txt").write_text("not a Postgres data dir")
+    with pytest.raises(ConfigurationError, match="exists but is not empty"):
+        start_embedded_postgres(data_dir)
 
 
 def test_a_data_dir_with_spaces_is_refused_before_starting(tmp_path: Path) -> None:
