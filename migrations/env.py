@@ -29,6 +29,12 @@ def _run(connection: Connection) -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+        connection.commit()
+    except BaseException:
+        # A failed migration leaves the transaction aborted; roll back so that the unlock below
+        # can run and the real error is the one reported.
+        connection.rollback()
+        raise
     finally:
         connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
         connection.commit()

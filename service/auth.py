@@ -77,12 +77,15 @@ async def issue_key(session: AsyncSession, pepper: bytes, tenant_name: str, role
     return row, f"{KEY_PREFIX}{key_id}_{secret}"
 
 
-async def revoke_key(session: AsyncSession, key_id: str) -> None:
-    result = await session.execute(
+async def revoke_key(session: AsyncSession, key_id: str) -> str:
+    """Revoke a key at once; returns its tenant id."""
+    tenant_id = await session.scalar(
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=func.now())
+        .returning(ApiKey.tenant_id)
     )
-    if result.rowcount == 0:  # type: ignore[attr-defined]
+    if tenant_id is None:
         raise InvalidInput(f"no active key {key_id!r}")
+    return str(tenant_id)
 
 
 def parse_bearer(header: str | None) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
                 for role, key in runtime.demo_keys.items():
                     _say(f"  {role:8} {key}")
             app = create_app(runtime.ctx, max_body_bytes=settings.max_body_bytes)
+            runtime.start_checkpoints(settings.audit_checkpoint_seconds)
             config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
                                     log_level="warning", lifespan="on")
             _say(f"custody: serving on http://{settings.host}:{settings.port}")
@@ -95,11 +97,17 @@ def _with_session(work: Callable[[Any, bytes], Awaitable[None]]) -> None:
     asyncio.run(run())
 
 
+# CLI actions are audited in the same transaction as the change; the actor is the operator at
+# the console (no API key), recorded as `via: cli`.
+
 def _tenants_create(args: argparse.Namespace) -> int:
+    from .audit import AuditEntry, append
     from .auth import create_tenant
 
     async def work(session: Any, pepper: bytes) -> None:
         tenant = await create_tenant(session, args.name)
+        await append(session, AuditEntry("tenant.create", None, resource_type="tenant", resource_id=tenant.id,
+                                         chain=tenant.id, details={"via": "cli"}))
         print(tenant.id)
 
     _with_session(work)
@@ -107,10 +115,13 @@ def _tenants_create(args: argparse.Namespace) -> int:
 
 
 def _keys_issue(args: argparse.Namespace) -> int:
+    from .audit import AuditEntry, append
     from .auth import issue_key
 
     async def work(session: Any, pepper: bytes) -> None:
         row, key = await issue_key(session, pepper, args.tenant, args.role)
+        await append(session, AuditEntry("api_key.issue", None, resource_type="api_key", resource_id=row.id,
+                                         chain=row.tenant_id, details={"role": args.role, "via": "cli"}))
         _say(f"custody: issued {row.id} ({args.role}) for tenant {args.tenant}; the key is shown once:")
         print(key)
 
@@ -119,11 +130,97 @@ def _keys_issue(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
+    from .audit import AuditEntry, append
     from .auth import revoke_key
 
     async def work(session: Any, pepper: bytes) -> None:
-        await revoke_key(session, args.key_id)
+        tenant_id = await revoke_key(session, args.key_id)
+        await append(session, AuditEntry("api_key.revoke", None, resource_type="api_key", resource_id=args.key_id,
+                                         chain=tenant_id, details={"via": "cli"}))
         _say(f"custody: revoked {args.key_id}")
+
+    _with_session(work)
+    return 0
+
+
+def _audit_checkpoint(args: argparse.Namespace) -> int:
+    from .audit import checkpoint_all
+    from .database import make_engine, make_sessions
+    from .runtime import load_signer
+
+    settings = Settings.from_env()
+    signer = load_signer(settings, [])
+    url = _database_url(settings)
+
+    async def run() -> None:
+        engine = make_engine(url)
+        try:
+            for checkpoint in await checkpoint_all(make_sessions(engine), signer):
+                print(f"{checkpoint.chain}: signed seq {checkpoint.seq} ({checkpoint.head_hash[:16]}...)")
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from .audit_chain import ChainVerdict
+
+    def report(verdict: ChainVerdict) -> bool:
+        if verdict.ok:
+            print(f"{verdict.chain}: ok, {verdict.checked} records, head seq {verdict.head_seq}"
+                  + (f", signed checkpoint at {verdict.checkpoint_seq}" if verdict.checkpoint_seq else ""))
+        else:
+            print(f"{verdict.chain}: FIRST BAD RECORD seq {verdict.first_bad}: {verdict.reason}")
+        return verdict.ok
+
+    if args.file is not None:
+        from .audit_export import verify_export
+
+        pem = args.public_key.read_bytes() if args.public_key else None
+        with args.file.open(encoding="utf-8") as lines:
+            verdict, key_source = verify_export(lines, public_key_pem=pem)
+        _say(f"custody: checkpoints checked with {key_source}")
+        return 0 if report(verdict) else 1
+
+    from .audit import AuditEntry, append, chains, verify_chain
+    from .runtime import load_signer
+
+    signer = load_signer(Settings.from_env(), [])
+    results: list[bool] = []
+
+    async def work(session: Any, pepper: bytes) -> None:
+        for chain in [args.chain] if args.chain else await chains(session):
+            verdict = await verify_chain(session, chain, signer)
+            results.append(report(verdict))
+            await append(session, AuditEntry("audit.verify", None, resource_type="audit_log", resource_id=chain,
+                                             chain=chain, details={"ok": verdict.ok, "checked": verdict.checked,
+                                                                   "first_bad_seq": verdict.first_bad, "via": "cli"}))
+
+    _with_session(work)
+    return 0 if all(results) else 1
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    from .audit import AuditEntry, append
+    from .audit_export import export_header, export_lines, export_range
+    from .audit_fhir import to_fhir_audit_event
+    from .runtime import load_signer
+
+    signer = load_signer(Settings.from_env(), [])
+
+    async def work(session: Any, pepper: bytes) -> None:
+        span = await export_range(session, args.chain, args.since, args.until)
+        header = await export_header(session, span, signer)
+        await append(session, AuditEntry("audit.export", None, resource_type="audit_log", resource_id=args.chain,
+                                         chain=args.chain, details={"format": args.format, "via": "cli",
+                                                                    "first_seq": span.first_seq, "last_seq": span.last_seq}))
+        async for line in export_lines(session, header):
+            if args.format == "ndjson":
+                sys.stdout.write(line)
+            elif not line.startswith('{"format"'):
+                sys.stdout.write(json.dumps(to_fhir_audit_event(json.loads(line)), separators=(",", ":")) + "\n")
 
     _with_session(work)
     return 0
@@ -174,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke an API key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_keys_revoke)
+
+    audit = commands.add_parser("audit", help="verify, export and checkpoint the audit log").add_subparsers(
+        dest="action", required=True)
+    verify = audit.add_parser("verify", help="recompute the hash chains (or an export file) and name the first bad record")
+    verify.add_argument("--chain", help="one chain (a tenant id, or `system`); default: all")
+    verify.add_argument("--file", type=Path, help="verify an NDJSON export offline instead of the database")
+    verify.add_argument("--public-key", type=Path, help="PEM of the audit signing key to pin (with --file)")
+    verify.set_defaults(handler=_audit_verify)
+    export = audit.add_parser("export", help="export a chain's records with the proof to verify them")
+    export.add_argument("--chain", required=True)
+    export.add_argument("--since", help="UTC, e.g. 2026-11-24T00:00:00.000000Z")
+    export.add_argument("--until")
+    export.add_argument("--format", choices=["ndjson", "fhir"], default="ndjson")
+    export.set_defaults(handler=_audit_export)
+    audit.add_parser("checkpoint", help="sign every chain's head now").set_defaults(handler=_audit_checkpoint)
 
     sim = commands.add_parser("simulator", help="run the local Gemini Interactions API simulator")
     sim.add_argument("--host", default="127.0.0.1")

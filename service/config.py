@@ -46,7 +46,9 @@ class Settings:
     upstream_attempts: int = 3
     upstream_timeout_seconds: float = 120.0
     # A turn's claim on its conversation lapses after this, so a crashed replica cannot wedge it.
-    turn_lease_seconds: float = 300.0
+    turn_lease_seconds: float = 900.0
+    # How often the service signs the audit chains' heads (0 turns it off; see `custody audit checkpoint`).
+    audit_checkpoint_seconds: float = 300.0
     announcements: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -74,5 +76,19 @@ class Settings:
             max_body_bytes=int(env.get("CUSTODY_MAX_BODY_BYTES", "1000000")),
             upstream_attempts=int(env.get("CUSTODY_UPSTREAM_ATTEMPTS", "3")),
             upstream_timeout_seconds=float(env.get("CUSTODY_UPSTREAM_TIMEOUT_SECONDS", "120")),
-            turn_lease_seconds=float(env.get("CUSTODY_TURN_LEASE_SECONDS", "300")),
+            turn_lease_seconds=float(env.get("CUSTODY_TURN_LEASE_SECONDS", "900")),
+            audit_checkpoint_seconds=float(env.get("CUSTODY_AUDIT_CHECKPOINT_SECONDS", "300")),
         )
+
+    def check(self) -> None:
+        """Refuse settings that contradict each other."""
+        from .errors import ConfigurationError
+
+        # A healthy but slow turn must not lose its lease while Custody is still retrying it:
+        # every attempt may take the full timeout, plus up to 10 s of Retry-After between them.
+        worst_case = self.upstream_attempts * (self.upstream_timeout_seconds + 10)
+        if self.turn_lease_seconds <= worst_case:
+            raise ConfigurationError(
+                f"CUSTODY_TURN_LEASE_SECONDS ({self.turn_lease_seconds:g}) must exceed "
+                f"CUSTODY_UPSTREAM_ATTEMPTS x (CUSTODY_UPSTREAM_TIMEOUT_SECONDS + 10) = {worst_case:g}"
+            )

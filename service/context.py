@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from .audit import Auditor
 from .keyring import Keyring
 from .policy import Policy
 from .upstream import Upstream
@@ -21,9 +22,10 @@ class ServiceContext:
     keyring: Keyring
     policy: Policy
     upstream: Upstream
+    auditor: Auditor
     # Keys the HMACs of API-key secrets and subject identifiers; kept outside the database.
     pepper: bytes
-    turn_lease_seconds: float = 300.0
+    turn_lease_seconds: float = 900.0
 
     def subject_digest(self, tenant_id: str, subject: str) -> bytes:
         """A stable, keyed digest of a data subject's identifier, scoped to the tenant."""

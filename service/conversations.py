@@ -6,24 +6,32 @@ Each public function is one unit of work: the caller runs it inside one database
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .auth import Principal, new_id
 from .context import ServiceContext
-from .errors import ConversationNotFound, InvalidInput
+from .errors import ConversationNotFound, InvalidInput, TurnInProgress
 from .history import create_cipher, load_cipher, read_steps, shred_data_key
 from .models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
 from .policy import check_data_classes
 
-__all__ = ["ConversationView", "HistoryPage", "delete_conversation", "get_conversation",
+__all__ = ["ConversationView", "Deleted", "HistoryPage", "audited_id", "delete_conversation", "get_conversation",
            "list_steps", "open_conversation"]
 
 _PROFILE = "profile"
+_CONVERSATION_ID = re.compile(r"^conv_[0-9a-f]{30}$")
+
+
+def audited_id(conversation_id: str) -> str | None:
+    """A conversation id from a request path, for an audit record, only when it has our id
+    shape: a path holds whatever the caller typed, and audit records never hold content."""
+    return conversation_id if _CONVERSATION_ID.match(conversation_id) else None
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,13 @@ class ConversationView:
 class HistoryPage:
     steps: list[tuple[int, str, Any]]  # (position, turn id, step)
     next_cursor: int | None
+    data_classes: list[str]
+
+
+@dataclass(frozen=True)
+class Deleted:
+    data_classes: list[str]
+    provider_copies: list[str]  # upstream interaction ids the provider may still hold
 
 
 async def _owned(session: AsyncSession, principal: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:
@@ -103,16 +118,22 @@ async def list_steps(
     cipher = await load_cipher(session, ctx.keyring, conversation)
     steps = await read_steps(session, cipher, start=cursor, limit=limit)
     following = steps[-1][0] + 1 if steps else None
-    return HistoryPage(steps, following if following is not None and following < conversation.step_count else None)
+    more = following is not None and following < conversation.step_count
+    return HistoryPage(steps, following if more else None, list(conversation.data_classes))
 
 
-async def delete_conversation(session: AsyncSession, principal: Principal, conversation_id: str) -> list[str]:
+async def delete_conversation(session: AsyncSession, principal: Principal, conversation_id: str) -> Deleted:
     """Shred the data key, then delete the rows; returns the provider copies still to delete.
 
     The order matters for backups and replicas: once the key row is gone, any copy of the step
     rows that survives elsewhere is ciphertext nobody can open.
     """
     conversation = await _owned(session, principal, conversation_id, lock=True)
+    now = await session.scalar(select(func.now()))
+    if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
+        # A turn is waiting for the model; deleting now would let its reply (and, with provider
+        # storage, its provider copy) land after the erasure. The caller retries when it ends.
+        raise TurnInProgress(conversation.id)
     await shred_data_key(session, conversation.id)
     await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.conversation_id == conversation.id))
     await session.execute(delete(Step).where(Step.conversation_id == conversation.id))
@@ -124,7 +145,7 @@ async def delete_conversation(session: AsyncSession, principal: Principal, conve
             UpstreamInteraction.stored.is_(True), UpstreamInteraction.deleted_at.is_(None),
         )
     )
-    return list(stored)
+    return Deleted(list(conversation.data_classes), list(stored))
 
 
 def _view(conversation: Conversation, subject: str | None, metadata: dict[str, Any]) -> ConversationView:

@@ -10,14 +10,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    Boolean, CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, MetaData,
+    BigInteger, Boolean, Index, UniqueConstraint, CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, MetaData,
     String, Text, func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
-    "ApiKey", "Base", "Conversation", "DataKey", "IdempotencyRecord", "Step", "Tenant", "Turn",
+    "ApiKey", "AuditChainHead", "AuditCheckpoint", "AuditEvent", "Base", "Conversation", "DataKey", "IdempotencyRecord", "Step", "Tenant", "Turn",
     "UpstreamInteraction",
 ]
 
@@ -109,6 +109,8 @@ class Turn(Base):
         CheckConstraint(
             "status IN ('in_progress', 'completed', 'requires_action', 'failed')", name="status"
         ),
+        # The row lock already serializes turns; this is the backstop if that ever regresses.
+        UniqueConstraint("conversation_id", "number", name="uq_turns_conversation_number"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -182,3 +184,43 @@ class UpstreamInteraction(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     delete_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_error: Mapped[str | None] = mapped_column(String(200))
+
+
+class AuditEvent(Base):
+    """One audit record. `record` is the whole canonical record, hash fields included; it is the
+    single source of truth, so that no column can disagree with what the hash covers. Append-only:
+    migrations revoke UPDATE/DELETE from the service role and add triggers that refuse them.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_record", "record", postgresql_using="gin",
+              postgresql_ops={"record": "jsonb_path_ops"}),
+    )
+
+    chain: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    record: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+
+
+class AuditChainHead(Base):
+    """The newest record of each chain; locked FOR UPDATE by every append, so seq is gapless."""
+
+    __tablename__ = "audit_chain_heads"
+
+    chain: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    head_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class AuditCheckpoint(Base):
+    """A chain head signed with the Ed25519 audit key, which lives outside the database."""
+
+    __tablename__ = "audit_checkpoints"
+
+    chain: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    head_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    signed_at: Mapped[str] = mapped_column(String(40), nullable=False)
+    key_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    signature: Mapped[str] = mapped_column(String(200), nullable=False)

@@ -9,6 +9,7 @@ work stops startup with a message saying so: there is never a silent fallback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .auth import create_tenant, issue_key, ROLES
+from .audit import AuditEntry, Auditor, append, checkpoint_all
+from .audit_chain import AuditSigner
+from .auth import ROLES, create_tenant, issue_key
 from .config import Settings
 from .context import ServiceContext
 from .database import check_schema_current, make_engine, make_sessions, migrate
@@ -26,11 +29,13 @@ from .errors import ConfigurationError
 from .keyring import KeyringError, LocalKeyring
 from .models import Tenant
 from .policy import PolicyError, load_policy
+from .telemetry import describe, tracer_provider_from_env
 from .upstream import Upstream
 
 __all__ = ["Runtime", "build_runtime", "load_pepper"]
 
 DEMO_TENANT = "demo"
+logger = logging.getLogger("custody.runtime")
 
 
 @dataclass
@@ -41,8 +46,27 @@ class Runtime:
     announcements: list[str] = field(default_factory=list)
     demo_keys: dict[str, str] = field(default_factory=dict)
     _closers: list[Any] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start_checkpoints(self, every_seconds: float) -> None:
+        """Sign the audit chains' heads every `every_seconds` while the service runs."""
+        signer = self.ctx.auditor.signer
+        if every_seconds <= 0 or signer is None:
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every_seconds)
+                try:
+                    await checkpoint_all(self.ctx.sessions, signer)
+                except Exception as exc:  # noqa: BLE001 - a failed round is retried next time
+                    logger.error("audit checkpoint failed (%s); will retry", type(exc).__name__)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop()))
 
     async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         await self.ctx.upstream.aclose()
         await self.engine.dispose()
         for close in reversed(self._closers):
@@ -93,7 +117,24 @@ async def _connect(url: str) -> AsyncEngine:
     return engine
 
 
+def load_signer(settings: Settings, announce: list[str]) -> AuditSigner:
+    """The Ed25519 key that signs audit checkpoints; generated (0600) in the data dir if absent.
+
+    Keep it away from the database's host and backups: it is what proves the log was not
+    rewritten by someone who could write to the database.
+    """
+    path = Path(os.environ.get("CUSTODY_AUDIT_SIGNING_KEY", settings.data_dir / "audit-signing-key.pem"))
+    try:
+        signer, generated = AuditSigner.load_or_generate(path)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if generated:
+        announce.append(f"generated the audit checkpoint signing key at {path} (key id {signer.key_id})")
+    return signer
+
+
 async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtime:
+    settings.check()
     announce: list[str] = []
     closers: list[Any] = []
     url = settings.database_url
@@ -131,8 +172,13 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
                             base_url=simulator.base_url, api_key="simulator")
         announce.append(f"EMBEDDED DEFAULT: no GEMINI_API_KEY, calling the local Gemini SIMULATOR at {simulator.base_url}")
 
-    ctx = ServiceContext(sessions=make_sessions(engine), keyring=keyring, policy=policy,
-                         upstream=upstream, pepper=pepper, turn_lease_seconds=settings.turn_lease_seconds)
+    signer = load_signer(settings, announce)
+    provider = tracer_provider_from_env()
+    closers.append(provider.shutdown)
+    announce.append(describe())
+    ctx = ServiceContext(sessions=make_sessions(engine), keyring=keyring, policy=policy, upstream=upstream,
+                         auditor=Auditor(provider.get_tracer("custody"), signer), pepper=pepper,
+                         turn_lease_seconds=settings.turn_lease_seconds)
     runtime = Runtime(settings, ctx, engine, announce, _closers=closers)
     if embedded and demo_keys:
         runtime.demo_keys = await _issue_demo_keys(ctx)
@@ -143,8 +189,13 @@ async def _issue_demo_keys(ctx: ServiceContext) -> dict[str, str]:
     """The zero-config run's demo tenant, with a fresh key of each role printed at startup."""
     keys: dict[str, str] = {}
     async with ctx.sessions.begin() as session:
-        if await session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT)) is None:
-            await create_tenant(session, DEMO_TENANT)
+        tenant = await session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
+        if tenant is None:
+            tenant = await create_tenant(session, DEMO_TENANT)
+            await append(session, AuditEntry("tenant.create", None, resource_type="tenant", resource_id=tenant.id,
+                                             chain=tenant.id, details={"via": "zero-config"}))
         for role in ROLES:
-            _, keys[role] = await issue_key(session, ctx.pepper, DEMO_TENANT, role)
+            row, keys[role] = await issue_key(session, ctx.pepper, DEMO_TENANT, role)
+            await append(session, AuditEntry("api_key.issue", None, resource_type="api_key", resource_id=row.id,
+                                             chain=tenant.id, details={"role": role, "via": "zero-config"}))
     return keys

@@ -1,14 +1,18 @@
 """The turn engine: claim the conversation, replay its history to the model, store the reply.
 
-A turn is three steps, and no database transaction stays open across the model call:
+A turn is three units of work, and no database transaction stays open across the model call:
 
-1. claim (one short transaction): lock the conversation row, check the Idempotency-Key, refuse
-   with 409 if another turn holds an unexpired lease, decrypt the history, check the input
-   against pending function calls, decide provider storage, take the lease, record the turn;
+1. claim (`turn.start`, one short transaction): lock the conversation row, check the
+   Idempotency-Key, refuse with 409 if another turn holds an unexpired lease, decrypt the
+   history, check the input against pending function calls, decide provider storage, take the
+   lease, record the turn. Its audit record is written here because this is where history is
+   read to be disclosed to the model;
 2. call the model with the whole history plus the new input as `input`, `store` as decided, and
-   the route's settings re-sent (design invariants 3 and 4);
-3. finish (one transaction): if the lease is still ours, append the new input and the model's
-   steps, sealed, at the next positions, record the outcome, release the lease.
+   the route's settings re-sent (design invariants 3 and 4); the provider's interaction id goes
+   into the ledger of provider copies at once, in a transaction of its own, so that no later
+   failure can lose track of a copy the provider keeps;
+3. finish (`turn.create`, one transaction): if the lease is still ours, append the new input and
+   the model's steps, sealed, at the next positions, record the outcome, release the lease.
 
 The lease is a row value, so it holds across any number of service processes; it expires so a
 crashed process cannot wedge a conversation. The input is stored with the reply, not at the
@@ -19,8 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -28,9 +31,11 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .audit import AuditEntry, RequestMeta, append, outcome_of
 from .auth import Principal, new_id
 from .client_input import check_function_results, normalize_client_input
 from .context import ServiceContext
+from .conversations import audited_id
 from .errors import (ConversationNotFound, IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidInput,
                      TurnInProgress, UpstreamFailed)
 from .history import ConversationCipher, append_steps, encode_json, load_cipher, read_steps
@@ -41,6 +46,8 @@ from .upstream import UpstreamReply
 __all__ = ["TurnEngine", "output_text"]
 
 _RESPONSE = "response"
+# Only these statuses leave a history the model can continue from.
+_KEPT = frozenset({"completed", "requires_action"})
 _USAGE_FIELDS = ("total_input_tokens", "total_output_tokens", "total_thought_tokens",
                  "total_cached_tokens", "total_tool_use_tokens", "total_tokens")
 
@@ -50,12 +57,14 @@ class _Claim:
     turn_id: str
     turn_number: int
     lease_token: str
-    cipher: ConversationCipher
-    history: list[Any]
     settings: dict[str, Any]
     decision: StorageDecision
     policy_version: str
+    data_classes: list[str]
     idempotency_key: str | None
+    # Plaintext and keys: never in a repr, which tracebacks and debuggers print.
+    cipher: ConversationCipher = field(repr=False)
+    history: list[Any] = field(repr=False)
 
 
 class TurnEngine:
@@ -63,12 +72,13 @@ class TurnEngine:
         self._ctx = ctx
 
     async def run(
-        self, principal: Principal, conversation_id: str, raw_input: Any, idempotency_key: str | None
+        self, principal: Principal, meta: RequestMeta, conversation_id: str, raw_input: Any,
+        idempotency_key: str | None,
     ) -> dict[str, Any]:
         """Run one turn; returns the response body (replayed as first sent for a repeated key)."""
         new_steps = normalize_client_input(raw_input)
         fingerprint = hashlib.sha256(encode_json([conversation_id, new_steps])).hexdigest()
-        claim = await self._claim(principal, conversation_id, new_steps, fingerprint, idempotency_key)
+        claim = await self._claim(principal, meta, conversation_id, new_steps, fingerprint, idempotency_key)
         if isinstance(claim, dict):
             return claim
         try:
@@ -77,42 +87,51 @@ class TurnEngine:
                 store=claim.decision.provider_storage,
             )
         except UpstreamFailed as exc:
-            await self._release_failed(principal, conversation_id, claim, exc.code)
+            await asyncio.shield(self._release_failed(principal, meta, conversation_id, claim, exc.code))
             raise
         except BaseException:
-            # Cancelled (client went away) or a bug: give the conversation back before leaving.
-            await asyncio.shield(self._release_failed(principal, conversation_id, claim, "turn_aborted"))
+            # Cancelled (the client went away) or a bug: give the conversation back first.
+            await asyncio.shield(self._release_failed(principal, meta, conversation_id, claim, "turn_aborted"))
             raise
-        return await self._finish(principal, conversation_id, claim, new_steps, reply)
+        # From here on the model has answered: finish even if the caller goes away.
+        return await asyncio.shield(self._settle(principal, meta, conversation_id, claim, new_steps, reply))
 
     async def _claim(
-        self, principal: Principal, conversation_id: str, new_steps: list[dict[str, Any]],
+        self, principal: Principal, meta: RequestMeta, conversation_id: str, new_steps: list[dict[str, Any]],
         fingerprint: str, idempotency_key: str | None,
     ) -> _Claim | dict[str, Any]:
         ctx = self._ctx
+        entry = AuditEntry("turn.start", principal, meta, resource_type="conversation",
+                           resource_id=audited_id(conversation_id), details={"input_steps": len(new_steps), "idempotency_key": idempotency_key is not None})
         try:
-            async with ctx.sessions.begin() as session:
+            async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
                 conversation = await _lock(session, principal, conversation_id)
+                entry.data_classes = list(conversation.data_classes)
+                now = await session.scalar(select(func.now()))
+                leased = bool(conversation.lease_token and conversation.lease_expires_at
+                              and conversation.lease_expires_at > now)
                 if idempotency_key is not None:
                     earlier = await session.get(IdempotencyRecord, (principal.tenant_id, idempotency_key))
                     if earlier is not None:
-                        return await _replay(session, ctx, conversation, earlier, fingerprint)
-                now = await session.scalar(select(func.now()))
-                if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
+                        replayed = await _replay(session, ctx, conversation, earlier, fingerprint, leased=leased)
+                        if replayed is not None:
+                            entry.details["idempotent_replay"] = True
+                            return replayed
+                if leased:
                     raise TurnInProgress(conversation_id)
                 try:
                     route = ctx.policy.route(conversation.route)
                 except UnknownRouteError:
-                    raise InvalidInput(f"route {conversation.route!r} is no longer in the policy") from None
+                    raise InvalidInput("this conversation's route is no longer in the policy") from None
                 cipher = await load_cipher(session, ctx.keyring, conversation)
                 history = [step for _, _, step in await read_steps(session, cipher)]
                 check_function_results(history, new_steps)
                 decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
                 claim = _Claim(
                     turn_id=new_id("turn"), turn_number=conversation.turn_count + 1,
-                    lease_token=new_id("lease"), cipher=cipher, history=history,
-                    settings=route.upstream_settings(), decision=decision,
-                    policy_version=ctx.policy.version, idempotency_key=idempotency_key,
+                    lease_token=new_id("lease"), settings=route.upstream_settings(), decision=decision,
+                    policy_version=ctx.policy.version, data_classes=list(conversation.data_classes),
+                    idempotency_key=idempotency_key, cipher=cipher, history=history,
                 )
                 conversation.lease_token = claim.lease_token
                 conversation.lease_expires_at = now + timedelta(seconds=ctx.turn_lease_seconds)
@@ -128,54 +147,92 @@ class TurnEngine:
                         tenant_id=principal.tenant_id, key=idempotency_key, conversation_id=conversation.id,
                         fingerprint=fingerprint, turn_id=claim.turn_id,
                     ))
+                entry.policy_version = claim.policy_version
+                entry.details |= {"turn_id": claim.turn_id, "history_steps": len(history),
+                                  "store": decision.provider_storage, "storage_reason": decision.code}
                 return claim
         except IntegrityError:
             # The same key raced in on another conversation of this tenant.
             raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request") from None
 
-    async def _finish(
-        self, principal: Principal, conversation_id: str, claim: _Claim,
+    async def _settle(
+        self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim,
         new_steps: list[dict[str, Any]], reply: UpstreamReply,
     ) -> dict[str, Any]:
-        body = reply.body
+        interaction_id = reply.body.get("id")
+        if isinstance(interaction_id, str) and interaction_id:
+            await self._ledger(principal, meta, conversation_id, claim, interaction_id)
+        try:
+            return await self._finish(principal, meta, conversation_id, claim, new_steps, reply)
+        except BaseException as exc:
+            # The audited action already recorded the failure; free the turn row and the key.
+            code = "lease_lost" if isinstance(exc, TurnInProgress) else outcome_of(exc)[1]
+            await self._release_failed(principal, meta, conversation_id, claim, code, audit=False)
+            raise
+
+    async def _ledger(self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim,
+                      interaction_id: str) -> None:
+        """Record the provider's interaction id before anything else can fail."""
+        stored = claim.decision.provider_storage
         async with self._ctx.sessions.begin() as session:
+            session.add(UpstreamInteraction(id=interaction_id[:200], tenant_id=principal.tenant_id,
+                                            conversation_id=conversation_id, turn_id=claim.turn_id, stored=stored))
+            if stored:
+                await append(session, AuditEntry(
+                    "upstream.store", principal, meta, resource_type="upstream_interaction",
+                    resource_id=interaction_id[:200], data_classes=claim.data_classes,
+                    policy_version=claim.policy_version,
+                    details={"conversation_id": conversation_id, "turn_id": claim.turn_id}))
+
+    async def _finish(
+        self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim,
+        new_steps: list[dict[str, Any]], reply: UpstreamReply,
+    ) -> dict[str, Any]:
+        ctx = self._ctx
+        entry = AuditEntry("turn.create", principal, meta, resource_type="turn", resource_id=claim.turn_id,
+                           data_classes=claim.data_classes, policy_version=claim.policy_version,
+                           details={"conversation_id": conversation_id, "store": claim.decision.provider_storage,
+                                    "storage_reason": claim.decision.code})
+        async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             conversation = await session.scalar(
                 select(Conversation).where(Conversation.id == conversation_id).with_for_update()
             )
-            if isinstance(body.get("id"), str) and body["id"]:
-                # The ledger of provider copies, kept whatever happened to the conversation.
-                session.add(UpstreamInteraction(
-                    id=body["id"], tenant_id=principal.tenant_id, conversation_id=conversation_id,
-                    turn_id=claim.turn_id, stored=claim.decision.provider_storage,
-                ))
             if conversation is None or conversation.lease_token != claim.lease_token:
                 # Deleted meanwhile, or our lease expired and another turn took over: appending
-                # now would resurrect or fork the history.
-                turn = await session.get(Turn, claim.turn_id)
-                if turn is not None:
-                    turn.status, turn.error_code, turn.finished_at = "failed", "lease_lost", func.now()
-                lost = True
-            else:
-                lost = False
-                response = await self._record(session, principal, conversation, claim, new_steps, reply)
-        if lost:
-            if conversation is None:
-                raise ConversationNotFound(conversation_id)
-            raise TurnInProgress(conversation_id)
-        return response
+                # now would resurrect or fork the history. (Raising records a denied turn.create;
+                # `_settle` then releases the turn row and the key.)
+                if conversation is None:
+                    await self._delete_orphaned_copy(reply, claim)
+                    raise ConversationNotFound(conversation_id)
+                raise TurnInProgress(conversation_id)
+            response = await self._record(session, principal, conversation, claim, new_steps, reply)
+            entry.details |= {"status": response["status"], "steps": len(response["steps"]),
+                              "upstream_interaction_id": reply.body.get("id")}
+            return response
+
+    async def _delete_orphaned_copy(self, reply: UpstreamReply, claim: _Claim) -> None:
+        """The conversation was deleted while the model worked: its provider copy goes too."""
+        interaction_id = reply.body.get("id")
+        if claim.decision.provider_storage and isinstance(interaction_id, str) and interaction_id:
+            try:
+                await self._ctx.upstream.delete(interaction_id)
+            except Exception:  # noqa: BLE001 - the ledger row stays undeleted for the retention run
+                return
+            async with self._ctx.sessions.begin() as session:
+                row = await session.get(UpstreamInteraction, interaction_id[:200])
+                if row is not None:
+                    row.deleted_at = func.now()
 
     async def _record(
         self, session: AsyncSession, principal: Principal, conversation: Conversation, claim: _Claim,
         new_steps: list[dict[str, Any]], reply: UpstreamReply,
     ) -> dict[str, Any]:
         body = reply.body
-        model_steps: list[Any] = body.get("steps") or []
         upstream_status = str(body.get("status", ""))
-        # Only these leave a history the model can continue from; anything else (failed,
-        # incomplete, cancelled...) is recorded and leaves the history as it was.
-        kept = upstream_status in ("completed", "requires_action")
-        status = upstream_status if kept else "failed"
-        conversation_id = conversation.id
+        kept = upstream_status in _KEPT
+        # A turn the model did not complete stores nothing, so it returns nothing either: showing
+        # output the next turn's model will never see would mislead the caller.
+        model_steps: list[Any] = (body.get("steps") or []) if kept else []
         turn = await session.get(Turn, claim.turn_id)
         assert turn is not None
         if kept:
@@ -184,17 +241,19 @@ class TurnEngine:
             turn.first_position, turn.step_count = conversation.step_count, len(stored)
             conversation.step_count += len(stored)
         usage = _usage(body.get("usage"))
-        turn.status, turn.upstream_status, turn.usage = status, upstream_status[:40], usage
+        error_code = None if kept else f"model_{upstream_status or 'no_status'}"[:80]
+        turn.status = upstream_status if kept else "failed"
+        turn.upstream_status, turn.usage = upstream_status[:40], usage
         turn.upstream_latency_ms, turn.upstream_attempts = reply.latency_ms, reply.attempts
-        turn.error_code = None if kept else f"model_{upstream_status or 'no_status'}"[:80]
-        turn.finished_at = func.now()
+        turn.error_code, turn.finished_at = error_code, func.now()
         conversation.lease_token = conversation.lease_expires_at = None
         conversation.updated_at = func.now()
         response = {
-            "conversation_id": conversation_id,
+            "conversation_id": conversation.id,
             "turn_id": claim.turn_id,
             "turn_number": claim.turn_number,
-            "status": status,
+            "status": turn.status,
+            "error_code": error_code,
             "steps": model_steps,
             "output_text": output_text(model_steps),
             "usage": usage,
@@ -207,27 +266,39 @@ class TurnEngine:
         }
         if claim.idempotency_key is not None:
             record = await session.get(IdempotencyRecord, (principal.tenant_id, claim.idempotency_key))
-            if record is not None:
+            if record is not None and kept:
                 record.response = claim.cipher.seal_record(_RESPONSE, claim.turn_number, response)
                 record.response_key_version = claim.cipher.key_version
+            elif record is not None:
+                # Nothing was stored, so a retry with the same key may run the turn again.
+                await session.delete(record)
         return response
 
-    async def _release_failed(self, principal: Principal, conversation_id: str, claim: _Claim, code: str) -> None:
+    async def _release_failed(self, principal: Principal, meta: RequestMeta, conversation_id: str,
+                              claim: _Claim, code: str, *, audit: bool = True) -> None:
         """Record the failed turn and give the conversation back; the history is untouched."""
         async with self._ctx.sessions.begin() as session:
             conversation = await session.scalar(
                 select(Conversation).where(Conversation.id == conversation_id).with_for_update()
             )
             turn = await session.get(Turn, claim.turn_id)
-            if turn is not None:
+            if turn is not None and turn.status == "in_progress":
                 turn.status, turn.error_code, turn.finished_at = "failed", code[:80], func.now()
             if conversation is not None and conversation.lease_token == claim.lease_token:
                 conversation.lease_token = conversation.lease_expires_at = None
             if claim.idempotency_key is not None:
-                # Nothing was stored, so a retry with the same key may run the turn again.
                 await session.execute(delete(IdempotencyRecord).where(
                     IdempotencyRecord.tenant_id == principal.tenant_id,
-                    IdempotencyRecord.key == claim.idempotency_key))
+                    IdempotencyRecord.key == claim.idempotency_key,
+                    IdempotencyRecord.response.is_(None)))
+            if not audit:
+                return
+            await append(session, AuditEntry(
+                "turn.create", principal, meta, resource_type="turn", resource_id=claim.turn_id,
+                data_classes=claim.data_classes, policy_version=claim.policy_version,
+                details={"conversation_id": conversation_id, "store": claim.decision.provider_storage,
+                         "storage_reason": claim.decision.code},
+            ), outcome="error", reason=code[:80])
 
 
 async def _lock(session: AsyncSession, principal: Principal, conversation_id: str) -> Conversation:
@@ -243,12 +314,22 @@ async def _lock(session: AsyncSession, principal: Principal, conversation_id: st
 
 async def _replay(
     session: AsyncSession, ctx: ServiceContext, conversation: Conversation,
-    record: IdempotencyRecord, fingerprint: str,
-) -> dict[str, Any]:
+    record: IdempotencyRecord, fingerprint: str, *, leased: bool,
+) -> dict[str, Any] | None:
+    """The stored response for a repeated key; None when the first attempt was abandoned."""
     if record.conversation_id != conversation.id or record.fingerprint != fingerprint:
         raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
     if record.response is None or record.response_key_version is None:
-        raise IdempotencyKeyInFlight("the first request with this Idempotency-Key is still running")
+        if leased:
+            raise IdempotencyKeyInFlight("the first request with this Idempotency-Key is still running")
+        # Its turn died without finishing (a crashed process, a lost lease): nothing was stored,
+        # so the key is free to run the turn again.
+        turn = await session.get(Turn, record.turn_id) if record.turn_id else None
+        if turn is not None and turn.status == "in_progress":
+            turn.status, turn.error_code, turn.finished_at = "failed", "abandoned", func.now()
+        await session.delete(record)
+        await session.flush()
+        return None
     turn = await session.get(Turn, record.turn_id)
     cipher = await load_cipher(session, ctx.keyring, conversation)
     number = turn.number if turn is not None else 0

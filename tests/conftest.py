@@ -71,6 +71,11 @@ from service.keyring import LocalKeyring  # noqa: E402
 from service.policy import load_policy  # noqa: E402
 from service.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
 from service.upstream import Upstream  # noqa: E402
+from service.audit import Auditor  # noqa: E402
+from service.audit_chain import AuditSigner  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 CANARY = "CANARY-d41d8cd98f00b204-NEVER-AT-REST"
 TEST_PEPPER = b"test-pepper-" + bytes(20)
@@ -102,12 +107,29 @@ def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
 
 
 @pytest.fixture(scope="session")
-async def ctx(engine: AsyncEngine, gemini: RunningSimulator, session_keyring: LocalKeyring) -> AsyncIterator[ServiceContext]:
+def spans() -> InMemorySpanExporter:
+    """Every span the service under test ends (an explicit provider, never the global one)."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session")
+def signing_key_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("audit") / "audit-signing-key.pem"
+    AuditSigner.load_or_generate(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+async def ctx(engine: AsyncEngine, gemini: RunningSimulator, session_keyring: LocalKeyring,
+              spans: InMemorySpanExporter, signing_key_path: Path) -> AsyncIterator[ServiceContext]:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
     upstream = make_upstream(gemini, attempts=3, timeout_seconds=10)
+    signer, _ = AuditSigner.load_or_generate(signing_key_path)
     yield ServiceContext(
         sessions=make_sessions(engine), keyring=session_keyring,
         policy=load_policy(REPO_ROOT / "ops" / "policy.example.yaml"), upstream=upstream,
-        pepper=TEST_PEPPER, turn_lease_seconds=30,
+        auditor=Auditor(provider.get_tracer("custody"), signer), pepper=TEST_PEPPER, turn_lease_seconds=30,
     )
     await upstream.aclose()
 

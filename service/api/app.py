@@ -7,6 +7,7 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
 from ..context import ServiceContext
+from .audit import AuditController
 from .conversations import ConversationController
 from .health import healthz, readyz
 from .problems import exception_handlers
@@ -16,7 +17,7 @@ __all__ = ["create_app", "openapi_document"]
 
 def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
     return Litestar(
-        route_handlers=[ConversationController, healthz, readyz],
+        route_handlers=[ConversationController, AuditController, healthz, readyz],
         state=State({"ctx": ctx}),
         exception_handlers=exception_handlers,
         request_max_body_size=max_body_bytes,

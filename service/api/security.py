@@ -1,17 +1,39 @@
-"""Authentication and role checks, as Litestar dependencies."""
+"""Authentication, role checks and request metadata, as Litestar dependencies.
+
+Authentication failures and role denials are audited here, each in its own transaction, before
+the error reaches the caller.
+"""
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from litestar import Request
 
+from ..audit import AuditEntry, RequestMeta
 from ..auth import Principal, authenticate
 from ..context import ServiceContext
-from ..errors import PermissionDenied
+from ..errors import AuthenticationFailed, PermissionDenied
 
-__all__ = ["require_role"]
+__all__ = ["provide_meta", "require_role"]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def request_meta(request: Request[Any, Any, Any]) -> RequestMeta:
+    """The caller's address and the request id (the client's X-Request-Id when well-formed)."""
+    state = request.scope.setdefault("state", {})
+    if "request_id" not in state:
+        given = request.headers.get("x-request-id", "")
+        state["request_id"] = given if _REQUEST_ID.match(given) else f"req_{secrets.token_hex(12)}"
+    return RequestMeta(address=request.client.host if request.client else None, request_id=state["request_id"])
+
+
+async def provide_meta(request: Request[Any, Any, Any]) -> RequestMeta:
+    return request_meta(request)
 
 
 def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Principal]]:
@@ -19,10 +41,27 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
 
     async def principal(request: Request[Any, Any, Any]) -> Principal:
         ctx: ServiceContext = request.app.state.ctx
-        async with ctx.sessions() as session:
-            caller = await authenticate(session, ctx.pepper, request.headers.get("authorization"))
+        meta = request_meta(request)
+        try:
+            async with ctx.sessions() as session:
+                caller = await authenticate(session, ctx.pepper, request.headers.get("authorization"))
+        except AuthenticationFailed:
+            # No tenant is known for a failed authentication: it goes to the system chain.
+            await ctx.auditor.record(ctx.sessions, AuditEntry("auth.failure", None, meta,
+                                                              details={"operation": _operation(request)}),
+                                     outcome="denied", reason="unauthenticated")
+            raise
         if caller.role not in roles:
+            await ctx.auditor.record(ctx.sessions, AuditEntry("access.denied", caller, meta,
+                                                              details={"operation": _operation(request)}),
+                                     outcome="denied", reason="forbidden")
             raise PermissionDenied(f"role {caller.role!r} may not call this endpoint")
         return caller
 
     return principal
+
+
+def _operation(request: Request[Any, Any, Any]) -> str:
+    """The operation's name, not the path: a path carries whatever the caller put in it."""
+    handler = request.route_handler
+    return str(handler.operation_id) if isinstance(handler.operation_id, str) else handler.handler_name

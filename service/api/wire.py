@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["ConversationCreate", "ConversationOut", "HistoryOut", "HistoryStep", "StorageOut", "TurnCreate", "TurnOut"]
+__all__ = ["AuditEventsOut", "AuditVerifyOut", "ConversationCreate", "ConversationOut", "HistoryOut", "HistoryStep", "StorageOut", "TurnCreate", "TurnOut"]
 
 
 class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,6 +54,9 @@ class TurnOut(msgspec.Struct):
     turn_id: str
     turn_number: int
     status: str  # completed | requires_action | failed
+    # Why a turn failed (e.g. `model_failed`, `model_incomplete`); a failed turn stores nothing
+    # and returns no steps.
+    error_code: str | None
     steps: list[dict[str, Any]]
     output_text: str
     usage: dict[str, int]
@@ -71,3 +74,20 @@ class HistoryOut(msgspec.Struct):
     conversation_id: str
     steps: list[HistoryStep]
     next_cursor: int | None
+
+
+class AuditEventsOut(msgspec.Struct):
+    chain: str
+    events: list[dict[str, Any]]  # records as in schemas/audit-event.schema.json
+    next_cursor: int | None
+
+
+class AuditVerifyOut(msgspec.Struct):
+    ok: bool
+    chain: str
+    checked: int
+    head_seq: int
+    head_hash: str
+    first_bad_seq: int | None
+    reason: str | None
+    checkpoint_seq: int | None

@@ -1,0 +1,213 @@
+"""The audit hash chain and its signed checkpoints: pure functions, no database.
+
+Each record's hash is SHA-256(previous hash ‖ RFC 8785 canonical JSON of the record without its
+`hash`). The record holds its own `seq`, `chain` and `prev_hash`, so an edit, deletion,
+insertion or swap anywhere breaks the chain from that point. A checkpoint is an Ed25519
+signature over a chain's head (chain, seq, head hash, time); the signing key lives outside the
+database, so whoever can rewrite the table still cannot forge a checkpoint that matches.
+Verification here serves both the live database and an offline export file.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+__all__ = ["GENESIS", "AuditSigner", "ChainVerdict", "ChainWalk", "Checkpoint", "record_hash", "verify_chain_records",
+           "load_public_key", "public_key_id"]
+
+GENESIS = "0" * 64
+
+
+def record_hash(prev_hash: str, record: Mapping[str, Any]) -> str:
+    """The hash of a record (its `hash` field, if present, is not covered)."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(bytes.fromhex(prev_hash) + rfc8785.dumps(body)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    chain: str
+    seq: int
+    head_hash: str
+    signed_at: str
+    key_id: str
+    signature: str  # base64
+
+    def payload(self) -> bytes:
+        return rfc8785.dumps({"chain": self.chain, "seq": self.seq, "head_hash": self.head_hash,
+                              "signed_at": self.signed_at, "key_id": self.key_id})
+
+    def as_json(self) -> dict[str, Any]:
+        return {"chain": self.chain, "seq": self.seq, "head_hash": self.head_hash,
+                "signed_at": self.signed_at, "key_id": self.key_id, "signature": self.signature}
+
+    def valid_for(self, public_key: Ed25519PublicKey) -> bool:
+        if self.key_id != public_key_id(public_key):
+            return False
+        try:
+            public_key.verify(base64.b64decode(self.signature), self.payload())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def public_key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(pem: bytes) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("the audit public key must be an Ed25519 key")
+    return key
+
+
+class AuditSigner:
+    """The Ed25519 key that signs checkpoints; a PEM file kept with the keyring, not in Postgres."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public_key = private_key.public_key()
+        self.key_id = public_key_id(self.public_key)
+
+    def __repr__(self) -> str:
+        return f"AuditSigner(key_id={self.key_id})"
+
+    @classmethod
+    def load_or_generate(cls, path: Path) -> tuple["AuditSigner", bool]:
+        """The signer at `path`, generated (mode 0600) when absent; True when generated."""
+        if path.exists():
+            if path.stat().st_mode & 0o077:
+                raise ValueError(f"{path} is readable by group or others: run chmod 600 {path}")
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError(f"{path} does not hold an Ed25519 private key")
+            return cls(key), False
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        return cls(key), True
+
+    def public_pem(self) -> str:
+        return self.public_key.public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+    def sign(self, chain: str, seq: int, head_hash: str, signed_at: str) -> Checkpoint:
+        unsigned = Checkpoint(chain, seq, head_hash, signed_at, self.key_id, "")
+        signature = base64.b64encode(self._key.sign(unsigned.payload())).decode()
+        return Checkpoint(chain, seq, head_hash, signed_at, self.key_id, signature)
+
+
+@dataclass(frozen=True)
+class ChainVerdict:
+    """The outcome of checking a chain: `first_bad` names the first record that fails, if any."""
+
+    chain: str
+    checked: int
+    head_seq: int
+    head_hash: str
+    first_bad: int | None = None
+    reason: str | None = None
+    checkpoint_seq: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "chain": self.chain, "checked": self.checked, "head_seq": self.head_seq,
+                "head_hash": self.head_hash, "first_bad_seq": self.first_bad, "reason": self.reason,
+                "checkpoint_seq": self.checkpoint_seq}
+
+
+class ChainWalk:
+    """Checks a chain one record at a time, so a long chain can be streamed from the database.
+
+    Feed `(stored seq, record)` pairs in order with `add`; it returns False at the first record
+    that does not hold. Then `verdict` checks the end of the chain against the head row (or an
+    export's stated head) and the signed checkpoints.
+    """
+
+    def __init__(self, chain: str, *, start_seq: int = 1, start_prev_hash: str = GENESIS,
+                 checkpoints: Iterable[Checkpoint] = ()) -> None:
+        self.chain = chain
+        self.checkpoints = list(checkpoints)
+        self._wanted = {checkpoint.seq for checkpoint in self.checkpoints}
+        self._hashes: dict[int, str] = {}  # only at checkpoint seqs
+        self._prev, self._next, self._checked = start_prev_hash, start_seq, 0
+        self._start = start_seq
+        self._failure: tuple[int, str] | None = None
+
+    def add(self, stored_seq: int, record: Mapping[str, Any]) -> bool:
+        if self._failure is not None:
+            return False
+        expected = self._next
+        if stored_seq != expected:
+            self._failure = (expected, f"record {expected} is missing (found {stored_seq} next)")
+        elif record.get("seq") != stored_seq or record.get("chain") != self.chain:
+            self._failure = (expected, "the record's seq or chain differs from where it is stored")
+        elif record.get("prev_hash") != self._prev:
+            self._failure = (expected, "prev_hash does not match the previous record's hash")
+        elif record.get("hash") != record_hash(self._prev, record):
+            self._failure = (expected, "the record's hash does not match its content")
+        if self._failure is not None:
+            return False
+        self._prev = str(record["hash"])
+        if stored_seq in self._wanted:
+            self._hashes[stored_seq] = self._prev
+        self._next += 1
+        self._checked += 1
+        return True
+
+    def verdict(self, *, expected_head: tuple[int, str] | None = None,
+                public_key: Ed25519PublicKey | None = None) -> ChainVerdict:
+        last_seq, prev = self._next - 1, self._prev
+
+        def bad(seq: int, reason: str) -> ChainVerdict:
+            return ChainVerdict(self.chain, self._checked, last_seq, prev, seq, reason)
+
+        if self._failure is not None:
+            return bad(*self._failure)
+        if expected_head is not None and expected_head != (last_seq, prev):
+            return bad(min(expected_head[0], last_seq + 1),
+                       f"the chain head says seq {expected_head[0]} but the records end at {last_seq} or differ")
+        newest: int | None = None
+        for checkpoint in self.checkpoints:
+            if public_key is None or not checkpoint.valid_for(public_key):
+                return bad(checkpoint.seq, "a checkpoint's signature is not valid")
+            if checkpoint.seq < self._start:
+                continue
+            if checkpoint.seq > last_seq or self._hashes.get(checkpoint.seq) != checkpoint.head_hash:
+                return bad(min(checkpoint.seq, last_seq + 1),
+                           f"the record at signed checkpoint {checkpoint.seq} is missing or differs")
+            newest = max(newest or 0, checkpoint.seq)
+        return ChainVerdict(self.chain, self._checked, last_seq, prev, checkpoint_seq=newest)
+
+
+def verify_chain_records(
+    chain: str, records: Iterable[tuple[int, Mapping[str, Any]]], *, start_seq: int = 1,
+    start_prev_hash: str = GENESIS, expected_head: tuple[int, str] | None = None,
+    checkpoints: Iterable[Checkpoint] = (), public_key: Ed25519PublicKey | None = None,
+) -> ChainVerdict:
+    """Check `(stored seq, record)` pairs in order; see `ChainWalk`."""
+    walk = ChainWalk(chain, start_seq=start_seq, start_prev_hash=start_prev_hash, checkpoints=checkpoints)
+    for seq, record in records:
+        if not walk.add(seq, record):
+            break
+    return walk.verdict(expected_head=expected_head, public_key=public_key)

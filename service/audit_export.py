@@ -1,0 +1,104 @@
+"""Audit exports that carry their own proof, and their offline verification.
+
+A native export is NDJSON: a header line, then one record per line. The header states the
+chain, the range (times and seqs), the hash of the last record in the range, the chain's head
+when exported, the signed checkpoints inside the range with the newest one overall, and the
+public key. `custody audit verify --file EXPORT` re-walks the records without the database;
+pin the public key (`--public-key`) to prove more than internal consistency.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .audit import iso_now, read_checkpoints, stream_records
+from .audit_chain import AuditSigner, ChainVerdict, ChainWalk, Checkpoint, load_public_key
+from .models import AuditChainHead, AuditEvent
+
+__all__ = ["EXPORT_FORMAT", "ExportRange", "export_header", "export_lines", "export_range", "verify_export"]
+
+EXPORT_FORMAT = "custody-audit-export-v1"
+
+
+@dataclass(frozen=True)
+class ExportRange:
+    chain: str
+    since: str | None
+    until: str | None
+    first_seq: int | None
+    last_seq: int | None
+
+
+async def export_range(session: AsyncSession, chain: str, since: str | None, until: str | None) -> ExportRange:
+    """The contiguous seqs whose records fall in [since, until): exports never skip records."""
+    recorded_at = AuditEvent.record["recorded_at"].astext
+    query = select(func.min(AuditEvent.seq), func.max(AuditEvent.seq)).where(AuditEvent.chain == chain)
+    if since is not None:
+        query = query.where(recorded_at >= since)
+    if until is not None:
+        query = query.where(recorded_at < until)
+    first, last = (await session.execute(query)).one()
+    return ExportRange(chain, since, until, int(first) if first is not None else None,
+                       int(last) if last is not None else None)
+
+
+async def export_header(session: AsyncSession, span: ExportRange, signer: AuditSigner | None) -> dict[str, Any]:
+    head = await session.get(AuditChainHead, span.chain)
+    last_hash = None
+    if span.last_seq is not None:
+        last = await session.get(AuditEvent, (span.chain, span.last_seq))
+        last_hash = last.record["hash"] if last is not None else None
+    checkpoints = await read_checkpoints(session, span.chain)
+    inside = [c.as_json() for c in checkpoints
+              if span.first_seq is not None and span.last_seq is not None and span.first_seq <= c.seq <= span.last_seq]
+    return {
+        "format": EXPORT_FORMAT,
+        "exported_at": iso_now(),
+        "chain": span.chain,
+        "range": {"since": span.since, "until": span.until, "first_seq": span.first_seq, "last_seq": span.last_seq},
+        "range_head_hash": last_hash,
+        "chain_head": {"seq": head.seq, "hash": head.head_hash} if head else None,
+        "checkpoints": inside,
+        "latest_checkpoint": checkpoints[-1].as_json() if checkpoints else None,
+        "public_key": signer.public_pem() if signer else None,
+    }
+
+
+async def export_lines(session: AsyncSession, header: dict[str, Any]) -> AsyncIterator[str]:
+    """The header, then the range's records, each one compact JSON line."""
+    yield json.dumps(header, separators=(",", ":")) + "\n"
+    span = header["range"]
+    if span["first_seq"] is None:
+        return
+    async for _, record in stream_records(session, header["chain"], first=span["first_seq"], last=span["last_seq"]):
+        yield json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def verify_export(lines: Iterable[str], *, public_key_pem: bytes | None = None) -> tuple[ChainVerdict, str]:
+    """Check an export offline; returns the verdict and which key the checkpoints were checked with."""
+    iterator = iter(lines)
+    header = json.loads(next(iterator))
+    if header.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"not a {EXPORT_FORMAT} file")
+    pem = public_key_pem or (header["public_key"] or "").encode()
+    key = load_public_key(pem) if pem else None
+    key_source = "the pinned key" if public_key_pem else "the key embedded in the export (pin one with --public-key)"
+    span = header["range"]
+    records = [json.loads(line) for line in iterator if line.strip()]
+    chain = header["chain"]
+    if span["first_seq"] is None:
+        return ChainVerdict(chain, 0, 0, "", None if not records else 1, None if not records else "records in an empty range"), key_source
+    checkpoints = [Checkpoint(**c) for c in header["checkpoints"]]
+    start_prev = records[0].get("prev_hash", "") if records else ""
+    walk = ChainWalk(chain, start_seq=span["first_seq"], start_prev_hash=start_prev, checkpoints=checkpoints)
+    for record in records:
+        if not walk.add(int(record.get("seq", -1)), record):
+            break
+    verdict = walk.verdict(expected_head=(span["last_seq"], header["range_head_hash"]), public_key=key)
+    return verdict, key_source

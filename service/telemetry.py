@@ -1,0 +1,233 @@
+"""Custody's OpenTelemetry tracer provider, built from the standard OTEL_* variables."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from enum import Enum
+from urllib.parse import unquote, urlsplit
+
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.util.re import parse_env_headers
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "SPAN_ATTRIBUTE_PREFIX", "SpanAttributeValue", "describe", "safe_attributes",
+    "tracer_provider_from_env",
+]
+
+SPAN_ATTRIBUTE_PREFIX = "custody."
+
+SpanAttributeValue = str | int | bool | float | list[str]
+
+_ATTRIBUTE_KEY = re.compile(r"[a-z][a-z0-9_.]*")
+# OTLP carries integers as int64; one outside that range makes the encoder fail the whole batch.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# The spec's default; the exporter's own default (10) is in seconds, but we pass seconds explicitly.
+_DEFAULT_TIMEOUT_MILLIS = 10_000.0
+_TRACES_PATH = "/v1/traces"
+_COMPRESSIONS = {member.value: member for member in Compression}
+
+
+def tracer_provider_from_env(
+    env: Mapping[str, str] | None = None, *, service_name: str = "custody"
+) -> TracerProvider:
+    """A real SDK tracer provider, exporting over OTLP/HTTP only when an endpoint is configured.
+
+    The provider is always a real one, even when nothing is exported, because Custody writes
+    trace and span ids into its audit records. It is not installed as the global provider.
+    """
+    env = os.environ if env is None else env
+    # The SDK reads OTEL_SDK_DISABLED from os.environ itself, whatever mapping we were given, and
+    # would then hand out no-op tracers whose spans all carry zero ids: refuse rather than write
+    # zero ids into audit records.
+    for source in (env, os.environ):
+        if (_setting(source, "OTEL_SDK_DISABLED") or "").lower() == "true":
+            raise ConfigurationError(
+                "OTEL_SDK_DISABLED=true would leave Custody's audit records without trace ids; "
+                "set OTEL_TRACES_EXPORTER=none instead to stop exporting spans"
+            )
+    # Resolve (and validate) the exporter before building the provider: TracerProvider registers
+    # an atexit hook, so a provider built and then abandoned by a ConfigurationError would linger.
+    exporter = _span_exporter(env)
+    provider = TracerProvider(resource=_resource(env, service_name))
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def describe(env: Mapping[str, str] | None = None) -> str:
+    """One line for the startup banner saying where spans go."""
+    env = os.environ if env is None else env
+    endpoint = _traces_endpoint(env)
+    if endpoint is not None:
+        return f"traces exported over OTLP/HTTP to {_without_userinfo(endpoint)}"
+    if "none" in _exporter_names(env):
+        return "traces not exported (OTEL_TRACES_EXPORTER=none)"
+    return "traces not exported (set OTEL_EXPORTER_OTLP_ENDPOINT)"
+
+
+def safe_attributes(values: Mapping[str, object]) -> dict[str, SpanAttributeValue]:
+    """Span attributes under the `custody.` prefix, with None dropped and values made OTel-legal.
+
+    Raises ValueError for a key that does not match ``^[a-z][a-z0-9_.]*$`` or for two keys that
+    name the same attribute once prefixed (`x` and `custody.x`).
+    """
+    attributes: dict[str, SpanAttributeValue] = {}
+    for key, value in values.items():
+        # fullmatch, not `$`: `$` also matches before a trailing newline.
+        if not isinstance(key, str) or not _ATTRIBUTE_KEY.fullmatch(key):
+            raise ValueError(f"span attribute key {key!r} does not match ^[a-z][a-z0-9_.]*$")
+        name = key if key.startswith(SPAN_ATTRIBUTE_PREFIX) else SPAN_ATTRIBUTE_PREFIX + key
+        if name in attributes:
+            raise ValueError(f"span attribute {name!r} is given twice")
+        if value is not None:
+            attributes[name] = _attribute_value(value)
+    return attributes
+
+
+def _setting(env: Mapping[str, str], name: str) -> str | None:
+    # The spec treats an empty value as unset.
+    return env.get(name, "").strip() or None
+
+
+def _otlp_setting(env: Mapping[str, str], suffix: str) -> str | None:
+    # The per-signal variable wins over the generic one.
+    return _setting(env, f"OTEL_EXPORTER_OTLP_TRACES_{suffix}") or _setting(
+        env, f"OTEL_EXPORTER_OTLP_{suffix}"
+    )
+
+
+def _exporter_names(env: Mapping[str, str]) -> set[str]:
+    raw = _setting(env, "OTEL_TRACES_EXPORTER") or ""
+    return {name.strip().lower() for name in raw.split(",") if name.strip()}
+
+
+def _traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """The URL spans are POSTed to, or None when they are not exported."""
+    names = _exporter_names(env)
+    if "none" in names:
+        return None
+    if names - {"otlp"}:
+        raise ConfigurationError(
+            f"OTEL_TRACES_EXPORTER={','.join(sorted(names))} is not supported: "
+            "Custody exports spans over OTLP/HTTP only (use otlp or none)"
+        )
+    if (endpoint := _setting(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) is None:
+        base = _setting(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+        if base is None:
+            return None
+        # Per the spec the base endpoint gets the signal path appended, after any path it has;
+        # the per-signal endpoint above is used exactly as given.
+        endpoint = base.rstrip("/") + _TRACES_PATH
+    # Only the HTTP/protobuf exporter is installed; sending it to a gRPC port would fail on
+    # every batch, in a background thread, long after startup.
+    protocol = _otlp_setting(env, "PROTOCOL")
+    if protocol is not None and protocol != "http/protobuf":
+        raise ConfigurationError(
+            f"OTLP protocol {protocol!r} is not supported: Custody exports spans over "
+            "http/protobuf only (unset OTEL_EXPORTER_OTLP_PROTOCOL or set it to http/protobuf)"
+        )
+    return endpoint
+
+
+def _span_exporter(env: Mapping[str, str]) -> OTLPSpanExporter | None:
+    endpoint = _traces_endpoint(env)
+    if endpoint is None:
+        return None
+    # OTLPSpanExporter reads its OTEL_* variables from os.environ only, never from a mapping we
+    # pass, so every setting is resolved here from `env` and handed over explicitly.
+    return OTLPSpanExporter(
+        endpoint=endpoint,
+        certificate_file=_otlp_setting(env, "CERTIFICATE"),
+        client_key_file=_otlp_setting(env, "CLIENT_KEY"),
+        client_certificate_file=_otlp_setting(env, "CLIENT_CERTIFICATE"),
+        # The same parser the exporter uses: W3C-baggage style, percent-decoded.
+        headers=dict(parse_env_headers(_otlp_setting(env, "HEADERS") or "", liberal=True)),
+        timeout=_timeout_seconds(env),
+        compression=_compression(env),
+    )
+
+
+def _timeout_seconds(env: Mapping[str, str]) -> float:
+    raw = _otlp_setting(env, "TIMEOUT")
+    # The spec gives this variable in milliseconds; the Python exporter reads it as seconds
+    # (opentelemetry-python#4044), so 10000 would mean almost three hours. We follow the spec.
+    try:
+        millis = _DEFAULT_TIMEOUT_MILLIS if raw is None else float(raw)
+    except ValueError:
+        millis = math.nan
+    if not (math.isfinite(millis) and millis > 0):
+        raise ConfigurationError(
+            f"OTLP timeout {raw!r} is not a positive number of milliseconds "
+            "(OTEL_EXPORTER_OTLP_TIMEOUT, e.g. 10000)"
+        )
+    return millis / 1000
+
+
+def _compression(env: Mapping[str, str]) -> Compression:
+    raw = (_otlp_setting(env, "COMPRESSION") or "none").lower()
+    try:
+        return _COMPRESSIONS[raw]
+    except KeyError:
+        raise ConfigurationError(
+            f"OTLP compression {raw!r} is not supported (use one of {', '.join(_COMPRESSIONS)})"
+        ) from None
+
+
+def _resource(env: Mapping[str, str], default_service_name: str) -> Resource:
+    attributes: dict[str, str] = {}
+    for item in (_setting(env, "OTEL_RESOURCE_ATTRIBUTES") or "").split(","):
+        if not item.strip():
+            continue
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ConfigurationError(f"OTEL_RESOURCE_ATTRIBUTES entry {item!r} is not key=value")
+        attributes[key.strip()] = unquote(value.strip())
+    # OTEL_SERVICE_NAME beats service.name in OTEL_RESOURCE_ATTRIBUTES (spec), and either beats
+    # our default. Resource.create would read both from os.environ, but given explicitly they win
+    # over what it reads; it still adds telemetry.sdk.* and service.instance.id.
+    attributes[SERVICE_NAME] = (
+        _setting(env, "OTEL_SERVICE_NAME") or attributes.get(SERVICE_NAME) or default_service_name
+    )
+    return Resource.create(attributes)
+
+
+def _without_userinfo(url: str) -> str:
+    # The banner is logged; credentials in an endpoint URL must not be.
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _attribute_value(value: object) -> SpanAttributeValue:
+    if isinstance(value, Enum):
+        # A reader knows an enum by its value; str() of a plain Enum gives `Class.MEMBER`.
+        value = value.value
+    if isinstance(value, bool | float | str):
+        return value
+    if isinstance(value, int):
+        return value if _INT64_MIN <= value <= _INT64_MAX else str(value)
+    if isinstance(value, list | tuple):
+        return [_text(item) for item in value if item is not None]
+    if isinstance(value, set | frozenset):
+        # Sorted so the same set always yields the same attribute.
+        return sorted(_text(item) for item in value if item is not None)
+    return _text(value)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)
