@@ -233,7 +233,19 @@ async def verify_chain(session: AsyncSession, chain: str, signer: AuditSigner | 
     async for seq, record in stream_records(session, chain, last=head_seq):
         if not walk.add(seq, record):
             break
-    return walk.verdict(expected_head=(head_seq, head_hash), public_key=signer.public_key if signer else None)
+    verdict = walk.verdict(expected_head=(head_seq, head_hash), public_key=signer.public_key if signer else None)
+    if verdict.ok:
+        # A record past the head is either a concurrent append (the head has moved on since we
+        # read it) or one written without going through the chain head: a forgery.
+        beyond = await session.scalar(select(func.min(AuditEvent.seq)).where(
+            AuditEvent.chain == chain, AuditEvent.seq > head_seq))
+        if beyond is not None:
+            now = await session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == chain)
+                                       .execution_options(populate_existing=True))
+            if now is None or now < beyond:
+                return ChainVerdict(chain, verdict.checked, head_seq, head_hash, head_seq + 1,
+                                    f"records continue past the chain head (seq {head_seq})")
+    return verdict
 
 
 async def chains(session: AsyncSession) -> Iterable[str]:

@@ -185,8 +185,12 @@ class ChainWalk:
         if self._failure is not None:
             return bad(*self._failure)
         if expected_head is not None and expected_head != (last_seq, prev):
-            return bad(min(expected_head[0], last_seq + 1),
-                       f"the chain head says seq {expected_head[0]} but the records end at {last_seq} or differ")
+            head_seq = expected_head[0]
+            if last_seq > head_seq:
+                return bad(head_seq + 1, f"records continue past the chain head (seq {head_seq})")
+            if last_seq < head_seq:
+                return bad(last_seq + 1, f"records end at {last_seq} but the chain head is at seq {head_seq}")
+            return bad(last_seq, "the last record's hash differs from the chain head")
         newest: int | None = None
         for checkpoint in self.checkpoints:
             if public_key is None or not checkpoint.valid_for(public_key):

@@ -151,7 +151,9 @@ class TurnEngine:
                 entry.details |= {"turn_id": claim.turn_id, "history_steps": len(history),
                                   "store": decision.provider_storage, "storage_reason": decision.code}
                 return claim
-        except IntegrityError:
+        except IntegrityError as exc:
+            if "pk_idempotency_records" not in str(exc.orig):
+                raise
             # The same key raced in on another conversation of this tenant.
             raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request") from None
 

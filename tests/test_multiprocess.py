@@ -26,7 +26,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def replicas(database_url: str, gemini: RunningSimulator, keyring_path: Path, tmp_path: Path) -> Iterator[list[str]]:
+def replicas(database_url: str, gemini: RunningSimulator, keyring_path: Path, signing_key_path: Path,
+             tmp_path: Path) -> Iterator[list[str]]:
     """Two service processes on one database, keyring and pepper, calling the test simulator."""
     pepper = tmp_path / "pepper"
     pepper.write_bytes(TEST_PEPPER)
@@ -38,7 +39,7 @@ def replicas(database_url: str, gemini: RunningSimulator, keyring_path: Path, tm
             "DATABASE_URL": database_url, "GEMINI_API_KEY": "test-key",
             "GOOGLE_GEMINI_BASE_URL": gemini.base_url, "CUSTODY_KEYRING": str(keyring_path),
             "CUSTODY_PEPPER_FILE": str(pepper), "CUSTODY_DATA_DIR": str(tmp_path / f"data{index}"),
-            "CUSTODY_PORT": str(port),
+            "CUSTODY_PORT": str(port), "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
         }
         log = (tmp_path / f"replica{index}.log").open("w")
         processes.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env,
@@ -98,6 +99,7 @@ async def test_racing_replicas_never_fork_history(replicas: list[str], tenant: T
             cursor = page["next_cursor"]
         final = await http.post(f"{replicas[1]}/v1/conversations/{conversation}/turns", headers=headers,
                                 json={"input": "what did I say first?"})
+        audit = (await http.get(f"{replicas[0]}/v1/audit/verify", headers=tenant.headers("auditor"))).json()
 
     assert refused > 0, "the two replicas never overlapped: the test proved nothing"
     assert len(accepted) >= 8
@@ -110,3 +112,5 @@ async def test_racing_replicas_never_fork_history(replicas: list[str], tenant: T
     # The strict simulator accepts the whole replayed history only if nothing was lost or altered.
     assert final.status_code == 200, final.text
     assert final.json()["output_text"] == f'You first said: "{accepted[0]}".'
+    # Both replicas appended to the tenant's audit chain at once; it is still one unbroken chain.
+    assert audit["ok"] is True and audit["checked"] >= 2 * len(accepted) + refused, audit

@@ -1,0 +1,216 @@
+"""Tampering with stored audit rows is detected, and the first bad record is named."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from service.audit import AuditEntry, append, sign_checkpoint, verify_chain
+from service.audit_chain import AuditSigner, ChainVerdict, record_hash
+from service.auth import Principal
+from service.database import make_engine, make_sessions, migrate
+
+from .conftest import ADMIN_URL
+
+CHAIN = "ten_" + "a" * 30
+RECORDS = 30
+CHECKPOINT_AT = 20
+
+
+@pytest.fixture(scope="module")
+async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[AsyncEngine, AuditSigner]]:
+    """A database of its own holding one 30-record chain with a signed checkpoint at seq 20."""
+    name = f"custody_audit_lab_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    await asyncio.to_thread(migrate, url)
+    engine = make_engine(url)
+    signer, _ = AuditSigner.load_or_generate(tmp_path_factory.mktemp("lab") / "key.pem")
+    actor = Principal(tenant_id=CHAIN, key_id="key_" + "b" * 16, role="backend")
+    sessions = make_sessions(engine)
+    for index in range(RECORDS):
+        async with sessions.begin() as session:
+            await append(session, AuditEntry("conversation.read", actor, resource_type="conversation",
+                                             resource_id=f"conv_{index:030x}", data_classes=["phi"],
+                                             details={"n": index}))
+            if index + 1 == CHECKPOINT_AT:
+                await sign_checkpoint(session, signer, CHAIN)
+    try:
+        yield engine, signer
+    finally:
+        await engine.dispose()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def tampered(lab: tuple[AsyncEngine, AuditSigner], change: Callable[[AsyncConnection], Awaitable[None]]) -> ChainVerdict:
+    """Apply `change` with the append-only triggers off, verify, then roll everything back."""
+    engine, signer = lab
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        try:
+            for table in ("audit_events", "audit_checkpoints"):
+                await connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+            await change(connection)
+            return await verify_chain(AsyncSession(bind=connection), CHAIN, signer)
+        finally:
+            await transaction.rollback()
+
+
+async def records(connection: AsyncConnection) -> dict[int, dict[str, Any]]:
+    rows = (await connection.execute(text("SELECT seq, record FROM audit_events WHERE chain = :c"), {"c": CHAIN})).all()
+    return {int(seq): dict(record) for seq, record in rows}
+
+
+async def put(connection: AsyncConnection, seq: int, record: dict[str, Any]) -> None:
+    await connection.execute(text("UPDATE audit_events SET record = CAST(:r AS jsonb) WHERE chain = :c AND seq = :s"),
+                             {"r": json.dumps(record), "c": CHAIN, "s": seq})
+
+
+async def test_untouched_chain_verifies(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """The control: the intact chain and its checkpoint verify."""
+    async def nothing(connection: AsyncConnection) -> None:
+        return None
+
+    verdict = await tampered(lab, nothing)
+    assert verdict.ok and verdict.checked == RECORDS and verdict.checkpoint_seq == CHECKPOINT_AT
+
+
+def _leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(value, dict) and value:
+        return [leaf for key, item in value.items() for leaf in _leaves(item, (*path, key))]
+    return [path]
+
+
+def _edited(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return ("1" if value[0] != "1" else "2") + value[1:]
+    if value is None:
+        return "x"
+    return value + "x" if isinstance(value, str) else [*value, "x"]
+
+
+@pytest.mark.parametrize("trial", range(24))
+async def test_random_single_field_edits_are_detected(lab: tuple[AsyncEngine, AuditSigner], trial: int) -> None:
+    """Changing any one field of any one record makes verification fail at exactly that record."""
+    rng = random.Random(trial)
+    seq = rng.randint(1, RECORDS)
+
+    async def edit(connection: AsyncConnection) -> None:
+        record = (await records(connection))[seq]
+        path = rng.choice(_leaves(record))
+        target = record
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = _edited(target[path[-1]])
+        await put(connection, seq, record)
+
+    verdict = await tampered(lab, edit)
+    assert not verdict.ok and verdict.first_bad == seq, verdict
+
+
+@pytest.mark.parametrize("seq", [1, 7, RECORDS])
+async def test_deletions_are_detected(lab: tuple[AsyncEngine, AuditSigner], seq: int) -> None:
+    """Deleting a record, first, middle or last, is detected at that record."""
+    async def drop(connection: AsyncConnection) -> None:
+        await connection.execute(text("DELETE FROM audit_events WHERE chain = :c AND seq = :s"), {"c": CHAIN, "s": seq})
+
+    verdict = await tampered(lab, drop)
+    assert not verdict.ok and verdict.first_bad == seq, verdict
+
+
+async def test_insertion_in_the_middle_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """A well-formed forged record slipped in at seq 10 (later records shifted) is detected right after it."""
+    async def insert(connection: AsyncConnection) -> None:
+        existing = await records(connection)
+        await connection.execute(text("UPDATE audit_events SET seq = seq + 1000 WHERE chain = :c AND seq >= 10"), {"c": CHAIN})
+        await connection.execute(text("UPDATE audit_events SET seq = seq - 999 WHERE chain = :c AND seq >= 1000"), {"c": CHAIN})
+        forged = dict(existing[10]) | {"details": {"n": "forged"}, "prev_hash": existing[9]["hash"]}
+        forged["hash"] = record_hash(forged["prev_hash"], forged)
+        await connection.execute(text("INSERT INTO audit_events (chain, seq, record) VALUES (:c, 10, CAST(:r AS jsonb))"),
+                                 {"c": CHAIN, "r": json.dumps(forged)})
+
+    verdict = await tampered(lab, insert)
+    assert not verdict.ok and verdict.first_bad == 11, verdict
+
+
+async def test_appended_record_beyond_the_head_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """A well-formed record appended without moving the chain head is named as the first bad record."""
+    async def add(connection: AsyncConnection) -> None:
+        last = (await records(connection))[RECORDS]
+        forged = dict(last) | {"seq": RECORDS + 1, "prev_hash": last["hash"]}
+        forged["hash"] = record_hash(forged["prev_hash"], forged)
+        await connection.execute(text("INSERT INTO audit_events (chain, seq, record) VALUES (:c, :s, CAST(:r AS jsonb))"),
+                                 {"c": CHAIN, "s": RECORDS + 1, "r": json.dumps(forged)})
+
+    verdict = await tampered(lab, add)
+    assert not verdict.ok and verdict.first_bad == RECORDS + 1, verdict
+
+
+@pytest.mark.parametrize(("first", "second"), [(3, 4), (5, 25), (1, RECORDS)])
+async def test_swaps_are_detected(lab: tuple[AsyncEngine, AuditSigner], first: int, second: int) -> None:
+    """Swapping two records' places is detected at the earlier one."""
+    async def swap(connection: AsyncConnection) -> None:
+        existing = await records(connection)
+        await put(connection, first, existing[second])
+        await put(connection, second, existing[first])
+
+    verdict = await tampered(lab, swap)
+    assert not verdict.ok and verdict.first_bad == first, verdict
+
+
+async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """Editing record 5 and recomputing every later hash and the head is caught by the checkpoint at seq 20."""
+    async def rewrite(connection: AsyncConnection) -> None:
+        existing = await records(connection)
+        prev = existing[4]["hash"]
+        for seq in range(5, RECORDS + 1):
+            record = dict(existing[seq]) | {"prev_hash": prev}
+            if seq == 5:
+                record["details"] = {"n": "rewritten"}
+            record["hash"] = prev = record_hash(prev, record)
+            await put(connection, seq, record)
+        await connection.execute(text("UPDATE audit_chain_heads SET head_hash = :h WHERE chain = :c"), {"h": prev, "c": CHAIN})
+
+    verdict = await tampered(lab, rewrite)
+    assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "checkpoint" in (verdict.reason or ""), verdict
+
+
+async def test_forged_checkpoint_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """A checkpoint whose signature was not made by the audit key is rejected."""
+    async def forge(connection: AsyncConnection) -> None:
+        await connection.execute(text("UPDATE audit_checkpoints SET signed_at = '2020-01-01T00:00:00.000000Z' WHERE chain = :c"),
+                                 {"c": CHAIN})
+
+    verdict = await tampered(lab, forge)
+    assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "signature" in (verdict.reason or "")
+
+
+async def test_concurrent_writers_keep_one_chain(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """Forty concurrent transactions appending to one chain leave it gapless and verifiable."""
+    engine, signer = lab
+    other = "ten_" + "c" * 30
+    sessions = make_sessions(engine)
+
+    async def write(index: int) -> None:
+        async with sessions.begin() as session:
+            await append(session, AuditEntry("history.read", None, chain=other, details={"n": index}))
+
+    await asyncio.gather(*(write(i) for i in range(40)))
+    async with sessions() as session:
+        verdict = await verify_chain(session, other, signer)
+    assert verdict.ok and verdict.checked == 40
