@@ -40,7 +40,8 @@ from .errors import (ConversationNotFound, IdempotencyKeyInFlight, IdempotencyKe
                      TurnInProgress, UpstreamFailed)
 from .history import ConversationCipher, append_steps, encode_json, load_cipher, read_steps
 from .models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
-from .policy import StorageDecision, UnknownRouteError, decide_storage
+from .detectors import detect_classes
+from .policy import StorageDecision, UnknownRouteError, check_data_classes, decide_storage
 from .upstream import UpstreamReply
 
 __all__ = ["TurnEngine", "output_text"]
@@ -78,7 +79,16 @@ class TurnEngine:
         """Run one turn; returns the response body (replayed as first sent for a repeated key)."""
         new_steps = normalize_client_input(raw_input)
         fingerprint = hashlib.sha256(encode_json([conversation_id, new_steps])).hexdigest()
-        claim = await self._claim(principal, meta, conversation_id, new_steps, fingerprint, idempotency_key)
+        detected = detect_classes(new_steps, self._ctx.policy.data_classes)
+        if detected:
+            # Recorded on its own, before the claim, so the hit stays on record even when the
+            # turn is then refused because the route does not allow the class.
+            await self._ctx.auditor.record(self._ctx.sessions, AuditEntry(
+                "detector.hit", principal, meta, resource_type="conversation",
+                resource_id=audited_id(conversation_id), data_classes=sorted(detected),
+                details={"classes": sorted(detected)}))
+        claim = await self._claim(principal, meta, conversation_id, new_steps, fingerprint, idempotency_key,
+                                  detected)
         if isinstance(claim, dict):
             return claim
         try:
@@ -98,7 +108,7 @@ class TurnEngine:
 
     async def _claim(
         self, principal: Principal, meta: RequestMeta, conversation_id: str, new_steps: list[dict[str, Any]],
-        fingerprint: str, idempotency_key: str | None,
+        fingerprint: str, idempotency_key: str | None, detected: set[str],
     ) -> _Claim | dict[str, Any]:
         ctx = self._ctx
         entry = AuditEntry("turn.start", principal, meta, resource_type="conversation",
@@ -123,6 +133,13 @@ class TurnEngine:
                     route = ctx.policy.route(conversation.route)
                 except UnknownRouteError:
                     raise InvalidInput("this conversation's route is no longer in the policy") from None
+                raised = detected - set(conversation.data_classes)
+                if raised:
+                    # Classification only rises; a class the route does not allow refuses the turn.
+                    check_data_classes(route, raised, ctx.policy.data_classes)
+                    conversation.data_classes = sorted({*conversation.data_classes, *raised})
+                    entry.data_classes = list(conversation.data_classes)
+                    entry.details["classification_raised"] = sorted(raised)
                 cipher = await load_cipher(session, ctx.keyring, conversation)
                 history = [step for _, _, step in await read_steps(session, cipher)]
                 check_function_results(history, new_steps)
