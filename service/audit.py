@@ -16,7 +16,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import trace
@@ -32,23 +32,58 @@ from .models import AuditChainHead, AuditCheckpoint, AuditEvent
 from .policy import PolicyViolation
 from .telemetry import safe_attributes
 
-__all__ = ["ACTIONS", "SYSTEM_CHAIN", "AuditEntry", "Auditor", "RequestMeta", "append", "chains", "iso_now",
-           "checkpoint_all", "outcome_of", "query_events", "read_checkpoints", "sign_checkpoint", "stream_records", "verify_chain"]
+__all__ = [
+    "ACTIONS",
+    "SYSTEM_CHAIN",
+    "AuditEntry",
+    "Auditor",
+    "RequestMeta",
+    "append",
+    "chains",
+    "iso_now",
+    "checkpoint_all",
+    "outcome_of",
+    "query_events",
+    "read_checkpoints",
+    "sign_checkpoint",
+    "stream_records",
+    "verify_chain",
+]
 
 SYSTEM_CHAIN = "system"
-ACTIONS = frozenset({
-    "conversation.create", "conversation.read", "conversation.delete", "turn.start", "turn.create",
-    "history.read", "auth.failure", "access.denied", "detector.hit", "upstream.store",
-    "upstream.delete", "retention.run", "retention.purge", "legal_hold.place", "legal_hold.release",
-    "tenant.create", "api_key.issue", "api_key.revoke", "keyring.rotate", "audit.query",
-    "audit.export", "audit.verify", "audit.checkpoint",
-})
+ACTIONS = frozenset(
+    {
+        "conversation.create",
+        "conversation.read",
+        "conversation.delete",
+        "turn.start",
+        "turn.create",
+        "history.read",
+        "auth.failure",
+        "access.denied",
+        "detector.hit",
+        "upstream.store",
+        "upstream.delete",
+        "retention.run",
+        "retention.purge",
+        "legal_hold.place",
+        "legal_hold.release",
+        "tenant.create",
+        "api_key.issue",
+        "api_key.revoke",
+        "keyring.rotate",
+        "audit.query",
+        "audit.export",
+        "audit.verify",
+        "audit.checkpoint",
+    }
+)
 _BATCH = 1000
 
 
 def iso_now() -> str:
     """UTC, fixed width, so that records' times also sort as strings."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True)
@@ -94,16 +129,25 @@ def outcome_of(exc: BaseException) -> tuple[str, str]:
     return "error", _snake(type(exc).__name__)
 
 
-async def append(session: AsyncSession, entry: AuditEntry, *, outcome: str = "success",
-                 reason: str | None = None, span: Span | None = None) -> dict[str, Any]:
+async def append(
+    session: AsyncSession,
+    entry: AuditEntry,
+    *,
+    outcome: str = "success",
+    reason: str | None = None,
+    span: Span | None = None,
+) -> dict[str, Any]:
     """Append one record to its chain, inside the caller's transaction.
 
     The chain head row is locked FOR UPDATE (READ COMMITTED), so concurrent writers from any
     number of processes queue on it and seq stays gapless; the lock ends with the transaction.
     """
     chain = entry.resolved_chain()
-    await session.execute(insert(AuditChainHead).values(chain=chain, seq=0, head_hash=GENESIS)
-                          .on_conflict_do_nothing(index_elements=["chain"]))
+    await session.execute(
+        insert(AuditChainHead)
+        .values(chain=chain, seq=0, head_hash=GENESIS)
+        .on_conflict_do_nothing(index_elements=["chain"])
+    )
     head = await session.scalar(select(AuditChainHead).where(AuditChainHead.chain == chain).with_for_update())
     assert head is not None
     context = (span or trace.get_current_span()).get_span_context()
@@ -115,11 +159,16 @@ async def append(session: AsyncSession, entry: AuditEntry, *, outcome: str = "su
         "action": entry.action,
         "outcome": outcome,
         "reason": reason,
-        "actor": {"tenant_id": actor.tenant_id if actor else None, "key_id": actor.key_id if actor else None,
-                  "role": actor.role if actor else None},
+        "actor": {
+            "tenant_id": actor.tenant_id if actor else None,
+            "key_id": actor.key_id if actor else None,
+            "role": actor.role if actor else None,
+        },
         "resource": {"type": entry.resource_type, "id": entry.resource_id},
-        "source": {"address": entry.meta.address if entry.meta else None,
-                   "request_id": entry.meta.request_id if entry.meta else None},
+        "source": {
+            "address": entry.meta.address if entry.meta else None,
+            "request_id": entry.meta.request_id if entry.meta else None,
+        },
         "data_classes": sorted(entry.data_classes),
         "policy_version": entry.policy_version,
         "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
@@ -147,8 +196,9 @@ class Auditor:
     async def action(
         self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry
     ) -> AsyncIterator[tuple[AsyncSession, AuditEntry]]:
-        with self.tracer.start_as_current_span(f"custody.{entry.action}", record_exception=False,
-                                               set_status_on_exception=False) as span:
+        with self.tracer.start_as_current_span(
+            f"custody.{entry.action}", record_exception=False, set_status_on_exception=False
+        ) as span:
             try:
                 async with sessions.begin() as session:
                     yield session, entry
@@ -161,8 +211,14 @@ class Auditor:
                     await append(session, entry, outcome=outcome, reason=reason, span=span)
                 raise
 
-    async def record(self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry, *,
-                     outcome: str = "success", reason: str | None = None) -> dict[str, Any]:
+    async def record(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        entry: AuditEntry,
+        *,
+        outcome: str = "success",
+        reason: str | None = None,
+    ) -> dict[str, Any]:
         """A record with no other work attached (an authentication failure, a denial)."""
         with self.tracer.start_as_current_span(f"custody.{entry.action}") as span:
             self._annotate(span, entry, outcome, reason)
@@ -171,25 +227,45 @@ class Auditor:
 
     def _annotate(self, span: Span, entry: AuditEntry, outcome: str, reason: str | None) -> None:
         actor = entry.actor
-        span.set_attributes(safe_attributes({
-            "action": entry.action, "outcome": outcome, "reason": reason, "chain": entry.resolved_chain(),
-            "tenant_id": actor.tenant_id if actor else None, "key_id": actor.key_id if actor else None,
-            "role": actor.role if actor else None, "resource_type": entry.resource_type,
-            "resource_id": entry.resource_id, "data_classes": sorted(entry.data_classes) or None,
-            "policy_version": entry.policy_version,
-            "request_id": entry.meta.request_id if entry.meta else None,
-        }))
+        span.set_attributes(
+            safe_attributes(
+                {
+                    "action": entry.action,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "chain": entry.resolved_chain(),
+                    "tenant_id": actor.tenant_id if actor else None,
+                    "key_id": actor.key_id if actor else None,
+                    "role": actor.role if actor else None,
+                    "resource_type": entry.resource_type,
+                    "resource_id": entry.resource_id,
+                    "data_classes": sorted(entry.data_classes) or None,
+                    "policy_version": entry.policy_version,
+                    "request_id": entry.meta.request_id if entry.meta else None,
+                }
+            )
+        )
         if outcome != "success":
             span.set_status(Status(StatusCode.ERROR, reason))
 
 
 async def query_events(
-    session: AsyncSession, chain: str, *, after_seq: int = 0, limit: int = 100,
-    since: str | None = None, until: str | None = None, filters: Mapping[str, Any] | None = None,
+    session: AsyncSession,
+    chain: str,
+    *,
+    after_seq: int = 0,
+    limit: int = 100,
+    since: str | None = None,
+    until: str | None = None,
+    filters: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Records of one chain in seq order; `filters` is a JSON containment pattern."""
-    query = (select(AuditEvent.record).where(AuditEvent.chain == chain, AuditEvent.seq > after_seq)
-             .order_by(AuditEvent.seq).limit(limit))
+    query = (
+        select(AuditEvent.record)
+        .where(AuditEvent.chain == chain, AuditEvent.seq > after_seq)
+        .order_by(AuditEvent.seq)
+        .limit(limit)
+    )
     if filters:
         query = query.where(AuditEvent.record.contains(dict(filters)))
     if since is not None:
@@ -200,19 +276,28 @@ async def query_events(
 
 
 async def read_checkpoints(session: AsyncSession, chain: str) -> list[Checkpoint]:
-    rows = (await session.scalars(select(AuditCheckpoint).where(AuditCheckpoint.chain == chain)
-                                  .order_by(AuditCheckpoint.seq))).all()
+    rows = (
+        await session.scalars(
+            select(AuditCheckpoint).where(AuditCheckpoint.chain == chain).order_by(AuditCheckpoint.seq)
+        )
+    ).all()
     return [Checkpoint(r.chain, r.seq, r.head_hash, r.signed_at, r.key_id, r.signature) for r in rows]
 
 
-async def stream_records(session: AsyncSession, chain: str, *, first: int = 1,
-                         last: int) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def stream_records(
+    session: AsyncSession, chain: str, *, first: int = 1, last: int
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """`(seq, record)` of one chain from `first` to `last`, in batches."""
     after = first - 1
     while after < last:
-        rows = (await session.execute(select(AuditEvent.seq, AuditEvent.record).where(
-            AuditEvent.chain == chain, AuditEvent.seq > after, AuditEvent.seq <= last)
-            .order_by(AuditEvent.seq).limit(_BATCH))).all()
+        rows = (
+            await session.execute(
+                select(AuditEvent.seq, AuditEvent.record)
+                .where(AuditEvent.chain == chain, AuditEvent.seq > after, AuditEvent.seq <= last)
+                .order_by(AuditEvent.seq)
+                .limit(_BATCH)
+            )
+        ).all()
         for seq, record in rows:
             yield int(seq), dict(record)
         if len(rows) < _BATCH:
@@ -237,14 +322,24 @@ async def verify_chain(session: AsyncSession, chain: str, signer: AuditSigner | 
     if verdict.ok:
         # A record past the head is either a concurrent append (the head has moved on since we
         # read it) or one written without going through the chain head: a forgery.
-        beyond = await session.scalar(select(func.min(AuditEvent.seq)).where(
-            AuditEvent.chain == chain, AuditEvent.seq > head_seq))
+        beyond = await session.scalar(
+            select(func.min(AuditEvent.seq)).where(AuditEvent.chain == chain, AuditEvent.seq > head_seq)
+        )
         if beyond is not None:
-            now = await session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == chain)
-                                       .execution_options(populate_existing=True))
+            now = await session.scalar(
+                select(AuditChainHead.seq)
+                .where(AuditChainHead.chain == chain)
+                .execution_options(populate_existing=True)
+            )
             if now is None or now < beyond:
-                return ChainVerdict(chain, verdict.checked, head_seq, head_hash, head_seq + 1,
-                                    f"records continue past the chain head (seq {head_seq})")
+                return ChainVerdict(
+                    chain,
+                    verdict.checked,
+                    head_seq,
+                    head_hash,
+                    head_seq + 1,
+                    f"records continue past the chain head (seq {head_seq})",
+                )
     return verdict
 
 
@@ -259,8 +354,9 @@ async def sign_checkpoint(session: AsyncSession, signer: AuditSigner, chain: str
         return None
     existing = await session.get(AuditCheckpoint, (chain, head.seq))
     if existing is not None:
-        return Checkpoint(existing.chain, existing.seq, existing.head_hash, existing.signed_at,
-                          existing.key_id, existing.signature)
+        return Checkpoint(
+            existing.chain, existing.seq, existing.head_hash, existing.signed_at, existing.key_id, existing.signature
+        )
     checkpoint = signer.sign(chain, head.seq, head.head_hash, iso_now())
     session.add(AuditCheckpoint(**checkpoint.as_json()))
     return checkpoint
@@ -285,8 +381,16 @@ async def checkpoint_all(sessions: async_sessionmaker[AsyncSession], signer: Aud
                 continue
             checkpoint = await sign_checkpoint(session, signer, chain)
             if checkpoint is not None:
-                await append(session, AuditEntry("audit.checkpoint", None, resource_type="audit_log",
-                                                 resource_id=chain, chain=chain,
-                                                 details={"seq": checkpoint.seq, "key_id": checkpoint.key_id}))
+                await append(
+                    session,
+                    AuditEntry(
+                        "audit.checkpoint",
+                        None,
+                        resource_type="audit_log",
+                        resource_id=chain,
+                        chain=chain,
+                        details={"seq": checkpoint.seq, "key_id": checkpoint.key_id},
+                    ),
+                )
                 signed.append(checkpoint)
     return signed

@@ -23,8 +23,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["GENESIS", "AuditSigner", "ChainVerdict", "ChainWalk", "Checkpoint", "record_hash", "verify_chain_records",
-           "load_public_key", "public_key_id"]
+__all__ = [
+    "GENESIS",
+    "AuditSigner",
+    "ChainVerdict",
+    "ChainWalk",
+    "Checkpoint",
+    "record_hash",
+    "verify_chain_records",
+    "load_public_key",
+    "public_key_id",
+]
 
 GENESIS = "0" * 64
 
@@ -45,12 +54,25 @@ class Checkpoint:
     signature: str  # base64
 
     def payload(self) -> bytes:
-        return rfc8785.dumps({"chain": self.chain, "seq": self.seq, "head_hash": self.head_hash,
-                              "signed_at": self.signed_at, "key_id": self.key_id})
+        return rfc8785.dumps(
+            {
+                "chain": self.chain,
+                "seq": self.seq,
+                "head_hash": self.head_hash,
+                "signed_at": self.signed_at,
+                "key_id": self.key_id,
+            }
+        )
 
     def as_json(self) -> dict[str, Any]:
-        return {"chain": self.chain, "seq": self.seq, "head_hash": self.head_hash,
-                "signed_at": self.signed_at, "key_id": self.key_id, "signature": self.signature}
+        return {
+            "chain": self.chain,
+            "seq": self.seq,
+            "head_hash": self.head_hash,
+            "signed_at": self.signed_at,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
 
     def valid_for(self, public_key: Ed25519PublicKey) -> bool:
         if self.key_id != public_key_id(public_key):
@@ -86,7 +108,7 @@ class AuditSigner:
         return f"AuditSigner(key_id={self.key_id})"
 
     @classmethod
-    def load_or_generate(cls, path: Path) -> tuple["AuditSigner", bool]:
+    def load_or_generate(cls, path: Path) -> tuple[AuditSigner, bool]:
         """The signer at `path`, generated (mode 0600) when absent; True when generated."""
         if path.exists():
             if path.stat().st_mode & 0o077:
@@ -96,8 +118,9 @@ class AuditSigner:
                 raise ValueError(f"{path} does not hold an Ed25519 private key")
             return cls(key), False
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
@@ -105,8 +128,9 @@ class AuditSigner:
         return cls(key), True
 
     def public_pem(self) -> str:
-        return self.public_key.public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        return self.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
 
     def sign(self, chain: str, seq: int, head_hash: str, signed_at: str) -> Checkpoint:
         unsigned = Checkpoint(chain, seq, head_hash, signed_at, self.key_id, "")
@@ -131,9 +155,16 @@ class ChainVerdict:
         return self.first_bad is None
 
     def as_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "chain": self.chain, "checked": self.checked, "head_seq": self.head_seq,
-                "head_hash": self.head_hash, "first_bad_seq": self.first_bad, "reason": self.reason,
-                "checkpoint_seq": self.checkpoint_seq}
+        return {
+            "ok": self.ok,
+            "chain": self.chain,
+            "checked": self.checked,
+            "head_seq": self.head_seq,
+            "head_hash": self.head_hash,
+            "first_bad_seq": self.first_bad,
+            "reason": self.reason,
+            "checkpoint_seq": self.checkpoint_seq,
+        }
 
 
 class ChainWalk:
@@ -144,8 +175,9 @@ class ChainWalk:
     export's stated head) and the signed checkpoints.
     """
 
-    def __init__(self, chain: str, *, start_seq: int = 1, start_prev_hash: str = GENESIS,
-                 checkpoints: Iterable[Checkpoint] = ()) -> None:
+    def __init__(
+        self, chain: str, *, start_seq: int = 1, start_prev_hash: str = GENESIS, checkpoints: Iterable[Checkpoint] = ()
+    ) -> None:
         self.chain = chain
         self.checkpoints = list(checkpoints)
         self._wanted = {checkpoint.seq for checkpoint in self.checkpoints}
@@ -175,8 +207,9 @@ class ChainWalk:
         self._checked += 1
         return True
 
-    def verdict(self, *, expected_head: tuple[int, str] | None = None,
-                public_key: Ed25519PublicKey | None = None) -> ChainVerdict:
+    def verdict(
+        self, *, expected_head: tuple[int, str] | None = None, public_key: Ed25519PublicKey | None = None
+    ) -> ChainVerdict:
         last_seq, prev = self._next - 1, self._prev
 
         def bad(seq: int, reason: str) -> ChainVerdict:
@@ -198,16 +231,23 @@ class ChainWalk:
             if checkpoint.seq < self._start:
                 continue
             if checkpoint.seq > last_seq or self._hashes.get(checkpoint.seq) != checkpoint.head_hash:
-                return bad(min(checkpoint.seq, last_seq + 1),
-                           f"the record at signed checkpoint {checkpoint.seq} is missing or differs")
+                return bad(
+                    min(checkpoint.seq, last_seq + 1),
+                    f"the record at signed checkpoint {checkpoint.seq} is missing or differs",
+                )
             newest = max(newest or 0, checkpoint.seq)
         return ChainVerdict(self.chain, self._checked, last_seq, prev, checkpoint_seq=newest)
 
 
 def verify_chain_records(
-    chain: str, records: Iterable[tuple[int, Mapping[str, Any]]], *, start_seq: int = 1,
-    start_prev_hash: str = GENESIS, expected_head: tuple[int, str] | None = None,
-    checkpoints: Iterable[Checkpoint] = (), public_key: Ed25519PublicKey | None = None,
+    chain: str,
+    records: Iterable[tuple[int, Mapping[str, Any]]],
+    *,
+    start_seq: int = 1,
+    start_prev_hash: str = GENESIS,
+    expected_head: tuple[int, str] | None = None,
+    checkpoints: Iterable[Checkpoint] = (),
+    public_key: Ed25519PublicKey | None = None,
 ) -> ChainVerdict:
     """Check `(stored seq, record)` pairs in order; see `ChainWalk`."""
     walk = ChainWalk(chain, start_seq=start_seq, start_prev_hash=start_prev_hash, checkpoints=checkpoints)

@@ -44,8 +44,9 @@ async def export_range(session: AsyncSession, chain: str, since: str | None, unt
     if until is not None:
         query = query.where(recorded_at < until)
     first, last = (await session.execute(query)).one()
-    return ExportRange(chain, since, until, int(first) if first is not None else None,
-                       int(last) if last is not None else None)
+    return ExportRange(
+        chain, since, until, int(first) if first is not None else None, int(last) if last is not None else None
+    )
 
 
 async def export_header(session: AsyncSession, span: ExportRange, signer: AuditSigner | None) -> dict[str, Any]:
@@ -55,8 +56,11 @@ async def export_header(session: AsyncSession, span: ExportRange, signer: AuditS
         last = await session.get(AuditEvent, (span.chain, span.last_seq))
         last_hash = last.record["hash"] if last is not None else None
     checkpoints = await read_checkpoints(session, span.chain)
-    inside = [c.as_json() for c in checkpoints
-              if span.first_seq is not None and span.last_seq is not None and span.first_seq <= c.seq <= span.last_seq]
+    inside = [
+        c.as_json()
+        for c in checkpoints
+        if span.first_seq is not None and span.last_seq is not None and span.first_seq <= c.seq <= span.last_seq
+    ]
     return {
         "format": EXPORT_FORMAT,
         "exported_at": iso_now(),
@@ -93,7 +97,9 @@ def verify_export(lines: Iterable[str], *, public_key_pem: bytes | None = None) 
     records = [json.loads(line) for line in iterator if line.strip()]
     chain = header["chain"]
     if span["first_seq"] is None:
-        return ChainVerdict(chain, 0, 0, "", None if not records else 1, None if not records else "records in an empty range"), key_source
+        return ChainVerdict(
+            chain, 0, 0, "", None if not records else 1, None if not records else "records in an empty range"
+        ), key_source
     checkpoints = [Checkpoint(**c) for c in header["checkpoints"]]
     start_prev = records[0].get("prev_hash", "") if records else ""
     walk = ChainWalk(chain, start_seq=span["first_seq"], start_prev_hash=start_prev, checkpoints=checkpoints)

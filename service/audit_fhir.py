@@ -238,8 +238,9 @@ def _agent(actor: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any
     return agent
 
 
-def _entities(record: Mapping[str, Any], coded: _Coded, actor: Mapping[str, Any],
-              source: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _entities(
+    record: Mapping[str, Any], coded: _Coded, actor: Mapping[str, Any], source: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     resource = record["resource"] or {}
     resource_type, resource_id = resource.get("type"), resource.get("id")
     subject: dict[str, Any] = {}
@@ -267,24 +268,29 @@ def _entities(record: Mapping[str, Any], coded: _Coded, actor: Mapping[str, Any]
 
     tenant_id = actor.get("tenant_id")
     if tenant_id and not (resource_type == "tenant" and resource_id == tenant_id):
-        entities.append({
-            "what": {"identifier": {"system": "urn:custody:tenant", "value": tenant_id}},
-            "type": _coding((_ENTITY_TYPE, "3")),
-            "role": _coding((_OBJECT_ROLE, "19")),
-        })
+        entities.append(
+            {
+                "what": {"identifier": {"system": "urn:custody:tenant", "value": tenant_id}},
+                "type": _coding((_ENTITY_TYPE, "3")),
+                "role": _coding((_OBJECT_ROLE, "19")),
+            }
+        )
     return entities
 
 
-def _details(record: Mapping[str, Any], data_classes: Iterable[Any],
-             source: Mapping[str, Any]) -> list[dict[str, str]]:
+def _details(record: Mapping[str, Any], data_classes: Iterable[Any], source: Mapping[str, Any]) -> list[dict[str, str]]:
     # The Custody action name is kept because several actions share one FHIR coding
     # (conversation.read and history.read are both rest/read); with it the export is lossless.
-    details = [_detail("action", record["action"]), _detail("chain", record["chain"]),
-               _detail("seq", record["seq"])]
+    details = [_detail("action", record["action"]), _detail("chain", record["chain"]), _detail("seq", record["seq"])]
     details += [_detail("data_class", data_class) for data_class in data_classes]
-    fixed = (("policy_version", record["policy_version"]), ("trace_id", record["trace_id"]),
-             ("span_id", record["span_id"]), ("request_id", source.get("request_id")),
-             ("prev_hash", record["prev_hash"]), ("hash", record["hash"]))
+    fixed = (
+        ("policy_version", record["policy_version"]),
+        ("trace_id", record["trace_id"]),
+        ("span_id", record["span_id"]),
+        ("request_id", source.get("request_id")),
+        ("prev_hash", record["prev_hash"]),
+        ("hash", record["hash"]),
+    )
     # A null fixed field says nothing; a null under `details` is kept, since its key is a fact.
     details += [_detail(name, value) for name, value in fixed if value is not None]
     for key, value in sorted((record["details"] or {}).items()):

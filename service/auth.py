@@ -13,15 +13,22 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from sqlalchemy import select, update, func
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .errors import AuthenticationFailed, InvalidInput
 from .models import ApiKey, Tenant
 
 __all__ = [
-    "KEY_PREFIX", "ROLES", "Principal", "Role", "authenticate", "create_tenant", "issue_key",
-    "new_id", "revoke_key",
+    "KEY_PREFIX",
+    "ROLES",
+    "Principal",
+    "Role",
+    "authenticate",
+    "create_tenant",
+    "issue_key",
+    "new_id",
+    "revoke_key",
 ]
 
 KEY_PREFIX = "cust_"
@@ -80,7 +87,9 @@ async def issue_key(session: AsyncSession, pepper: bytes, tenant_name: str, role
 async def revoke_key(session: AsyncSession, key_id: str) -> str:
     """Revoke a key at once; returns its tenant id."""
     tenant_id = await session.scalar(
-        update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=func.now())
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=func.now())
         .returning(ApiKey.tenant_id)
     )
     if tenant_id is None:
@@ -96,7 +105,7 @@ def parse_bearer(header: str | None) -> tuple[str, str]:
     token = token.strip()
     if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX):
         raise AuthenticationFailed("the Authorization header must be `Bearer cust_…`")
-    key_id, sep, secret = token[len(KEY_PREFIX):].partition("_")
+    key_id, sep, secret = token[len(KEY_PREFIX) :].partition("_")
     if not sep or not key_id or not secret:
         raise AuthenticationFailed("malformed API key")
     return key_id, secret

@@ -7,9 +7,9 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import Settings
 from .errors import ConfigurationError, CustodyError
@@ -51,8 +51,9 @@ def _serve(args: argparse.Namespace) -> int:
                     _say(f"  {role:8} {key}")
             app = create_app(runtime.ctx, max_body_bytes=settings.max_body_bytes)
             runtime.start_checkpoints(settings.audit_checkpoint_seconds)
-            config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                                    log_level="warning", lifespan="on")
+            config = uvicorn.Config(
+                app, host=settings.host, port=settings.port, access_log=False, log_level="warning", lifespan="on"
+            )
             _say(f"custody: serving on http://{settings.host}:{settings.port}")
             # uvicorn re-raises the stop signal once it has shut down; with the default handler
             # that would kill the process before the embedded Postgres and simulator are stopped.
@@ -100,14 +101,24 @@ def _with_session(work: Callable[[Any, bytes], Awaitable[None]]) -> None:
 # CLI actions are audited in the same transaction as the change; the actor is the operator at
 # the console (no API key), recorded as `via: cli`.
 
+
 def _tenants_create(args: argparse.Namespace) -> int:
     from .audit import AuditEntry, append
     from .auth import create_tenant
 
     async def work(session: Any, pepper: bytes) -> None:
         tenant = await create_tenant(session, args.name)
-        await append(session, AuditEntry("tenant.create", None, resource_type="tenant", resource_id=tenant.id,
-                                         chain=tenant.id, details={"via": "cli"}))
+        await append(
+            session,
+            AuditEntry(
+                "tenant.create",
+                None,
+                resource_type="tenant",
+                resource_id=tenant.id,
+                chain=tenant.id,
+                details={"via": "cli"},
+            ),
+        )
         print(tenant.id)
 
     _with_session(work)
@@ -120,8 +131,17 @@ def _keys_issue(args: argparse.Namespace) -> int:
 
     async def work(session: Any, pepper: bytes) -> None:
         row, key = await issue_key(session, pepper, args.tenant, args.role)
-        await append(session, AuditEntry("api_key.issue", None, resource_type="api_key", resource_id=row.id,
-                                         chain=row.tenant_id, details={"role": args.role, "via": "cli"}))
+        await append(
+            session,
+            AuditEntry(
+                "api_key.issue",
+                None,
+                resource_type="api_key",
+                resource_id=row.id,
+                chain=row.tenant_id,
+                details={"role": args.role, "via": "cli"},
+            ),
+        )
         _say(f"custody: issued {row.id} ({args.role}) for tenant {args.tenant}; the key is shown once:")
         print(key)
 
@@ -135,8 +155,17 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
     async def work(session: Any, pepper: bytes) -> None:
         tenant_id = await revoke_key(session, args.key_id)
-        await append(session, AuditEntry("api_key.revoke", None, resource_type="api_key", resource_id=args.key_id,
-                                         chain=tenant_id, details={"via": "cli"}))
+        await append(
+            session,
+            AuditEntry(
+                "api_key.revoke",
+                None,
+                resource_type="api_key",
+                resource_id=args.key_id,
+                chain=tenant_id,
+                details={"via": "cli"},
+            ),
+        )
         _say(f"custody: revoked {args.key_id}")
 
     _with_session(work)
@@ -169,8 +198,10 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
     def report(verdict: ChainVerdict) -> bool:
         if verdict.ok:
-            print(f"{verdict.chain}: ok, {verdict.checked} records, head seq {verdict.head_seq}"
-                  + (f", signed checkpoint at {verdict.checkpoint_seq}" if verdict.checkpoint_seq else ""))
+            print(
+                f"{verdict.chain}: ok, {verdict.checked} records, head seq {verdict.head_seq}"
+                + (f", signed checkpoint at {verdict.checkpoint_seq}" if verdict.checkpoint_seq else "")
+            )
         else:
             print(f"{verdict.chain}: FIRST BAD RECORD seq {verdict.first_bad}: {verdict.reason}")
         return verdict.ok
@@ -194,9 +225,22 @@ def _audit_verify(args: argparse.Namespace) -> int:
         for chain in [args.chain] if args.chain else await chains(session):
             verdict = await verify_chain(session, chain, signer)
             results.append(report(verdict))
-            await append(session, AuditEntry("audit.verify", None, resource_type="audit_log", resource_id=chain,
-                                             chain=chain, details={"ok": verdict.ok, "checked": verdict.checked,
-                                                                   "first_bad_seq": verdict.first_bad, "via": "cli"}))
+            await append(
+                session,
+                AuditEntry(
+                    "audit.verify",
+                    None,
+                    resource_type="audit_log",
+                    resource_id=chain,
+                    chain=chain,
+                    details={
+                        "ok": verdict.ok,
+                        "checked": verdict.checked,
+                        "first_bad_seq": verdict.first_bad,
+                        "via": "cli",
+                    },
+                ),
+            )
 
     _with_session(work)
     return 0 if all(results) else 1
@@ -213,9 +257,17 @@ def _audit_export(args: argparse.Namespace) -> int:
     async def work(session: Any, pepper: bytes) -> None:
         span = await export_range(session, args.chain, args.since, args.until)
         header = await export_header(session, span, signer)
-        await append(session, AuditEntry("audit.export", None, resource_type="audit_log", resource_id=args.chain,
-                                         chain=args.chain, details={"format": args.format, "via": "cli",
-                                                                    "first_seq": span.first_seq, "last_seq": span.last_seq}))
+        await append(
+            session,
+            AuditEntry(
+                "audit.export",
+                None,
+                resource_type="audit_log",
+                resource_id=args.chain,
+                chain=args.chain,
+                details={"format": args.format, "via": "cli", "first_seq": span.first_seq, "last_seq": span.last_seq},
+            ),
+        )
         async for line in export_lines(session, header):
             if args.format == "ndjson":
                 sys.stdout.write(line)
@@ -244,8 +296,10 @@ def _simulator(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         request_log_path=args.request_log,
     )
-    _say(f"custody simulator: Gemini Interactions API stand-in on http://{args.host}:{args.port}"
-         " (set GOOGLE_GEMINI_BASE_URL to this address)")
+    _say(
+        f"custody simulator: Gemini Interactions API stand-in on http://{args.host}:{args.port}"
+        " (set GOOGLE_GEMINI_BASE_URL to this address)"
+    )
     serve_forever(config, host=args.host, port=args.port)
     return 0
 
@@ -254,9 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="custody", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("serve", help="run the REST API (configured by environment variables)").set_defaults(handler=_serve)
+    commands.add_parser("serve", help="run the REST API (configured by environment variables)").set_defaults(
+        handler=_serve
+    )
     commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(handler=_migrate)
-    commands.add_parser("openapi", help="print the OpenAPI document (schemas/openapi.json)").set_defaults(handler=_openapi)
+    commands.add_parser("openapi", help="print the OpenAPI document (schemas/openapi.json)").set_defaults(
+        handler=_openapi
+    )
 
     tenants = commands.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
     create = tenants.add_parser("create", help="create a tenant")
@@ -273,8 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=_keys_revoke)
 
     audit = commands.add_parser("audit", help="verify, export and checkpoint the audit log").add_subparsers(
-        dest="action", required=True)
-    verify = audit.add_parser("verify", help="recompute the hash chains (or an export file) and name the first bad record")
+        dest="action", required=True
+    )
+    verify = audit.add_parser(
+        "verify", help="recompute the hash chains (or an export file) and name the first bad record"
+    )
     verify.add_argument("--chain", help="one chain (a tenant id, or `system`); default: all")
     verify.add_argument("--file", type=Path, help="verify an NDJSON export offline instead of the database")
     verify.add_argument("--public-key", type=Path, help="PEM of the audit signing key to pin (with --file)")
@@ -290,14 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulator", help="run the local Gemini Interactions API simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8765)
-    sim.add_argument("--retention-seconds", type=float, default=55 * 24 * 3600.0,
-                     help="how long stored interactions live (default: 55 days)")
+    sim.add_argument(
+        "--retention-seconds",
+        type=float,
+        default=55 * 24 * 3600.0,
+        help="how long stored interactions live (default: 55 days)",
+    )
     sim.add_argument("--background-queued-seconds", type=float, default=0.2)
     sim.add_argument("--background-run-seconds", type=float, default=0.5)
     sim.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every request")
     sim.add_argument("--api-key", default=None, help="accept only this API key")
-    sim.add_argument("--request-log", type=Path, default=None,
-                     help="also append every request to this JSON-lines file (off by default)")
+    sim.add_argument(
+        "--request-log",
+        type=Path,
+        default=None,
+        help="also append every request to this JSON-lines file (off by default)",
+    )
     sim.set_defaults(handler=_simulator)
     return parser
 

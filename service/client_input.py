@@ -56,8 +56,11 @@ def _check_step(step: dict[str, Any], pointer: str) -> None:
     kind = step["type"]
     if kind not in _STEP_KEYS:
         allowed = ", ".join(sorted(_STEP_KEYS))
-        raise InvalidInput(f"this step type cannot be sent by a client (allowed: {allowed}; "
-                           "content blocks may not be mixed with steps)", pointer=f"{pointer}/type")
+        raise InvalidInput(
+            f"this step type cannot be sent by a client (allowed: {allowed}; "
+            "content blocks may not be mixed with steps)",
+            pointer=f"{pointer}/type",
+        )
     _no_unknown_keys(step, _STEP_KEYS[kind], pointer)
     if kind == "user_input":
         content = step.get("content")
@@ -68,8 +71,9 @@ def _check_step(step: dict[str, Any], pointer: str) -> None:
     if not isinstance(step.get("call_id"), str) or not step["call_id"]:
         raise InvalidInput("function_result needs a `call_id`", pointer=f"{pointer}/call_id")
     if "result" not in step or not isinstance(step["result"], (str, dict, list)):
-        raise InvalidInput("function_result needs a `result` (string, object or content list)",
-                           pointer=f"{pointer}/result")
+        raise InvalidInput(
+            "function_result needs a `result` (string, object or content list)", pointer=f"{pointer}/result"
+        )
     if "name" in step and not isinstance(step["name"], str):
         raise InvalidInput("function_result `name` must be a string", pointer=f"{pointer}/name")
     if "is_error" in step and not isinstance(step["is_error"], bool):
@@ -80,8 +84,9 @@ def _check_blocks(blocks: list[Any], pointer: str) -> None:
     for index, block in enumerate(blocks):
         where = f"{pointer}/{index}"
         if not isinstance(block, dict) or block.get("type") not in CONTENT_TYPES:
-            raise InvalidInput(f"unsupported content block (allowed: {', '.join(sorted(CONTENT_TYPES))})",
-                               pointer=where)
+            raise InvalidInput(
+                f"unsupported content block (allowed: {', '.join(sorted(CONTENT_TYPES))})", pointer=where
+            )
         _no_unknown_keys(block, _BLOCK_KEYS[block["type"]], where)
         if block["type"] == "text":
             if not isinstance(block.get("text"), str) or not block["text"]:
@@ -94,8 +99,9 @@ def _no_unknown_keys(item: dict[str, Any], allowed: set[str], pointer: str) -> N
     unknown = sorted(set(item) - allowed)
     if unknown:
         name = unknown[0] if _IDENTIFIER.match(unknown[0]) else None
-        raise InvalidInput(f"unknown field {name!r}" if name else "unknown field",
-                           pointer=f"{pointer}/{name}" if name else pointer)
+        raise InvalidInput(
+            f"unknown field {name!r}" if name else "unknown field", pointer=f"{pointer}/{name}" if name else pointer
+        )
 
 
 def pending_calls(history: list[Any]) -> dict[str, str]:
@@ -123,18 +129,22 @@ def check_function_results(history: list[Any], new_steps: list[dict[str, Any]]) 
                 waiting = ", ".join(sorted(pending)) or "none"
                 raise FunctionResultMismatch(
                     f"this function_result's call_id answers no pending call (pending: {waiting})",
-                    pointer=f"{pointer}/call_id")
+                    pointer=f"{pointer}/call_id",
+                )
             if "name" in step and step["name"] != pending[call_id]:
                 raise FunctionResultMismatch(
-                    f"this function_result's name does not match call {call_id} "
-                    f"({pending[call_id]!r})", pointer=f"{pointer}/name")
+                    f"this function_result's name does not match call {call_id} ({pending[call_id]!r})",
+                    pointer=f"{pointer}/name",
+                )
             del pending[call_id]
         elif pending:
             raise FunctionResultMismatch(
                 f"function call(s) {', '.join(sorted(pending))} must be answered with function_result "
-                "steps before new user input", pointer=pointer)
+                "steps before new user input",
+                pointer=pointer,
+            )
     if pending:
         # Gemini expects the results of a turn's parallel calls together.
         raise FunctionResultMismatch(
-            f"function call(s) {', '.join(sorted(pending))} are still waiting for a function_result",
-            pointer="/input")
+            f"function call(s) {', '.join(sorted(pending))} are still waiting for a function_result", pointer="/input"
+        )

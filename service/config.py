@@ -52,7 +52,7 @@ class Settings:
     announcements: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         data_dir = Path(env.get("CUSTODY_DATA_DIR", "./.custody"))
         policy = env.get("CUSTODY_POLICY")

@@ -11,18 +11,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .auth import Principal, new_id
 from .context import ServiceContext
+from .database import database_now
 from .errors import ConversationNotFound, InvalidInput, TurnInProgress
 from .history import create_cipher, load_cipher, read_steps, shred_data_key
 from .models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
 from .policy import check_data_classes
 
-__all__ = ["ConversationView", "Deleted", "HistoryPage", "audited_id", "delete_conversation", "get_conversation",
-           "list_steps", "open_conversation"]
+__all__ = [
+    "ConversationView",
+    "Deleted",
+    "HistoryPage",
+    "audited_id",
+    "delete_conversation",
+    "get_conversation",
+    "list_steps",
+    "open_conversation",
+]
 
 _PROFILE = "profile"
 _CONVERSATION_ID = re.compile(r"^conv_[0-9a-f]{30}$")
@@ -63,7 +72,9 @@ class Deleted:
     provider_copies: list[str]  # upstream interaction ids the provider may still hold
 
 
-async def _owned(session: AsyncSession, principal: Principal, conversation_id: str, *, lock: bool = False) -> Conversation:
+async def _owned(
+    session: AsyncSession, principal: Principal, conversation_id: str, *, lock: bool = False
+) -> Conversation:
     """The caller's conversation; another tenant's is indistinguishable from a missing one."""
     query = select(Conversation).where(
         Conversation.id == conversation_id, Conversation.tenant_id == principal.tenant_id
@@ -77,8 +88,14 @@ async def _owned(session: AsyncSession, principal: Principal, conversation_id: s
 
 
 async def open_conversation(
-    session: AsyncSession, ctx: ServiceContext, principal: Principal, *, route: str,
-    data_classes: list[str], subject: str | None, metadata: dict[str, Any] | None,
+    session: AsyncSession,
+    ctx: ServiceContext,
+    principal: Principal,
+    *,
+    route: str,
+    data_classes: list[str],
+    subject: str | None,
+    metadata: dict[str, Any] | None,
 ) -> ConversationView:
     route_policy = ctx.policy.route(route)
     classes = sorted(set(data_classes))
@@ -88,10 +105,16 @@ async def open_conversation(
     conversation_id = new_id("conv")
     # The conversation row goes first: the data key row refers to it.
     conversation = Conversation(
-        id=conversation_id, tenant_id=principal.tenant_id, route=route, data_classes=classes,
+        id=conversation_id,
+        tenant_id=principal.tenant_id,
+        route=route,
+        data_classes=classes,
         subject_digest=ctx.subject_digest(principal.tenant_id, subject) if subject else None,
-        profile=b"", profile_key_version=0, policy_version=ctx.policy.version,
-        step_count=0, turn_count=0,
+        profile=b"",
+        profile_key_version=0,
+        policy_version=ctx.policy.version,
+        step_count=0,
+        turn_count=0,
     )
     session.add(conversation)
     await session.flush()
@@ -103,7 +126,9 @@ async def open_conversation(
     return _view(conversation, subject, metadata or {})
 
 
-async def get_conversation(session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str) -> ConversationView:
+async def get_conversation(
+    session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str
+) -> ConversationView:
     conversation = await _owned(session, principal, conversation_id)
     cipher = await load_cipher(session, ctx.keyring, conversation)
     profile = cipher.open_record(_PROFILE, 0, conversation.profile_key_version, conversation.profile)
@@ -111,8 +136,13 @@ async def get_conversation(session: AsyncSession, ctx: ServiceContext, principal
 
 
 async def list_steps(
-    session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str,
-    *, cursor: int, limit: int,
+    session: AsyncSession,
+    ctx: ServiceContext,
+    principal: Principal,
+    conversation_id: str,
+    *,
+    cursor: int,
+    limit: int,
 ) -> HistoryPage:
     conversation = await _owned(session, principal, conversation_id)
     cipher = await load_cipher(session, ctx.keyring, conversation)
@@ -129,7 +159,7 @@ async def delete_conversation(session: AsyncSession, principal: Principal, conve
     rows that survives elsewhere is ciphertext nobody can open.
     """
     conversation = await _owned(session, principal, conversation_id, lock=True)
-    now = await session.scalar(select(func.now()))
+    now = await database_now(session)
     if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
         # A turn is waiting for the model; deleting now would let its reply (and, with provider
         # storage, its provider copy) land after the erasure. The caller retries when it ends.
@@ -142,7 +172,8 @@ async def delete_conversation(session: AsyncSession, principal: Principal, conve
     stored = await session.scalars(
         select(UpstreamInteraction.id).where(
             UpstreamInteraction.conversation_id == conversation.id,
-            UpstreamInteraction.stored.is_(True), UpstreamInteraction.deleted_at.is_(None),
+            UpstreamInteraction.stored.is_(True),
+            UpstreamInteraction.deleted_at.is_(None),
         )
     )
     return Deleted(list(conversation.data_classes), list(stored))
@@ -150,8 +181,14 @@ async def delete_conversation(session: AsyncSession, principal: Principal, conve
 
 def _view(conversation: Conversation, subject: str | None, metadata: dict[str, Any]) -> ConversationView:
     return ConversationView(
-        id=conversation.id, route=conversation.route, data_classes=list(conversation.data_classes),
-        subject=subject, metadata=metadata, policy_version=conversation.policy_version,
-        turn_count=conversation.turn_count, step_count=conversation.step_count,
-        created_at=conversation.created_at, updated_at=conversation.updated_at,
+        id=conversation.id,
+        route=conversation.route,
+        data_classes=list(conversation.data_classes),
+        subject=subject,
+        metadata=metadata,
+        policy_version=conversation.policy_version,
+        turn_count=conversation.turn_count,
+        step_count=conversation.step_count,
+        created_at=conversation.created_at,
+        updated_at=conversation.updated_at,
     )

@@ -164,14 +164,17 @@ def _ensure_database(admin_url: str, database: str, data_path: Path) -> None:
     # fails with "already exists", and its second attempt then finds the database there.
     for _attempt in range(2):
         result = subprocess.run(
-            command, input=_CREATE_DATABASE, capture_output=True, text=True, timeout=30,
+            command,
+            input=_CREATE_DATABASE,
+            capture_output=True,
+            text=True,
+            timeout=30,
             check=False,
         )
         if result.returncode == 0:
             return
     raise ConfigurationError(
-        f"could not create the database {database!r} in the embedded Postgres in {data_path}: "
-        f"{result.stderr.strip()}"
+        f"could not create the database {database!r} in the embedded Postgres in {data_path}: {result.stderr.strip()}"
     )
 
 

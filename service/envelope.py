@@ -65,9 +65,7 @@ def step_aad(*, tenant_id: str, conversation_id: str, position: int, key_version
     return _bound_aad(_STEP_AAD_LABEL, tenant_id, conversation_id, position, key_version)
 
 
-def record_aad(
-    *, label: str, tenant_id: str, conversation_id: str, number: int, key_version: int
-) -> bytes:
+def record_aad(*, label: str, tenant_id: str, conversation_id: str, number: int, key_version: int) -> bytes:
     """Associated data for a conversation's other sealed records (its profile, a stored
     idempotent response): the same binding as a step, under a distinct label so that a step's
     ciphertext can never be passed off as one of these, or the other way round."""
@@ -77,9 +75,7 @@ def record_aad(
     return _bound_aad(full_label, tenant_id, conversation_id, number, key_version)
 
 
-def _bound_aad(
-    label: bytes, tenant_id: str, conversation_id: str, position: int, key_version: int
-) -> bytes:
+def _bound_aad(label: bytes, tenant_id: str, conversation_id: str, position: int, key_version: int) -> bytes:
     if not tenant_id or not conversation_id:
         raise ValueError("tenant_id and conversation_id must be non-empty")
     if not 0 <= position <= _UINT64_MAX:
@@ -124,9 +120,7 @@ def aesgcm_decrypt(key: bytes, nonce: bytes, ciphertext_and_tag: bytes, aad: byt
     """
     _check_parameters(key, nonce)
     if len(ciphertext_and_tag) < TAG_SIZE:
-        raise DecryptionError(
-            f"ciphertext is {len(ciphertext_and_tag)} bytes, shorter than the {TAG_SIZE}-byte tag"
-        )
+        raise DecryptionError(f"ciphertext is {len(ciphertext_and_tag)} bytes, shorter than the {TAG_SIZE}-byte tag")
     try:
         return AESGCM(key).decrypt(nonce, ciphertext_and_tag, aad)
     except InvalidTag:
@@ -152,7 +146,6 @@ def open_sealed(data_key: bytes, sealed: bytes, aad: bytes) -> bytes:
         raise DecryptionError(f"data key must be {KEY_SIZE} bytes, got {len(data_key)}")
     if len(sealed) < NONCE_SIZE + TAG_SIZE:
         raise DecryptionError(
-            f"sealed blob is {len(sealed)} bytes, shorter than nonce and tag "
-            f"({NONCE_SIZE + TAG_SIZE} bytes)"
+            f"sealed blob is {len(sealed)} bytes, shorter than nonce and tag ({NONCE_SIZE + TAG_SIZE} bytes)"
         )
     return aesgcm_decrypt(data_key, sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)

@@ -22,9 +22,19 @@ problem+json in one place (`service.api.problems`). Messages never contain conte
 from __future__ import annotations
 
 __all__ = [
-    "AuthenticationFailed", "ConfigurationError", "ConversationNotFound", "CustodyError",
-    "FunctionResultMismatch", "IdempotencyKeyInFlight", "IdempotencyKeyReused", "InvalidInput",
-    "PayloadTooLarge", "PermissionDenied", "SchemaBehindError", "TurnInProgress", "UpstreamFailed",
+    "AuthenticationFailed",
+    "ConfigurationError",
+    "ConversationNotFound",
+    "CustodyError",
+    "FunctionResultMismatch",
+    "IdempotencyKeyInFlight",
+    "IdempotencyKeyReused",
+    "InvalidInput",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "SchemaBehindError",
+    "TurnInProgress",
+    "UpstreamFailed",
 ]
 
 
@@ -76,9 +86,7 @@ class PayloadTooLarge(CustodyError):
 
 class TurnInProgress(CustodyError):
     def __init__(self, conversation_id: str) -> None:
-        super().__init__(
-            f"another turn on conversation {conversation_id} is in progress; retry when it ends"
-        )
+        super().__init__(f"another turn on conversation {conversation_id} is in progress; retry when it ends")
 
 
 class IdempotencyKeyReused(CustodyError):

@@ -13,8 +13,16 @@ from .envelope import new_data_key, open_sealed, record_aad, seal, step_aad
 from .keyring import Keyring, WrappedKey
 from .models import Conversation, DataKey, Step
 
-__all__ = ["ConversationCipher", "append_steps", "create_cipher", "decode_json", "encode_json",
-           "load_cipher", "read_steps", "shred_data_key"]
+__all__ = [
+    "ConversationCipher",
+    "append_steps",
+    "create_cipher",
+    "decode_json",
+    "encode_json",
+    "load_cipher",
+    "read_steps",
+    "shred_data_key",
+]
 
 
 def encode_json(value: Any) -> bytes:
@@ -46,27 +54,44 @@ class ConversationCipher:
         return f"ConversationCipher({self.conversation_id}, kek v{self.key_version})"
 
     def seal_step(self, position: int, step: Any) -> bytes:
-        aad = step_aad(tenant_id=self.tenant_id, conversation_id=self.conversation_id,
-                       position=position, key_version=self.key_version)
+        aad = step_aad(
+            tenant_id=self.tenant_id,
+            conversation_id=self.conversation_id,
+            position=position,
+            key_version=self.key_version,
+        )
         return seal(self.data_key, encode_json(step), aad)
 
     def open_step(self, position: int, key_version: int, sealed: bytes) -> Any:
-        aad = step_aad(tenant_id=self.tenant_id, conversation_id=self.conversation_id,
-                       position=position, key_version=key_version)
+        aad = step_aad(
+            tenant_id=self.tenant_id, conversation_id=self.conversation_id, position=position, key_version=key_version
+        )
         return decode_json(open_sealed(self.data_key, sealed, aad))
 
     def seal_record(self, label: str, number: int, value: Any) -> bytes:
-        aad = record_aad(label=label, tenant_id=self.tenant_id, conversation_id=self.conversation_id,
-                         number=number, key_version=self.key_version)
+        aad = record_aad(
+            label=label,
+            tenant_id=self.tenant_id,
+            conversation_id=self.conversation_id,
+            number=number,
+            key_version=self.key_version,
+        )
         return seal(self.data_key, encode_json(value), aad)
 
     def open_record(self, label: str, number: int, key_version: int, sealed: bytes) -> Any:
-        aad = record_aad(label=label, tenant_id=self.tenant_id, conversation_id=self.conversation_id,
-                         number=number, key_version=key_version)
+        aad = record_aad(
+            label=label,
+            tenant_id=self.tenant_id,
+            conversation_id=self.conversation_id,
+            number=number,
+            key_version=key_version,
+        )
         return decode_json(open_sealed(self.data_key, sealed, aad))
 
 
-async def create_cipher(session: AsyncSession, keyring: Keyring, tenant_id: str, conversation_id: str) -> ConversationCipher:
+async def create_cipher(
+    session: AsyncSession, keyring: Keyring, tenant_id: str, conversation_id: str
+) -> ConversationCipher:
     """A fresh random data key for a new conversation, stored wrapped by the current KEK."""
     data_key = new_data_key()
     wrapped = keyring.wrap(data_key)
@@ -90,17 +115,26 @@ async def shred_data_key(session: AsyncSession, conversation_id: str) -> None:
 def append_steps(session: AsyncSession, cipher: ConversationCipher, turn_id: str, start: int, steps: list[Any]) -> None:
     for offset, step in enumerate(steps):
         position = start + offset
-        session.add(Step(conversation_id=cipher.conversation_id, position=position, turn_id=turn_id,
-                         key_version=cipher.key_version, sealed=cipher.seal_step(position, step)))
+        session.add(
+            Step(
+                conversation_id=cipher.conversation_id,
+                position=position,
+                turn_id=turn_id,
+                key_version=cipher.key_version,
+                sealed=cipher.seal_step(position, step),
+            )
+        )
 
 
 async def read_steps(
     session: AsyncSession, cipher: ConversationCipher, *, start: int = 0, limit: int | None = None
 ) -> list[tuple[int, str, Any]]:
     """(position, turn id, step) in order, decrypted."""
-    query = (select(Step.position, Step.turn_id, Step.key_version, Step.sealed)
-             .where(Step.conversation_id == cipher.conversation_id, Step.position >= start)
-             .order_by(Step.position))
+    query = (
+        select(Step.position, Step.turn_id, Step.key_version, Step.sealed)
+        .where(Step.conversation_id == cipher.conversation_id, Step.position >= start)
+        .order_by(Step.position)
+    )
     if limit is not None:
         query = query.limit(limit)
     rows = (await session.execute(query)).all()

@@ -103,9 +103,7 @@ def aes_kw_unwrap(kek: bytes, wrapped: bytes) -> bytes:
     try:
         return aes_key_unwrap(kek, wrapped)
     except InvalidUnwrap:
-        raise KeyUnwrapError(
-            "wrapped key failed its integrity check: wrong KEK or tampered bytes"
-        ) from None
+        raise KeyUnwrapError("wrapped key failed its integrity check: wrong KEK or tampered bytes") from None
 
 
 class LocalKeyring:
@@ -144,9 +142,7 @@ class LocalKeyring:
     def unwrap(self, wrapped: WrappedKey) -> bytes:
         kek = self._keys.get(wrapped.kek_version)
         if kek is None:
-            raise KeyUnwrapError(
-                f"unknown KEK version {wrapped.kek_version}; keyring has {self.versions()}"
-            )
+            raise KeyUnwrapError(f"unknown KEK version {wrapped.kek_version}; keyring has {self.versions()}")
         # Only 32-byte DEKs are ever wrapped, so any other length is corruption.
         if len(wrapped.wrapped) != _WRAPPED_DATA_KEY_SIZE:
             raise KeyUnwrapError(f"wrapped data key has invalid length {len(wrapped.wrapped)}")

@@ -10,14 +10,35 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger, Boolean, Index, UniqueConstraint, CheckConstraint, DateTime, ForeignKey, Integer, LargeBinary, MetaData,
-    String, Text, func,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
-    "ApiKey", "AuditChainHead", "AuditCheckpoint", "AuditEvent", "Base", "Conversation", "DataKey", "IdempotencyRecord", "Step", "Tenant", "Turn",
+    "ApiKey",
+    "AuditChainHead",
+    "AuditCheckpoint",
+    "AuditEvent",
+    "Base",
+    "Conversation",
+    "DataKey",
+    "IdempotencyRecord",
+    "Step",
+    "Tenant",
+    "Turn",
     "UpstreamInteraction",
 ]
 
@@ -93,9 +114,7 @@ class DataKey(Base):
 
     __tablename__ = "data_keys"
 
-    conversation_id: Mapped[str] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
-    )
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True)
     kek_version: Mapped[int] = mapped_column(Integer, nullable=False)
     wrapped: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = _now()
@@ -106,9 +125,7 @@ class Turn(Base):
 
     __tablename__ = "turns"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('in_progress', 'completed', 'requires_action', 'failed')", name="status"
-        ),
+        CheckConstraint("status IN ('in_progress', 'completed', 'requires_action', 'failed')", name="status"),
         # The row lock already serializes turns; this is the backstop if that ever regresses.
         UniqueConstraint("conversation_id", "number", name="uq_turns_conversation_number"),
     )
@@ -138,9 +155,7 @@ class Step(Base):
 
     __tablename__ = "steps"
 
-    conversation_id: Mapped[str] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
-    )
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), nullable=False)
     # The KEK version bound into this step's associated data when it was sealed; never changes.
@@ -194,8 +209,7 @@ class AuditEvent(Base):
 
     __tablename__ = "audit_events"
     __table_args__ = (
-        Index("ix_audit_events_record", "record", postgresql_using="gin",
-              postgresql_ops={"record": "jsonb_path_ops"}),
+        Index("ix_audit_events_record", "record", postgresql_using="gin", postgresql_ops={"record": "jsonb_path_ops"}),
     )
 
     chain: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -128,9 +128,7 @@ class Route:
         The API treats these as interaction-scoped: one left out silently resets, even when the
         history is replayed in full. Unset ones are omitted. The result is a fresh mutable copy.
         """
-        settings: dict[str, Any] = (
-            {"model": self.model} if self.model is not None else {"agent": self.agent}
-        )
+        settings: dict[str, Any] = {"model": self.model} if self.model is not None else {"agent": self.agent}
         for name in _UPSTREAM_OPTIONAL:
             value = getattr(self, name)
             if value is not None and value != ():
@@ -167,9 +165,7 @@ class StorageDecision:
         return self.reason.partition(":")[0]
 
 
-def decide_storage(
-    route: Route, data_classes: Iterable[str], catalogue: Mapping[str, DataClass]
-) -> StorageDecision:
+def decide_storage(route: Route, data_classes: Iterable[str], catalogue: Mapping[str, DataClass]) -> StorageDecision:
     """Decide provider storage for a conversation on `route` carrying `data_classes`.
 
     Default deny: storage is permitted only when the route allows it and every class is declared,
@@ -199,9 +195,7 @@ def decide_storage(
     return StorageDecision(provider_storage=True, reason=f"permitted: {detail}")
 
 
-def check_data_classes(
-    route: Route, requested: Iterable[str], catalogue: Mapping[str, DataClass]
-) -> None:
+def check_data_classes(route: Route, requested: Iterable[str], catalogue: Mapping[str, DataClass]) -> None:
     """Raise unless every requested class is declared and allowed on `route`."""
     wanted = frozenset(requested)
     # Undeclared first: a misspelt class is a different client bug from a forbidden one.
@@ -239,10 +233,7 @@ def parse_policy(document: Any, *, source: str) -> Policy:
         name: DataClass(name, spec["description"], spec["provider_storage"])
         for name, spec in document["data_classes"].items()
     }
-    routes = {
-        name: _build_route(name, spec, catalogue, source)
-        for name, spec in document["routes"].items()
-    }
+    routes = {name: _build_route(name, spec, catalogue, source) for name, spec in document["routes"].items()}
     try:
         # Canonical JSON, so reformatting the YAML or reordering keys keeps the version.
         canonical = rfc8785.dumps(document)
@@ -286,9 +277,7 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-def _build_route(
-    name: str, spec: Mapping[str, Any], catalogue: Mapping[str, DataClass], source: str
-) -> Route:
+def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, DataClass], source: str) -> Route:
     # The checks JSON Schema cannot express: references into the catalogue and uniqueness of
     # function names, which the turn engine relies on to match function results to their calls.
     for index, cls in enumerate(spec["data_classes"]):
@@ -349,9 +338,7 @@ def _describe(error: ValidationError) -> tuple[str, str]:
     if error.validator == "additionalProperties" and isinstance(instance, Mapping):
         known = schema.get("properties", {})
         patterns = list(schema.get("patternProperties", {}))
-        extras = [
-            k for k in instance if k not in known and not any(re.search(p, k) for p in patterns)
-        ]
+        extras = [k for k in instance if k not in known and not any(re.search(p, k) for p in patterns)]
         extra = extras[0] if extras else "?"
         if patterns:
             problem = f"{extra!r} is not a valid name (must match {' or '.join(patterns)})"

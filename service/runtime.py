@@ -85,7 +85,9 @@ def load_pepper(settings: Settings, announce: list[str]) -> bytes:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-    announce.append(f"generated the API-key pepper at {path} (keep it with the keyring; losing it invalidates every API key)")
+    announce.append(
+        f"generated the API-key pepper at {path} (keep it with the keyring; losing it invalidates every API key)"
+    )
     return data
 
 
@@ -97,7 +99,9 @@ def _load_keyring(settings: Settings, announce: list[str]) -> LocalKeyring:
         if path.exists():
             return LocalKeyring.load(path)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        announce.append(f"EMBEDDED DEFAULT: generated a local keyring at {path} (set CUSTODY_KEYRING for a managed one)")
+        announce.append(
+            f"EMBEDDED DEFAULT: generated a local keyring at {path} (set CUSTODY_KEYRING for a managed one)"
+        )
         return LocalKeyring.generate(path)
     except KeyringError as exc:
         raise ConfigurationError(str(exc)) from None
@@ -159,26 +163,39 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
     announce.append(f"policy {settings.policy_path} ({policy.version}), routes: {', '.join(sorted(policy.routes))}")
 
     if settings.upstream.configured:
-        upstream = Upstream(settings.upstream, attempts=settings.upstream_attempts,
-                            timeout_seconds=settings.upstream_timeout_seconds)
+        upstream = Upstream(
+            settings.upstream, attempts=settings.upstream_attempts, timeout_seconds=settings.upstream_timeout_seconds
+        )
         await upstream.verify()
     else:
         from .simulator import start_simulator
 
         simulator = start_simulator()
         closers.append(simulator.stop)
-        upstream = Upstream(settings.upstream, attempts=settings.upstream_attempts,
-                            timeout_seconds=settings.upstream_timeout_seconds,
-                            base_url=simulator.base_url, api_key="simulator")
-        announce.append(f"EMBEDDED DEFAULT: no GEMINI_API_KEY, calling the local Gemini SIMULATOR at {simulator.base_url}")
+        upstream = Upstream(
+            settings.upstream,
+            attempts=settings.upstream_attempts,
+            timeout_seconds=settings.upstream_timeout_seconds,
+            base_url=simulator.base_url,
+            api_key="simulator",
+        )
+        announce.append(
+            f"EMBEDDED DEFAULT: no GEMINI_API_KEY, calling the local Gemini SIMULATOR at {simulator.base_url}"
+        )
 
     signer = load_signer(settings, announce)
     provider = tracer_provider_from_env()
     closers.append(provider.shutdown)
     announce.append(describe())
-    ctx = ServiceContext(sessions=make_sessions(engine), keyring=keyring, policy=policy, upstream=upstream,
-                         auditor=Auditor(provider.get_tracer("custody"), signer), pepper=pepper,
-                         turn_lease_seconds=settings.turn_lease_seconds)
+    ctx = ServiceContext(
+        sessions=make_sessions(engine),
+        keyring=keyring,
+        policy=policy,
+        upstream=upstream,
+        auditor=Auditor(provider.get_tracer("custody"), signer),
+        pepper=pepper,
+        turn_lease_seconds=settings.turn_lease_seconds,
+    )
     runtime = Runtime(settings, ctx, engine, announce, _closers=closers)
     if embedded and demo_keys:
         runtime.demo_keys = await _issue_demo_keys(ctx)
@@ -192,10 +209,28 @@ async def _issue_demo_keys(ctx: ServiceContext) -> dict[str, str]:
         tenant = await session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
         if tenant is None:
             tenant = await create_tenant(session, DEMO_TENANT)
-            await append(session, AuditEntry("tenant.create", None, resource_type="tenant", resource_id=tenant.id,
-                                             chain=tenant.id, details={"via": "zero-config"}))
+            await append(
+                session,
+                AuditEntry(
+                    "tenant.create",
+                    None,
+                    resource_type="tenant",
+                    resource_id=tenant.id,
+                    chain=tenant.id,
+                    details={"via": "zero-config"},
+                ),
+            )
         for role in ROLES:
             row, keys[role] = await issue_key(session, ctx.pepper, DEMO_TENANT, role)
-            await append(session, AuditEntry("api_key.issue", None, resource_type="api_key", resource_id=row.id,
-                                             chain=tenant.id, details={"role": role, "via": "zero-config"}))
+            await append(
+                session,
+                AuditEntry(
+                    "api_key.issue",
+                    None,
+                    resource_type="api_key",
+                    resource_id=row.id,
+                    chain=tenant.id,
+                    details={"role": role, "via": "zero-config"},
+                ),
+            )
     return keys

@@ -20,7 +20,10 @@ from opentelemetry.util.re import parse_env_headers
 from .errors import ConfigurationError
 
 __all__ = [
-    "SPAN_ATTRIBUTE_PREFIX", "SpanAttributeValue", "describe", "safe_attributes",
+    "SPAN_ATTRIBUTE_PREFIX",
+    "SpanAttributeValue",
+    "describe",
+    "safe_attributes",
     "tracer_provider_from_env",
 ]
 
@@ -37,9 +40,7 @@ _TRACES_PATH = "/v1/traces"
 _COMPRESSIONS = {member.value: member for member in Compression}
 
 
-def tracer_provider_from_env(
-    env: Mapping[str, str] | None = None, *, service_name: str = "custody"
-) -> TracerProvider:
+def tracer_provider_from_env(env: Mapping[str, str] | None = None, *, service_name: str = "custody") -> TracerProvider:
     """A real SDK tracer provider, exporting over OTLP/HTTP only when an endpoint is configured.
 
     The provider is always a real one, even when nothing is exported, because Custody writes
@@ -101,9 +102,7 @@ def _setting(env: Mapping[str, str], name: str) -> str | None:
 
 def _otlp_setting(env: Mapping[str, str], suffix: str) -> str | None:
     # The per-signal variable wins over the generic one.
-    return _setting(env, f"OTEL_EXPORTER_OTLP_TRACES_{suffix}") or _setting(
-        env, f"OTEL_EXPORTER_OTLP_{suffix}"
-    )
+    return _setting(env, f"OTEL_EXPORTER_OTLP_TRACES_{suffix}") or _setting(env, f"OTEL_EXPORTER_OTLP_{suffix}")
 
 
 def _exporter_names(env: Mapping[str, str]) -> set[str]:
@@ -167,8 +166,7 @@ def _timeout_seconds(env: Mapping[str, str]) -> float:
         millis = math.nan
     if not (math.isfinite(millis) and millis > 0):
         raise ConfigurationError(
-            f"OTLP timeout {raw!r} is not a positive number of milliseconds "
-            "(OTEL_EXPORTER_OTLP_TIMEOUT, e.g. 10000)"
+            f"OTLP timeout {raw!r} is not a positive number of milliseconds (OTEL_EXPORTER_OTLP_TIMEOUT, e.g. 10000)"
         )
     return millis / 1000
 

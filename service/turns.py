@@ -36,11 +36,18 @@ from .auth import Principal, new_id
 from .client_input import check_function_results, normalize_client_input
 from .context import ServiceContext
 from .conversations import audited_id
-from .errors import (ConversationNotFound, IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidInput,
-                     TurnInProgress, UpstreamFailed)
+from .database import database_now
+from .detectors import detect_classes
+from .errors import (
+    ConversationNotFound,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    InvalidInput,
+    TurnInProgress,
+    UpstreamFailed,
+)
 from .history import ConversationCipher, append_steps, encode_json, load_cipher, read_steps
 from .models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
-from .detectors import detect_classes
 from .policy import StorageDecision, UnknownRouteError, check_data_classes, decide_storage
 from .upstream import UpstreamReply
 
@@ -49,8 +56,14 @@ __all__ = ["TurnEngine", "output_text"]
 _RESPONSE = "response"
 # Only these statuses leave a history the model can continue from.
 _KEPT = frozenset({"completed", "requires_action"})
-_USAGE_FIELDS = ("total_input_tokens", "total_output_tokens", "total_thought_tokens",
-                 "total_cached_tokens", "total_tool_use_tokens", "total_tokens")
+_USAGE_FIELDS = (
+    "total_input_tokens",
+    "total_output_tokens",
+    "total_thought_tokens",
+    "total_cached_tokens",
+    "total_tool_use_tokens",
+    "total_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,11 @@ class TurnEngine:
         self._ctx = ctx
 
     async def run(
-        self, principal: Principal, meta: RequestMeta, conversation_id: str, raw_input: Any,
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        raw_input: Any,
         idempotency_key: str | None,
     ) -> dict[str, Any]:
         """Run one turn; returns the response body (replayed as first sent for a repeated key)."""
@@ -83,17 +100,25 @@ class TurnEngine:
         if detected:
             # Recorded on its own, before the claim, so the hit stays on record even when the
             # turn is then refused because the route does not allow the class.
-            await self._ctx.auditor.record(self._ctx.sessions, AuditEntry(
-                "detector.hit", principal, meta, resource_type="conversation",
-                resource_id=audited_id(conversation_id), data_classes=sorted(detected),
-                details={"classes": sorted(detected)}))
-        claim = await self._claim(principal, meta, conversation_id, new_steps, fingerprint, idempotency_key,
-                                  detected)
+            await self._ctx.auditor.record(
+                self._ctx.sessions,
+                AuditEntry(
+                    "detector.hit",
+                    principal,
+                    meta,
+                    resource_type="conversation",
+                    resource_id=audited_id(conversation_id),
+                    data_classes=sorted(detected),
+                    details={"classes": sorted(detected)},
+                ),
+            )
+        claim = await self._claim(principal, meta, conversation_id, new_steps, fingerprint, idempotency_key, detected)
         if isinstance(claim, dict):
             return claim
         try:
             reply = await self._ctx.upstream.create(
-                settings=claim.settings, steps=[*claim.history, *new_steps],
+                settings=claim.settings,
+                steps=[*claim.history, *new_steps],
                 store=claim.decision.provider_storage,
             )
         except UpstreamFailed as exc:
@@ -107,19 +132,32 @@ class TurnEngine:
         return await asyncio.shield(self._settle(principal, meta, conversation_id, claim, new_steps, reply))
 
     async def _claim(
-        self, principal: Principal, meta: RequestMeta, conversation_id: str, new_steps: list[dict[str, Any]],
-        fingerprint: str, idempotency_key: str | None, detected: set[str],
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        new_steps: list[dict[str, Any]],
+        fingerprint: str,
+        idempotency_key: str | None,
+        detected: set[str],
     ) -> _Claim | dict[str, Any]:
         ctx = self._ctx
-        entry = AuditEntry("turn.start", principal, meta, resource_type="conversation",
-                           resource_id=audited_id(conversation_id), details={"input_steps": len(new_steps), "idempotency_key": idempotency_key is not None})
+        entry = AuditEntry(
+            "turn.start",
+            principal,
+            meta,
+            resource_type="conversation",
+            resource_id=audited_id(conversation_id),
+            details={"input_steps": len(new_steps), "idempotency_key": idempotency_key is not None},
+        )
         try:
             async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
                 conversation = await _lock(session, principal, conversation_id)
                 entry.data_classes = list(conversation.data_classes)
-                now = await session.scalar(select(func.now()))
-                leased = bool(conversation.lease_token and conversation.lease_expires_at
-                              and conversation.lease_expires_at > now)
+                now = await database_now(session)
+                leased = bool(
+                    conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
+                )
                 if idempotency_key is not None:
                     earlier = await session.get(IdempotencyRecord, (principal.tenant_id, idempotency_key))
                     if earlier is not None:
@@ -145,28 +183,49 @@ class TurnEngine:
                 check_function_results(history, new_steps)
                 decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
                 claim = _Claim(
-                    turn_id=new_id("turn"), turn_number=conversation.turn_count + 1,
-                    lease_token=new_id("lease"), settings=route.upstream_settings(), decision=decision,
-                    policy_version=ctx.policy.version, data_classes=list(conversation.data_classes),
-                    idempotency_key=idempotency_key, cipher=cipher, history=history,
+                    turn_id=new_id("turn"),
+                    turn_number=conversation.turn_count + 1,
+                    lease_token=new_id("lease"),
+                    settings=route.upstream_settings(),
+                    decision=decision,
+                    policy_version=ctx.policy.version,
+                    data_classes=list(conversation.data_classes),
+                    idempotency_key=idempotency_key,
+                    cipher=cipher,
+                    history=history,
                 )
                 conversation.lease_token = claim.lease_token
                 conversation.lease_expires_at = now + timedelta(seconds=ctx.turn_lease_seconds)
                 conversation.turn_count = claim.turn_number
-                session.add(Turn(
-                    id=claim.turn_id, conversation_id=conversation.id, number=claim.turn_number,
-                    status="in_progress", provider_storage=decision.provider_storage,
-                    storage_reason=decision.reason, policy_version=claim.policy_version,
-                ))
+                session.add(
+                    Turn(
+                        id=claim.turn_id,
+                        conversation_id=conversation.id,
+                        number=claim.turn_number,
+                        status="in_progress",
+                        provider_storage=decision.provider_storage,
+                        storage_reason=decision.reason,
+                        policy_version=claim.policy_version,
+                    )
+                )
                 await session.flush()
                 if idempotency_key is not None:
-                    session.add(IdempotencyRecord(
-                        tenant_id=principal.tenant_id, key=idempotency_key, conversation_id=conversation.id,
-                        fingerprint=fingerprint, turn_id=claim.turn_id,
-                    ))
+                    session.add(
+                        IdempotencyRecord(
+                            tenant_id=principal.tenant_id,
+                            key=idempotency_key,
+                            conversation_id=conversation.id,
+                            fingerprint=fingerprint,
+                            turn_id=claim.turn_id,
+                        )
+                    )
                 entry.policy_version = claim.policy_version
-                entry.details |= {"turn_id": claim.turn_id, "history_steps": len(history),
-                                  "store": decision.provider_storage, "storage_reason": decision.code}
+                entry.details |= {
+                    "turn_id": claim.turn_id,
+                    "history_steps": len(history),
+                    "store": decision.provider_storage,
+                    "storage_reason": decision.code,
+                }
                 return claim
         except IntegrityError as exc:
             if "pk_idempotency_records" not in str(exc.orig):
@@ -175,8 +234,13 @@ class TurnEngine:
             raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request") from None
 
     async def _settle(
-        self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim,
-        new_steps: list[dict[str, Any]], reply: UpstreamReply,
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        claim: _Claim,
+        new_steps: list[dict[str, Any]],
+        reply: UpstreamReply,
     ) -> dict[str, Any]:
         interaction_id = reply.body.get("id")
         if isinstance(interaction_id, str) and interaction_id:
@@ -189,29 +253,60 @@ class TurnEngine:
             await self._release_failed(principal, meta, conversation_id, claim, code, audit=False)
             raise
 
-    async def _ledger(self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim,
-                      interaction_id: str) -> None:
+    async def _ledger(
+        self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim, interaction_id: str
+    ) -> None:
         """Record the provider's interaction id before anything else can fail."""
         stored = claim.decision.provider_storage
         async with self._ctx.sessions.begin() as session:
-            session.add(UpstreamInteraction(id=interaction_id[:200], tenant_id=principal.tenant_id,
-                                            conversation_id=conversation_id, turn_id=claim.turn_id, stored=stored))
+            session.add(
+                UpstreamInteraction(
+                    id=interaction_id[:200],
+                    tenant_id=principal.tenant_id,
+                    conversation_id=conversation_id,
+                    turn_id=claim.turn_id,
+                    stored=stored,
+                )
+            )
             if stored:
-                await append(session, AuditEntry(
-                    "upstream.store", principal, meta, resource_type="upstream_interaction",
-                    resource_id=interaction_id[:200], data_classes=claim.data_classes,
-                    policy_version=claim.policy_version,
-                    details={"conversation_id": conversation_id, "turn_id": claim.turn_id}))
+                await append(
+                    session,
+                    AuditEntry(
+                        "upstream.store",
+                        principal,
+                        meta,
+                        resource_type="upstream_interaction",
+                        resource_id=interaction_id[:200],
+                        data_classes=claim.data_classes,
+                        policy_version=claim.policy_version,
+                        details={"conversation_id": conversation_id, "turn_id": claim.turn_id},
+                    ),
+                )
 
     async def _finish(
-        self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim,
-        new_steps: list[dict[str, Any]], reply: UpstreamReply,
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        claim: _Claim,
+        new_steps: list[dict[str, Any]],
+        reply: UpstreamReply,
     ) -> dict[str, Any]:
         ctx = self._ctx
-        entry = AuditEntry("turn.create", principal, meta, resource_type="turn", resource_id=claim.turn_id,
-                           data_classes=claim.data_classes, policy_version=claim.policy_version,
-                           details={"conversation_id": conversation_id, "store": claim.decision.provider_storage,
-                                    "storage_reason": claim.decision.code})
+        entry = AuditEntry(
+            "turn.create",
+            principal,
+            meta,
+            resource_type="turn",
+            resource_id=claim.turn_id,
+            data_classes=claim.data_classes,
+            policy_version=claim.policy_version,
+            details={
+                "conversation_id": conversation_id,
+                "store": claim.decision.provider_storage,
+                "storage_reason": claim.decision.code,
+            },
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             conversation = await session.scalar(
                 select(Conversation).where(Conversation.id == conversation_id).with_for_update()
@@ -225,8 +320,11 @@ class TurnEngine:
                     raise ConversationNotFound(conversation_id)
                 raise TurnInProgress(conversation_id)
             response = await self._record(session, principal, conversation, claim, new_steps, reply)
-            entry.details |= {"status": response["status"], "steps": len(response["steps"]),
-                              "upstream_interaction_id": reply.body.get("id")}
+            entry.details |= {
+                "status": response["status"],
+                "steps": len(response["steps"]),
+                "upstream_interaction_id": reply.body.get("id"),
+            }
             return response
 
     async def _delete_orphaned_copy(self, reply: UpstreamReply, claim: _Claim) -> None:
@@ -243,8 +341,13 @@ class TurnEngine:
                     row.deleted_at = func.now()
 
     async def _record(
-        self, session: AsyncSession, principal: Principal, conversation: Conversation, claim: _Claim,
-        new_steps: list[dict[str, Any]], reply: UpstreamReply,
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        conversation: Conversation,
+        claim: _Claim,
+        new_steps: list[dict[str, Any]],
+        reply: UpstreamReply,
     ) -> dict[str, Any]:
         body = reply.body
         upstream_status = str(body.get("status", ""))
@@ -293,8 +396,16 @@ class TurnEngine:
                 await session.delete(record)
         return response
 
-    async def _release_failed(self, principal: Principal, meta: RequestMeta, conversation_id: str,
-                              claim: _Claim, code: str, *, audit: bool = True) -> None:
+    async def _release_failed(
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        claim: _Claim,
+        code: str,
+        *,
+        audit: bool = True,
+    ) -> None:
         """Record the failed turn and give the conversation back; the history is untouched."""
         async with self._ctx.sessions.begin() as session:
             conversation = await session.scalar(
@@ -306,18 +417,34 @@ class TurnEngine:
             if conversation is not None and conversation.lease_token == claim.lease_token:
                 conversation.lease_token = conversation.lease_expires_at = None
             if claim.idempotency_key is not None:
-                await session.execute(delete(IdempotencyRecord).where(
-                    IdempotencyRecord.tenant_id == principal.tenant_id,
-                    IdempotencyRecord.key == claim.idempotency_key,
-                    IdempotencyRecord.response.is_(None)))
+                await session.execute(
+                    delete(IdempotencyRecord).where(
+                        IdempotencyRecord.tenant_id == principal.tenant_id,
+                        IdempotencyRecord.key == claim.idempotency_key,
+                        IdempotencyRecord.response.is_(None),
+                    )
+                )
             if not audit:
                 return
-            await append(session, AuditEntry(
-                "turn.create", principal, meta, resource_type="turn", resource_id=claim.turn_id,
-                data_classes=claim.data_classes, policy_version=claim.policy_version,
-                details={"conversation_id": conversation_id, "store": claim.decision.provider_storage,
-                         "storage_reason": claim.decision.code},
-            ), outcome="error", reason=code[:80])
+            await append(
+                session,
+                AuditEntry(
+                    "turn.create",
+                    principal,
+                    meta,
+                    resource_type="turn",
+                    resource_id=claim.turn_id,
+                    data_classes=claim.data_classes,
+                    policy_version=claim.policy_version,
+                    details={
+                        "conversation_id": conversation_id,
+                        "store": claim.decision.provider_storage,
+                        "storage_reason": claim.decision.code,
+                    },
+                ),
+                outcome="error",
+                reason=code[:80],
+            )
 
 
 async def _lock(session: AsyncSession, principal: Principal, conversation_id: str) -> Conversation:
@@ -332,8 +459,13 @@ async def _lock(session: AsyncSession, principal: Principal, conversation_id: st
 
 
 async def _replay(
-    session: AsyncSession, ctx: ServiceContext, conversation: Conversation,
-    record: IdempotencyRecord, fingerprint: str, *, leased: bool,
+    session: AsyncSession,
+    ctx: ServiceContext,
+    conversation: Conversation,
+    record: IdempotencyRecord,
+    fingerprint: str,
+    *,
+    leased: bool,
 ) -> dict[str, Any] | None:
     """The stored response for a repeated key; None when the first attempt was abandoned."""
     if record.conversation_id != conversation.id or record.fingerprint != fingerprint:

@@ -45,8 +45,13 @@ class Upstream:
     """Creates and deletes interactions; everything else about the SDK stays in here."""
 
     def __init__(
-        self, settings: UpstreamSettings, *, attempts: int = 3, timeout_seconds: float = 120.0,
-        base_url: str | None = None, api_key: str | None = None,
+        self,
+        settings: UpstreamSettings,
+        *,
+        attempts: int = 3,
+        timeout_seconds: float = 120.0,
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         http_options = types.HttpOptions(
             base_url=base_url or settings.base_url,
@@ -59,8 +64,10 @@ class Upstream:
             # Vertex AI is the path Google's BAA covers for PHI: with an API key it is "express
             # mode"; without one the SDK uses Application Default Credentials for the project.
             self._client = genai.Client(
-                vertexai=True, api_key=key,
-                project=None if key else settings.project, location=None if key else settings.location,
+                vertexai=True,
+                api_key=key,
+                project=None if key else settings.project,
+                location=None if key else settings.location,
                 http_options=http_options,
             )
         else:
@@ -89,15 +96,18 @@ class Upstream:
                     await asyncio.sleep(_backoff(attempt, exc.response.headers.get("retry-after")))
                     continue
                 # The status only: upstream error bodies may quote the request's content.
-                raise UpstreamFailed(f"upstream_http_{exc.status_code}",
-                                     f"the model call failed with HTTP {exc.status_code}") from None
+                raise UpstreamFailed(
+                    f"upstream_http_{exc.status_code}", f"the model call failed with HTTP {exc.status_code}"
+                ) from None
             except sdk_errors.APIConnectionError:
                 if not store and attempt < self._attempts:
                     await asyncio.sleep(_backoff(attempt, None))
                     continue
                 raise UpstreamFailed("upstream_unreachable", "the model service could not be reached") from None
             except json.JSONDecodeError:
-                raise UpstreamFailed("upstream_bad_response", "the model service sent a body that is not JSON") from None
+                raise UpstreamFailed(
+                    "upstream_bad_response", "the model service sent a body that is not JSON"
+                ) from None
             if not isinstance(body, dict) or not isinstance(body.get("steps", []), list):
                 raise UpstreamFailed("upstream_bad_response", "the model service sent an unexpected body")
             return UpstreamReply(body, (time.perf_counter() - started) * 1000, attempt)
@@ -141,5 +151,5 @@ def _backoff(attempt: int, retry_after: str | None) -> float:
             return min(max(float(retry_after), 0.0), _MAX_RETRY_AFTER)
         except ValueError:
             pass
-    base = min(0.25 * 2 ** (attempt - 1), 4.0)
+    base: float = min(0.25 * 2.0 ** (attempt - 1), 4.0)
     return base * random.uniform(0.75, 1.0)

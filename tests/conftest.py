@@ -61,8 +61,13 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 from service.api import create_app  # noqa: E402
+from service.audit import Auditor  # noqa: E402
+from service.audit_chain import AuditSigner  # noqa: E402
 from service.auth import create_tenant, issue_key  # noqa: E402
 from service.config import REPO_ROOT, UpstreamSettings  # noqa: E402
 from service.context import ServiceContext  # noqa: E402
@@ -71,11 +76,6 @@ from service.keyring import LocalKeyring  # noqa: E402
 from service.policy import load_policy  # noqa: E402
 from service.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
 from service.upstream import Upstream  # noqa: E402
-from service.audit import Auditor  # noqa: E402
-from service.audit_chain import AuditSigner  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 CANARY = "CANARY-d41d8cd98f00b204-NEVER-AT-REST"
 TEST_PEPPER = b"test-pepper-" + bytes(20)
@@ -101,8 +101,9 @@ def session_keyring(keyring_path: Path) -> LocalKeyring:
 
 
 def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
-    settings = UpstreamSettings(api_key="test-key", base_url=gemini.base_url, use_vertexai=False,
-                                project=None, location=None)
+    settings = UpstreamSettings(
+        api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None
+    )
     return Upstream(settings, **options)
 
 
@@ -120,16 +121,25 @@ def signing_key_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def ctx(engine: AsyncEngine, gemini: RunningSimulator, session_keyring: LocalKeyring,
-              spans: InMemorySpanExporter, signing_key_path: Path) -> AsyncIterator[ServiceContext]:
+async def ctx(
+    engine: AsyncEngine,
+    gemini: RunningSimulator,
+    session_keyring: LocalKeyring,
+    spans: InMemorySpanExporter,
+    signing_key_path: Path,
+) -> AsyncIterator[ServiceContext]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
     upstream = make_upstream(gemini, attempts=3, timeout_seconds=10)
     signer, _ = AuditSigner.load_or_generate(signing_key_path)
     yield ServiceContext(
-        sessions=make_sessions(engine), keyring=session_keyring,
-        policy=load_policy(REPO_ROOT / "ops" / "policy.example.yaml"), upstream=upstream,
-        auditor=Auditor(provider.get_tracer("custody"), signer), pepper=TEST_PEPPER, turn_lease_seconds=30,
+        sessions=make_sessions(engine),
+        keyring=session_keyring,
+        policy=load_policy(REPO_ROOT / "ops" / "policy.example.yaml"),
+        upstream=upstream,
+        auditor=Auditor(provider.get_tracer("custody"), signer),
+        pepper=TEST_PEPPER,
+        turn_lease_seconds=30,
     )
     await upstream.aclose()
 
@@ -160,8 +170,9 @@ def new_tenant(ctx: ServiceContext) -> Any:
         name = f"tenant-{secrets.token_hex(4)}"
         async with ctx.sessions.begin() as session:
             await create_tenant(session, name)
-            keys = {role: (await issue_key(session, ctx.pepper, name, role))[1]
-                    for role in ("backend", "auditor", "ops")}
+            keys = {
+                role: (await issue_key(session, ctx.pepper, name, role))[1] for role in ("backend", "auditor", "ops")
+            }
         return Tenant(name, keys)
 
     return make

@@ -40,9 +40,17 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[A
     sessions = make_sessions(engine)
     for index in range(RECORDS):
         async with sessions.begin() as session:
-            await append(session, AuditEntry("conversation.read", actor, resource_type="conversation",
-                                             resource_id=f"conv_{index:030x}", data_classes=["phi"],
-                                             details={"n": index}))
+            await append(
+                session,
+                AuditEntry(
+                    "conversation.read",
+                    actor,
+                    resource_type="conversation",
+                    resource_id=f"conv_{index:030x}",
+                    data_classes=["phi"],
+                    details={"n": index},
+                ),
+            )
             if index + 1 == CHECKPOINT_AT:
                 await sign_checkpoint(session, signer, CHAIN)
     try:
@@ -53,7 +61,9 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[A
         await admin.close()
 
 
-async def tampered(lab: tuple[AsyncEngine, AuditSigner], change: Callable[[AsyncConnection], Awaitable[None]]) -> ChainVerdict:
+async def tampered(
+    lab: tuple[AsyncEngine, AuditSigner], change: Callable[[AsyncConnection], Awaitable[None]]
+) -> ChainVerdict:
     """Apply `change` with the append-only triggers off, verify, then roll everything back."""
     engine, signer = lab
     async with engine.connect() as connection:
@@ -73,12 +83,15 @@ async def records(connection: AsyncConnection) -> dict[int, dict[str, Any]]:
 
 
 async def put(connection: AsyncConnection, seq: int, record: dict[str, Any]) -> None:
-    await connection.execute(text("UPDATE audit_events SET record = CAST(:r AS jsonb) WHERE chain = :c AND seq = :s"),
-                             {"r": json.dumps(record), "c": CHAIN, "s": seq})
+    await connection.execute(
+        text("UPDATE audit_events SET record = CAST(:r AS jsonb) WHERE chain = :c AND seq = :s"),
+        {"r": json.dumps(record), "c": CHAIN, "s": seq},
+    )
 
 
 async def test_untouched_chain_verifies(lab: tuple[AsyncEngine, AuditSigner]) -> None:
     """The control: the intact chain and its checkpoint verify."""
+
     async def nothing(connection: AsyncConnection) -> None:
         return None
 
@@ -126,6 +139,7 @@ async def test_random_single_field_edits_are_detected(lab: tuple[AsyncEngine, Au
 @pytest.mark.parametrize("seq", [1, 7, RECORDS])
 async def test_deletions_are_detected(lab: tuple[AsyncEngine, AuditSigner], seq: int) -> None:
     """Deleting a record, first, middle or last, is detected at that record."""
+
     async def drop(connection: AsyncConnection) -> None:
         await connection.execute(text("DELETE FROM audit_events WHERE chain = :c AND seq = :s"), {"c": CHAIN, "s": seq})
 
@@ -135,14 +149,21 @@ async def test_deletions_are_detected(lab: tuple[AsyncEngine, AuditSigner], seq:
 
 async def test_insertion_in_the_middle_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
     """A well-formed forged record slipped in at seq 10 (later records shifted) is detected right after it."""
+
     async def insert(connection: AsyncConnection) -> None:
         existing = await records(connection)
-        await connection.execute(text("UPDATE audit_events SET seq = seq + 1000 WHERE chain = :c AND seq >= 10"), {"c": CHAIN})
-        await connection.execute(text("UPDATE audit_events SET seq = seq - 999 WHERE chain = :c AND seq >= 1000"), {"c": CHAIN})
+        await connection.execute(
+            text("UPDATE audit_events SET seq = seq + 1000 WHERE chain = :c AND seq >= 10"), {"c": CHAIN}
+        )
+        await connection.execute(
+            text("UPDATE audit_events SET seq = seq - 999 WHERE chain = :c AND seq >= 1000"), {"c": CHAIN}
+        )
         forged = dict(existing[10]) | {"details": {"n": "forged"}, "prev_hash": existing[9]["hash"]}
         forged["hash"] = record_hash(forged["prev_hash"], forged)
-        await connection.execute(text("INSERT INTO audit_events (chain, seq, record) VALUES (:c, 10, CAST(:r AS jsonb))"),
-                                 {"c": CHAIN, "r": json.dumps(forged)})
+        await connection.execute(
+            text("INSERT INTO audit_events (chain, seq, record) VALUES (:c, 10, CAST(:r AS jsonb))"),
+            {"c": CHAIN, "r": json.dumps(forged)},
+        )
 
     verdict = await tampered(lab, insert)
     assert not verdict.ok and verdict.first_bad == 11, verdict
@@ -150,12 +171,15 @@ async def test_insertion_in_the_middle_is_detected(lab: tuple[AsyncEngine, Audit
 
 async def test_appended_record_beyond_the_head_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
     """A well-formed record appended without moving the chain head is named as the first bad record."""
+
     async def add(connection: AsyncConnection) -> None:
         last = (await records(connection))[RECORDS]
         forged = dict(last) | {"seq": RECORDS + 1, "prev_hash": last["hash"]}
         forged["hash"] = record_hash(forged["prev_hash"], forged)
-        await connection.execute(text("INSERT INTO audit_events (chain, seq, record) VALUES (:c, :s, CAST(:r AS jsonb))"),
-                                 {"c": CHAIN, "s": RECORDS + 1, "r": json.dumps(forged)})
+        await connection.execute(
+            text("INSERT INTO audit_events (chain, seq, record) VALUES (:c, :s, CAST(:r AS jsonb))"),
+            {"c": CHAIN, "s": RECORDS + 1, "r": json.dumps(forged)},
+        )
 
     verdict = await tampered(lab, add)
     assert not verdict.ok and verdict.first_bad == RECORDS + 1, verdict
@@ -164,6 +188,7 @@ async def test_appended_record_beyond_the_head_is_detected(lab: tuple[AsyncEngin
 @pytest.mark.parametrize(("first", "second"), [(3, 4), (5, 25), (1, RECORDS)])
 async def test_swaps_are_detected(lab: tuple[AsyncEngine, AuditSigner], first: int, second: int) -> None:
     """Swapping two records' places is detected at the earlier one."""
+
     async def swap(connection: AsyncConnection) -> None:
         existing = await records(connection)
         await put(connection, first, existing[second])
@@ -175,6 +200,7 @@ async def test_swaps_are_detected(lab: tuple[AsyncEngine, AuditSigner], first: i
 
 async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
     """Editing record 5 and recomputing every later hash and the head is caught by the checkpoint at seq 20."""
+
     async def rewrite(connection: AsyncConnection) -> None:
         existing = await records(connection)
         prev = existing[4]["hash"]
@@ -184,7 +210,9 @@ async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[Asy
                 record["details"] = {"n": "rewritten"}
             record["hash"] = prev = record_hash(prev, record)
             await put(connection, seq, record)
-        await connection.execute(text("UPDATE audit_chain_heads SET head_hash = :h WHERE chain = :c"), {"h": prev, "c": CHAIN})
+        await connection.execute(
+            text("UPDATE audit_chain_heads SET head_hash = :h WHERE chain = :c"), {"h": prev, "c": CHAIN}
+        )
 
     verdict = await tampered(lab, rewrite)
     assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "checkpoint" in (verdict.reason or ""), verdict
@@ -192,9 +220,12 @@ async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[Asy
 
 async def test_forged_checkpoint_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
     """A checkpoint whose signature was not made by the audit key is rejected."""
+
     async def forge(connection: AsyncConnection) -> None:
-        await connection.execute(text("UPDATE audit_checkpoints SET signed_at = '2020-01-01T00:00:00.000000Z' WHERE chain = :c"),
-                                 {"c": CHAIN})
+        await connection.execute(
+            text("UPDATE audit_checkpoints SET signed_at = '2020-01-01T00:00:00.000000Z' WHERE chain = :c"),
+            {"c": CHAIN},
+        )
 
     verdict = await tampered(lab, forge)
     assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "signature" in (verdict.reason or "")

@@ -54,28 +54,83 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
 
 # The resource each action's record names, by the action's first word.
 RESOURCE_TYPES = {
-    "conversation": "conversation", "turn": "turn", "history": "conversation", "auth": None,
-    "access": None, "detector": "conversation", "upstream": "upstream_interaction",
-    "retention": "conversation", "legal_hold": "legal_hold", "tenant": "tenant",
-    "api_key": "api_key", "keyring": "keyring", "audit": "audit_log",
+    "conversation": "conversation",
+    "turn": "turn",
+    "history": "conversation",
+    "auth": None,
+    "access": None,
+    "detector": "conversation",
+    "upstream": "upstream_interaction",
+    "retention": "conversation",
+    "legal_hold": "legal_hold",
+    "tenant": "tenant",
+    "api_key": "api_key",
+    "keyring": "keyring",
+    "audit": "audit_log",
 }
 # Actions run from the CLI or a local job: no key, no address, the system chain.
-LOCAL_ACTIONS = {"tenant.create", "api_key.issue", "api_key.revoke", "keyring.rotate",
-                 "retention.run"}
+LOCAL_ACTIONS = {"tenant.create", "api_key.issue", "api_key.revoke", "keyring.rotate", "retention.run"}
 
 # Every string the converter may write that does not come from the record.
 FIXED_STRINGS = {
-    "AuditEvent", REST, RESTFUL, DCM, LIFECYCLE, HL7 + "security-source-type",
-    HL7 + "audit-entity-type", HL7 + "object-role", HL7 + "v3-Confidentiality",
-    "rest", "create", "read", "delete",
-    "110100", "110101", "110106", "110113", "110114", "110122", "110129", "110132", "110135",
-    "110137", "110153",
-    "C", "R", "U", "D", "E", "0", "4", "8",
-    "1", "2", "3", "6", "10", "11", "13", "14", "15", "19", "20",
-    "custody", "unauthenticated", "local process (no API key)",
-    "urn:custody:api-key", "urn:custody:tenant",
-    "action", "chain", "seq", "data_class", "policy_version", "trace_id", "span_id",
-    "request_id", "prev_hash", "hash",
+    "AuditEvent",
+    REST,
+    RESTFUL,
+    DCM,
+    LIFECYCLE,
+    HL7 + "security-source-type",
+    HL7 + "audit-entity-type",
+    HL7 + "object-role",
+    HL7 + "v3-Confidentiality",
+    "rest",
+    "create",
+    "read",
+    "delete",
+    "110100",
+    "110101",
+    "110106",
+    "110113",
+    "110114",
+    "110122",
+    "110129",
+    "110132",
+    "110135",
+    "110137",
+    "110153",
+    "C",
+    "R",
+    "U",
+    "D",
+    "E",
+    "0",
+    "4",
+    "8",
+    "1",
+    "2",
+    "3",
+    "6",
+    "10",
+    "11",
+    "13",
+    "14",
+    "15",
+    "19",
+    "20",
+    "custody",
+    "unauthenticated",
+    "local process (no API key)",
+    "urn:custody:api-key",
+    "urn:custody:tenant",
+    "action",
+    "chain",
+    "seq",
+    "data_class",
+    "policy_version",
+    "trace_id",
+    "span_id",
+    "request_id",
+    "prev_hash",
+    "hash",
 }
 REASONS = {"success": None, "denied": "forbidden", "error": "provider_delete_failed"}
 
@@ -84,8 +139,7 @@ def _hex(seed: str, length: int) -> str:
     return hashlib.sha256(seed.encode()).hexdigest()[:length]
 
 
-def make_record(action: str, outcome: str = "success", seq: int = 12,
-                **overrides: Any) -> dict[str, Any]:
+def make_record(action: str, outcome: str = "success", seq: int = 12, **overrides: Any) -> dict[str, Any]:
     """A record shaped as service.audit.append writes it, for the given action and outcome."""
     local = action in LOCAL_ACTIONS
     keyless = local or action == "auth.failure"
@@ -97,12 +151,13 @@ def make_record(action: str, outcome: str = "success", seq: int = 12,
         "action": action,
         "outcome": outcome,
         "reason": REASONS[outcome],
-        "actor": ({"tenant_id": None, "key_id": None, "role": None} if keyless
-                  else {"tenant_id": TENANT, "key_id": "key_ab12cd34", "role": "backend"}),
-        "resource": {"type": resource_type,
-                     "id": None if resource_type is None else f"{resource_type}_9c{seq}"},
-        "source": {"address": None if local else "10.2.3.4",
-                   "request_id": None if local else "req_7f3a"},
+        "actor": (
+            {"tenant_id": None, "key_id": None, "role": None}
+            if keyless
+            else {"tenant_id": TENANT, "key_id": "key_ab12cd34", "role": "backend"}
+        ),
+        "resource": {"type": resource_type, "id": None if resource_type is None else f"{resource_type}_9c{seq}"},
+        "source": {"address": None if local else "10.2.3.4", "request_id": None if local else "req_7f3a"},
         "data_classes": ["phi", "pii"] if resource_type == "conversation" else [],
         "policy_version": "sha256:" + _hex("policy", 64),
         "trace_id": _hex("trace" + action, 32),
@@ -192,10 +247,14 @@ def test_outcome_codes_and_reason(outcome: str, code: str) -> None:
     assert event.get("outcomeDesc") == record["reason"]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("action", "conversation.share"), ("outcome", "maybe"),
-    ("resource", {"type": "patient", "id": "p1"}),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("action", "conversation.share"),
+        ("outcome", "maybe"),
+        ("resource", {"type": "patient", "id": "p1"}),
+    ],
+)
 def test_unknown_codes_are_refused(field: str, value: Any) -> None:
     """An action, outcome or resource type with no documented coding raises, never a guess."""
     record = make_record("conversation.read")
@@ -232,13 +291,15 @@ def test_an_id_longer_than_64_characters_is_refused() -> None:
 def test_authenticated_agent_names_the_key_role_and_address() -> None:
     """An authenticated caller is the requesting agent: key id, role and IP address."""
     agent = to_fhir_audit_event(make_record("conversation.read"))["agent"]
-    assert agent == [{
-        "type": {"coding": [{"system": DCM, "code": "110153"}]},
-        "who": {"identifier": {"system": "urn:custody:api-key", "value": "key_ab12cd34"}},
-        "role": [{"text": "backend"}],
-        "requestor": True,
-        "network": {"address": "10.2.3.4", "type": "2"},
-    }]
+    assert agent == [
+        {
+            "type": {"coding": [{"system": DCM, "code": "110153"}]},
+            "who": {"identifier": {"system": "urn:custody:api-key", "value": "key_ab12cd34"}},
+            "role": [{"text": "backend"}],
+            "requestor": True,
+            "network": {"address": "10.2.3.4", "type": "2"},
+        }
+    ]
 
 
 def test_unauthenticated_and_local_agents_are_told_apart() -> None:
@@ -268,16 +329,23 @@ def test_the_actor_tenant_is_a_customer_entity_once() -> None:
 def test_subject_entity_identifies_the_resource_without_content() -> None:
     """The subject entity names the resource by identifier and codes its kind, nothing more."""
     subject = to_fhir_audit_event(make_record("api_key.revoke"))["entity"][0]
-    assert subject["what"] == {
-        "identifier": {"system": "urn:custody:api_key", "value": "api_key_9c12"}}
+    assert subject["what"] == {"identifier": {"system": "urn:custody:api_key", "value": "api_key_9c12"}}
     assert subject["type"]["code"] == "2" and subject["role"]["code"] == "13"
     assert not {"name", "query", "description"} & subject.keys()
 
 
-@pytest.mark.parametrize(("classes", "labelled"), [
-    (["phi"], True), (["pii"], True), (["pan"], True), (["financial"], True),
-    (["none"], False), ([], False), (None, False),
-])
+@pytest.mark.parametrize(
+    ("classes", "labelled"),
+    [
+        (["phi"], True),
+        (["pii"], True),
+        (["pan"], True),
+        (["financial"], True),
+        (["none"], False),
+        ([], False),
+        (None, False),
+    ],
+)
 def test_restricted_classes_set_a_confidentiality_label(classes: Any, labelled: bool) -> None:
     """PHI, PII, PAN or financial data labels the subject R; other classes add no label."""
     subject = to_fhir_audit_event(make_record("history.read", data_classes=classes))["entity"][0]
@@ -287,18 +355,29 @@ def test_restricted_classes_set_a_confidentiality_label(classes: Any, labelled: 
 
 def test_details_carry_the_record_facts_as_strings() -> None:
     """Data classes, policy, trace, request, hashes and each details key become string details."""
-    record = make_record("conversation.create", details={
-        "route": "triage", "store": False, "n": 3, "empty": "", "none": None,
-        "nested": {"b": 1, "a": 2}})
+    record = make_record(
+        "conversation.create",
+        details={"route": "triage", "store": False, "n": 3, "empty": "", "none": None, "nested": {"b": 1, "a": 2}},
+    )
     subject = to_fhir_audit_event(record)["entity"][0]
     assert [(d["type"], d["valueString"]) for d in subject["detail"]] == [
-        ("action", "conversation.create"), ("chain", TENANT), ("seq", "12"),
-        ("data_class", "phi"), ("data_class", "pii"),
-        ("policy_version", record["policy_version"]), ("trace_id", record["trace_id"]),
-        ("span_id", record["span_id"]), ("request_id", "req_7f3a"),
-        ("prev_hash", record["prev_hash"]), ("hash", record["hash"]),
-        ("details.empty", '""'), ("details.n", "3"), ("details.nested", '{"a":2,"b":1}'),
-        ("details.none", "null"), ("details.route", "triage"), ("details.store", "false"),
+        ("action", "conversation.create"),
+        ("chain", TENANT),
+        ("seq", "12"),
+        ("data_class", "phi"),
+        ("data_class", "pii"),
+        ("policy_version", record["policy_version"]),
+        ("trace_id", record["trace_id"]),
+        ("span_id", record["span_id"]),
+        ("request_id", "req_7f3a"),
+        ("prev_hash", record["prev_hash"]),
+        ("hash", record["hash"]),
+        ("details.empty", '""'),
+        ("details.n", "3"),
+        ("details.nested", '{"a":2,"b":1}'),
+        ("details.none", "null"),
+        ("details.route", "triage"),
+        ("details.store", "false"),
     ]
 
 

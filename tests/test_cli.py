@@ -22,7 +22,8 @@ def test_simulator_runs_standalone() -> None:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "simulator", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         base = f"http://127.0.0.1:{port}"

@@ -17,7 +17,9 @@ from .conftest import Tenant
 
 def _custody(*args: str, database_url: str, key: Path) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"DATABASE_URL": database_url, "CUSTODY_AUDIT_SIGNING_KEY": str(key)}
-    return subprocess.run([sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 async def test_checkpoint_export_and_offline_verify(
@@ -39,8 +41,16 @@ async def test_checkpoint_export_and_offline_verify(
     export.write_text(exported.stdout)
     public = tmp_path / "audit.pub.pem"
     public.write_text(ctx.auditor.signer.public_pem())
-    offline = _custody("audit", "verify", "--file", str(export), "--public-key", str(public),
-                       database_url="postgresql://nobody@127.0.0.1:1/none", key=signing_key_path)
+    offline = _custody(
+        "audit",
+        "verify",
+        "--file",
+        str(export),
+        "--public-key",
+        str(public),
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        key=signing_key_path,
+    )
     assert offline.returncode == 0 and ": ok," in offline.stdout, offline.stdout + offline.stderr
 
     lines = export.read_text().splitlines()
@@ -48,7 +58,15 @@ async def test_checkpoint_export_and_offline_verify(
     record["action"] = "conversation.read"
     lines[2] = json.dumps(record)
     export.write_text("\n".join(lines) + "\n")
-    tampered = _custody("audit", "verify", "--file", str(export), "--public-key", str(public),
-                        database_url="postgresql://nobody@127.0.0.1:1/none", key=signing_key_path)
+    tampered = _custody(
+        "audit",
+        "verify",
+        "--file",
+        str(export),
+        "--public-key",
+        str(public),
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        key=signing_key_path,
+    )
     assert tampered.returncode == 1
     assert f"FIRST BAD RECORD seq {record['seq']}" in tampered.stdout

@@ -20,8 +20,9 @@ def _custody(*args: str, database_url: str, pepper: Path) -> subprocess.Complete
     return subprocess.run([sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-async def test_issue_use_and_revoke_a_key(database_url: str, engine: AsyncEngine, tmp_path: Path,
-                                         api: httpx.AsyncClient) -> None:
+async def test_issue_use_and_revoke_a_key(
+    database_url: str, engine: AsyncEngine, tmp_path: Path, api: httpx.AsyncClient
+) -> None:
     """A key issued by the CLI authenticates with its role, is stored only as a hash, and stops working when revoked."""
     pepper = tmp_path / "pepper"
     pepper.write_bytes(TEST_PEPPER)
@@ -35,15 +36,21 @@ async def test_issue_use_and_revoke_a_key(database_url: str, engine: AsyncEngine
     key_id = "key_" + key.removeprefix("cust_").split("_", 1)[0]
 
     async with engine.connect() as connection:
-        row = (await connection.execute(text("SELECT api_keys::text FROM api_keys WHERE id = :i"), {"i": key_id})).scalar_one()
+        row = (
+            await connection.execute(text("SELECT api_keys::text FROM api_keys WHERE id = :i"), {"i": key_id})
+        ).scalar_one()
     secret = key.split("_", 2)[2]
     assert secret not in row and secret.encode().hex() not in row
 
     headers = {"Authorization": f"Bearer {key}"}
-    opened = await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=headers)
+    opened = await api.post(
+        "/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=headers
+    )
     assert opened.status_code == 201
     assert _custody("keys", "revoke", key_id, database_url=database_url, pepper=pepper).returncode == 0
-    refused = await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=headers)
+    refused = await api.post(
+        "/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=headers
+    )
     assert refused.status_code == 401
 
 
@@ -52,7 +59,9 @@ def test_unknown_tenant_and_bad_role_are_refused(database_url: str, tmp_path: Pa
     pepper = tmp_path / "pepper"
     pepper.write_bytes(TEST_PEPPER)
     pepper.chmod(0o600)
-    missing = _custody("keys", "issue", "--tenant", "nobody-here", "--role", "ops", database_url=database_url, pepper=pepper)
+    missing = _custody(
+        "keys", "issue", "--tenant", "nobody-here", "--role", "ops", database_url=database_url, pepper=pepper
+    )
     assert missing.returncode == 1 and "no tenant named" in missing.stderr
     bad_role = _custody("keys", "issue", "--tenant", "x", "--role", "admin", database_url=database_url, pepper=pepper)
     assert bad_role.returncode == 2

@@ -82,7 +82,10 @@ def embedded() -> Iterator[EmbeddedPostgres]:
 def _holder(data_dir: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(data_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
     )
 
 

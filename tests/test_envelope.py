@@ -36,11 +36,7 @@ def _wycheproof_cases(name: str) -> list[Any]:
     if not path.is_file():
         return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"{path} not found"))]
     doc = json.loads(path.read_text())
-    return [
-        pytest.param(group, case, id=f"tc{case['tcId']}")
-        for group in doc["testGroups"]
-        for case in group["tests"]
-    ]
+    return [pytest.param(group, case, id=f"tc{case['tcId']}") for group in doc["testGroups"] for case in group["tests"]]
 
 
 GCM_CASES = _wycheproof_cases("aes_gcm_test.json")
@@ -234,15 +230,13 @@ def test_step_aad_encoding_is_stable() -> None:
 def test_step_aad_distinguishes_every_field() -> None:
     """Changing any one field of the step's location yields a different AAD."""
     base = step_aad(**STEP)
-    for field, value in (("tenant_id", "x"), ("conversation_id", "x"), ("position", 9),
-                         ("key_version", 9)):
+    for field, value in (("tenant_id", "x"), ("conversation_id", "x"), ("position", 9), ("key_version", 9)):
         assert step_aad(**{**STEP, field: value}) != base
 
 
 @pytest.mark.parametrize(
     "bad",
-    [{"position": -1}, {"key_version": 0}, {"tenant_id": ""}, {"conversation_id": ""},
-     {"position": 2**64}],
+    [{"position": -1}, {"key_version": 0}, {"tenant_id": ""}, {"conversation_id": ""}, {"position": 2**64}],
     ids=["negative-position", "zero-version", "empty-tenant", "empty-conversation", "huge"],
 )
 def test_step_aad_rejects_out_of_range_fields(bad: dict[str, Any]) -> None:

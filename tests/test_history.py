@@ -45,8 +45,12 @@ async def test_intact_history_decrypts(api: httpx.AsyncClient, tenant: Tenant, c
 async def test_step_moved_to_another_position_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
     """Swapping two steps' ciphertexts inside one conversation is detected."""
     conversation = await _two_turn_conversation(api, tenant)
-    await _sql(ctx, """UPDATE steps SET sealed = (SELECT sealed FROM steps WHERE conversation_id = :c AND position = 0)
-                       WHERE conversation_id = :c AND position = 4""", c=conversation)
+    await _sql(
+        ctx,
+        """UPDATE steps SET sealed = (SELECT sealed FROM steps WHERE conversation_id = :c AND position = 0)
+                       WHERE conversation_id = :c AND position = 4""",
+        c=conversation,
+    )
     with pytest.raises(DecryptionError):
         await _history(ctx, conversation)
 
@@ -60,11 +64,21 @@ async def test_step_moved_to_another_conversation_fails_even_with_its_key(
     other: Tenant = owner if same_tenant else await new_tenant()
     source = await _two_turn_conversation(api, owner)
     target = await _two_turn_conversation(api, other)
-    await _sql(ctx, """UPDATE data_keys SET wrapped = (SELECT wrapped FROM data_keys WHERE conversation_id = :s),
+    await _sql(
+        ctx,
+        """UPDATE data_keys SET wrapped = (SELECT wrapped FROM data_keys WHERE conversation_id = :s),
                        kek_version = (SELECT kek_version FROM data_keys WHERE conversation_id = :s)
-                       WHERE conversation_id = :t""", s=source, t=target)
-    await _sql(ctx, """UPDATE steps SET sealed = (SELECT sealed FROM steps WHERE conversation_id = :s AND position = 0)
-                       WHERE conversation_id = :t AND position = 0""", s=source, t=target)
+                       WHERE conversation_id = :t""",
+        s=source,
+        t=target,
+    )
+    await _sql(
+        ctx,
+        """UPDATE steps SET sealed = (SELECT sealed FROM steps WHERE conversation_id = :s AND position = 0)
+                       WHERE conversation_id = :t AND position = 0""",
+        s=source,
+        t=target,
+    )
     with pytest.raises(DecryptionError):
         await _history(ctx, target)
 
@@ -72,8 +86,12 @@ async def test_step_moved_to_another_conversation_fails_even_with_its_key(
 async def test_flipped_bit_in_a_stored_step_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
     """One flipped bit in a stored ciphertext is detected."""
     conversation = await _two_turn_conversation(api, tenant)
-    await _sql(ctx, """UPDATE steps SET sealed = set_byte(sealed, 20, get_byte(sealed, 20) # 1)
-                       WHERE conversation_id = :c AND position = 2""", c=conversation)
+    await _sql(
+        ctx,
+        """UPDATE steps SET sealed = set_byte(sealed, 20, get_byte(sealed, 20) # 1)
+                       WHERE conversation_id = :c AND position = 2""",
+        c=conversation,
+    )
     with pytest.raises(DecryptionError):
         await _history(ctx, conversation)
 
@@ -81,7 +99,10 @@ async def test_flipped_bit_in_a_stored_step_fails(api: httpx.AsyncClient, tenant
 async def test_relabelled_key_version_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
     """Changing a step's recorded key version breaks its authentication."""
     conversation = await _two_turn_conversation(api, tenant)
-    await _sql(ctx, "UPDATE steps SET key_version = key_version + 1 WHERE conversation_id = :c AND position = 1",
-               c=conversation)
+    await _sql(
+        ctx,
+        "UPDATE steps SET key_version = key_version + 1 WHERE conversation_id = :c AND position = 1",
+        c=conversation,
+    )
     with pytest.raises(DecryptionError):
         await _history(ctx, conversation)

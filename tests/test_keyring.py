@@ -31,11 +31,7 @@ def _wycheproof_cases(name: str) -> list[Any]:
     if not path.is_file():
         return [pytest.param(None, None, marks=pytest.mark.skip(reason=f"{path} not found"))]
     doc = json.loads(path.read_text())
-    return [
-        pytest.param(group, case, id=f"tc{case['tcId']}")
-        for group in doc["testGroups"]
-        for case in group["tests"]
-    ]
+    return [pytest.param(group, case, id=f"tc{case['tcId']}") for group in doc["testGroups"] for case in group["tests"]]
 
 
 KW_CASES = _wycheproof_cases("aes_wrap_test.json")
@@ -161,8 +157,18 @@ _KEY = base64.b64encode(b"S" * 32).decode()
         json.dumps({"format": FORMAT, "current": 1, "keys": {"1": "!!" + _KEY}}).encode(),
         json.dumps({"format": FORMAT, "current": 1, "keys": {"1": _KEY}, "x": 1}).encode(),
     ],
-    ids=["not-json", "not-utf8", "format", "current-missing", "no-keys", "current-type",
-         "version-spelling", "short-key", "bad-base64", "extra-field"],
+    ids=[
+        "not-json",
+        "not-utf8",
+        "format",
+        "current-missing",
+        "no-keys",
+        "current-type",
+        "version-spelling",
+        "short-key",
+        "bad-base64",
+        "extra-field",
+    ],
 )
 def test_malformed_file_error_names_path_not_keys(keyring_path: Path, content: bytes) -> None:
     """A malformed keyring file raises KeyringError naming the path and no key material."""

@@ -26,8 +26,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def replicas(database_url: str, gemini: RunningSimulator, keyring_path: Path, signing_key_path: Path,
-             tmp_path: Path) -> Iterator[list[str]]:
+def replicas(
+    database_url: str, gemini: RunningSimulator, keyring_path: Path, signing_key_path: Path, tmp_path: Path
+) -> Iterator[list[str]]:
     """Two service processes on one database, keyring and pepper, calling the test simulator."""
     pepper = tmp_path / "pepper"
     pepper.write_bytes(TEST_PEPPER)
@@ -36,19 +37,26 @@ def replicas(database_url: str, gemini: RunningSimulator, keyring_path: Path, si
     for index in range(2):
         port = _free_port()
         env = os.environ | {
-            "DATABASE_URL": database_url, "GEMINI_API_KEY": "test-key",
-            "GOOGLE_GEMINI_BASE_URL": gemini.base_url, "CUSTODY_KEYRING": str(keyring_path),
-            "CUSTODY_PEPPER_FILE": str(pepper), "CUSTODY_DATA_DIR": str(tmp_path / f"data{index}"),
-            "CUSTODY_PORT": str(port), "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
+            "DATABASE_URL": database_url,
+            "GEMINI_API_KEY": "test-key",
+            "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
+            "CUSTODY_KEYRING": str(keyring_path),
+            "CUSTODY_PEPPER_FILE": str(pepper),
+            "CUSTODY_DATA_DIR": str(tmp_path / f"data{index}"),
+            "CUSTODY_PORT": str(port),
+            "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
         }
         log = (tmp_path / f"replica{index}.log").open("w")
-        processes.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))
+        processes.append(
+            subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
         urls.append(f"http://127.0.0.1:{port}")
     try:
-        for process, url in zip(processes, urls):
+        for process, url in zip(processes, urls, strict=True):
             for _ in range(300):
-                assert process.poll() is None, (tmp_path / "replica0.log").read_text() + (tmp_path / "replica1.log").read_text()
+                assert process.poll() is None, (tmp_path / "replica0.log").read_text() + (
+                    tmp_path / "replica1.log"
+                ).read_text()
                 try:
                     if httpx.get(f"{url}/readyz").status_code == 200:
                         break
@@ -67,23 +75,30 @@ def replicas(database_url: str, gemini: RunningSimulator, keyring_path: Path, si
             process.wait(timeout=15)
 
 
-async def test_racing_replicas_never_fork_history(replicas: list[str], tenant: Tenant, gemini: RunningSimulator) -> None:
+async def test_racing_replicas_never_fork_history(
+    replicas: list[str], tenant: Tenant, gemini: RunningSimulator
+) -> None:
     """Turns sent at the same moment to two replicas are serialized or refused with 409; the history stays linear and replayable."""
     headers = tenant.headers()
     async with httpx.AsyncClient(timeout=30) as http:
-        created = await http.post(f"{replicas[0]}/v1/conversations", headers=headers,
-                                  json={"route": "patient-intake", "data_classes": ["phi"]})
+        created = await http.post(
+            f"{replicas[0]}/v1/conversations",
+            headers=headers,
+            json={"route": "patient-intake", "data_classes": ["phi"]},
+        )
         conversation = created.json()["id"]
         accepted: list[str] = []
         refused = 0
         for round_ in range(8):
             gemini.app.inject(FaultSpec(latency_ms=50, count=2))
             texts = [f"round {round_} via replica {i}" for i in range(2)]
-            responses = await asyncio.gather(*(
-                http.post(f"{url}/v1/conversations/{conversation}/turns", headers=headers, json={"input": text})
-                for url, text in zip(replicas, texts)
-            ))
-            for text, response in zip(texts, responses):
+            responses = await asyncio.gather(
+                *(
+                    http.post(f"{url}/v1/conversations/{conversation}/turns", headers=headers, json={"input": text})
+                    for url, text in zip(replicas, texts, strict=True)
+                )
+            )
+            for text, response in zip(texts, responses, strict=True):
                 if response.status_code == 200:
                     accepted.append(text)
                 else:
@@ -93,12 +108,20 @@ async def test_racing_replicas_never_fork_history(replicas: list[str], tenant: T
         history: list[dict[str, Any]] = []
         cursor: int | None = 0
         while cursor is not None:
-            page = (await http.get(f"{replicas[1]}/v1/conversations/{conversation}/steps", headers=headers,
-                                   params={"cursor": cursor, "limit": 500})).json()
+            page = (
+                await http.get(
+                    f"{replicas[1]}/v1/conversations/{conversation}/steps",
+                    headers=headers,
+                    params={"cursor": cursor, "limit": 500},
+                )
+            ).json()
             history.extend(page["steps"])
             cursor = page["next_cursor"]
-        final = await http.post(f"{replicas[1]}/v1/conversations/{conversation}/turns", headers=headers,
-                                json={"input": "what did I say first?"})
+        final = await http.post(
+            f"{replicas[1]}/v1/conversations/{conversation}/turns",
+            headers=headers,
+            json={"input": "what did I say first?"},
+        )
         audit = (await http.get(f"{replicas[0]}/v1/audit/verify", headers=tenant.headers("auditor"))).json()
 
     assert refused > 0, "the two replicas never overlapped: the test proved nothing"
@@ -108,7 +131,7 @@ async def test_racing_replicas_never_fork_history(replicas: list[str], tenant: T
     assert user_texts == accepted
     # Each turn's four steps are contiguous: its input, then the model's three steps.
     for index in range(0, len(history), 4):
-        assert len({s["turn_id"] for s in history[index:index + 4]}) == 1
+        assert len({s["turn_id"] for s in history[index : index + 4]}) == 1
     # The strict simulator accepts the whole replayed history only if nothing was lost or altered.
     assert final.status_code == 200, final.text
     assert final.json()["output_text"] == f'You first said: "{accepted[0]}".'

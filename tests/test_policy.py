@@ -81,9 +81,7 @@ def test_example_matches_schema_file(example_document: Document) -> None:
 
 
 @pytest.mark.parametrize("name", ["patient-intake", "billing-support", "public-faq"])
-def test_upstream_settings_resend_route_settings(
-    example: Policy, example_document: Document, name: str
-) -> None:
+def test_upstream_settings_resend_route_settings(example: Policy, example_document: Document, name: str) -> None:
     """Each route's upstream_settings holds exactly the interaction-scoped settings it declares."""
     raw = example_document["routes"][name]
     expected = {key: raw[key] for key in UPSTREAM_KEYS if key in raw}
@@ -162,9 +160,7 @@ def test_version_is_prefixed_sha256(example: Policy) -> None:
     int(digest, 16)
 
 
-def test_version_stable_under_reformat_and_reorder(
-    tmp_path: Path, example: Policy, example_document: Document
-) -> None:
+def test_version_stable_under_reformat_and_reorder(tmp_path: Path, example: Policy, example_document: Document) -> None:
     """Re-serializing the YAML in another style with keys reordered keeps the version."""
     path = tmp_path / "reformatted.yaml"
     text = yaml.safe_dump(reorder(example_document), default_flow_style=True, width=60)
@@ -294,9 +290,7 @@ INVALID = [
     ),
     (
         "duplicate-function-name",
-        lambda d: d["routes"]["billing-support"]["tools"].append(
-            {"type": "function", "name": "open_dispute"}
-        ),
+        lambda d: d["routes"]["billing-support"]["tools"].append({"type": "function", "name": "open_dispute"}),
         "routes.billing-support.tools[2].name",
         "duplicate function name 'open_dispute'",
     ),
@@ -453,9 +447,7 @@ def route(*, provider_storage: bool, classes: set[str]) -> Route:
         "class-not-on-route",
     ],
 )
-def test_decide_storage(
-    route_allows: bool, classes: set[str], permitted: bool, code: str, named: str
-) -> None:
+def test_decide_storage(route_allows: bool, classes: set[str], permitted: bool, code: str, named: str) -> None:
     """Provider storage is permitted only if the route and every carried data class allow it."""
     r = route(provider_storage=route_allows, classes={"public", "open_data", "phi"})
     decision = decide_storage(r, classes, CATALOGUE)
@@ -469,9 +461,7 @@ def test_decide_storage_names_only_denying_classes() -> None:
     """The data_class_denies reason names the classes that deny and not those that permit."""
     r = route(provider_storage=True, classes={"public", "phi", "pii"})
     decision = decide_storage(r, ["public", "phi", "pii"], CATALOGUE)
-    assert decision.reason == (
-        "data_class_denies: data classes that do not permit provider storage: phi, pii"
-    )
+    assert decision.reason == ("data_class_denies: data classes that do not permit provider storage: phi, pii")
 
 
 def test_decide_storage_on_example_routes(example: Policy) -> None:

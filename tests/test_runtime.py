@@ -63,8 +63,13 @@ async def test_database_behind_migrations_is_refused(tmp_path: Path, keyring_pat
 async def test_rejected_api_key_fails_clearly(tmp_path: Path, keyring_path: Path, database_url: str) -> None:
     """An API key the Gemini endpoint refuses stops startup with a message naming the key variables."""
     with start_simulator(SimulatorConfig(api_key="the-right-key")) as gemini:
-        settings = _settings(tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="a-wrong-key",
-                             GOOGLE_GEMINI_BASE_URL=gemini.base_url)
+        settings = _settings(
+            tmp_path,
+            keyring_path,
+            DATABASE_URL=database_url,
+            GEMINI_API_KEY="a-wrong-key",
+            GOOGLE_GEMINI_BASE_URL=gemini.base_url,
+        )
         with pytest.raises(ConfigurationError, match="GEMINI_API_KEY"):
             await build_runtime(settings)
 
@@ -72,8 +77,13 @@ async def test_rejected_api_key_fails_clearly(tmp_path: Path, keyring_path: Path
 async def test_working_configuration_starts(tmp_path: Path, keyring_path: Path, database_url: str) -> None:
     """With a reachable database, a migrated schema and an accepted key, the runtime starts without embedded defaults."""
     with start_simulator(SimulatorConfig(api_key="the-right-key")) as gemini:
-        settings = _settings(tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="the-right-key",
-                             GOOGLE_GEMINI_BASE_URL=gemini.base_url)
+        settings = _settings(
+            tmp_path,
+            keyring_path,
+            DATABASE_URL=database_url,
+            GEMINI_API_KEY="the-right-key",
+            GOOGLE_GEMINI_BASE_URL=gemini.base_url,
+        )
         runtime = await build_runtime(settings)
         try:
             assert not any("EMBEDDED" in line for line in runtime.announcements)
@@ -97,17 +107,22 @@ async def test_invalid_policy_names_the_field(tmp_path: Path, keyring_path: Path
         "data_classes:\n  public: {description: public, provider_storage: true}\n"
         "routes:\n  faq:\n    description: answers\n    model: 5\n    data_classes: [public]\n"
     )
-    settings = _settings(tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="k",
-                         CUSTODY_POLICY=str(policy))
+    settings = _settings(
+        tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="k", CUSTODY_POLICY=str(policy)
+    )
     with pytest.raises(ConfigurationError, match=r"routes\.faq\.model"):
         await build_runtime(settings)
 
 
 def test_serve_exits_with_the_message(tmp_path: Path, keyring_path: Path) -> None:
     """`custody serve` with a dead DATABASE_URL exits non-zero and says why on stderr."""
-    env = os.environ | {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody", "CUSTODY_KEYRING": str(keyring_path),
-                        "CUSTODY_DATA_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "service", "serve"], env=env, capture_output=True, text=True,
-                            timeout=60)
+    env = os.environ | {
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody",
+        "CUSTODY_KEYRING": str(keyring_path),
+        "CUSTODY_DATA_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert "cannot start: cannot connect to the database at DATABASE_URL" in result.stderr

@@ -69,9 +69,7 @@ class _OtlpHandler(BaseHTTPRequestHandler):
             self.send_error(415)
             return
         request = ExportTraceServiceRequest.FromString(body)
-        self.server.received.append(
-            Received(self.path, {k.lower(): v for k, v in self.headers.items()}, request)
-        )
+        self.server.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, request))
         reply = ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
@@ -283,14 +281,13 @@ def test_timeout_is_read_in_milliseconds_as_the_spec_says(raw: str | None, secon
 def test_safe_attributes_prefixes_keys_and_drops_none() -> None:
     """Keys gain the custody. prefix unless they have it, and None values are left out."""
     assert SPAN_ATTRIBUTE_PREFIX == "custody."
-    assert safe_attributes(
-        {"action": "turn.create", "custody.conversation_id": "conv_x", "model": None}
-    ) == {"custody.action": "turn.create", "custody.conversation_id": "conv_x"}
+    assert safe_attributes({"action": "turn.create", "custody.conversation_id": "conv_x", "model": None}) == {
+        "custody.action": "turn.create",
+        "custody.conversation_id": "conv_x",
+    }
 
 
-@pytest.mark.parametrize(
-    "key", ["Action", "1st", "_x", "turn-id", "turn id", "", "action\n", "custody.ID"]
-)
+@pytest.mark.parametrize("key", ["Action", "1st", "_x", "turn-id", "turn id", "", "action\n", "custody.ID"])
 def test_safe_attributes_rejects_bad_keys(key: str) -> None:
     """A key not matching ^[a-z][a-z0-9_.]*$ raises ValueError, even when its value is None."""
     with pytest.raises(ValueError, match="does not match"):

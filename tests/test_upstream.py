@@ -14,8 +14,13 @@ SETTINGS = {"model": "gemini-3-flash-preview"}
 
 
 def _upstream(gemini: RunningSimulator, *, vertex: bool = False, attempts: int = 3) -> Upstream:
-    settings = UpstreamSettings(api_key="test-key", base_url=gemini.base_url, use_vertexai=vertex,
-                                project="proj" if vertex else None, location="europe-west4" if vertex else None)
+    settings = UpstreamSettings(
+        api_key="test-key",
+        base_url=gemini.base_url,
+        use_vertexai=vertex,
+        project="proj" if vertex else None,
+        location="europe-west4" if vertex else None,
+    )
     return Upstream(settings, attempts=attempts, timeout_seconds=5)
 
 

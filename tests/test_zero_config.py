@@ -30,14 +30,26 @@ def zero_config_service() -> Iterator[tuple[str, Path, list[str]]]:
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = Path(scratch) / "data"
         port = _free_port()
-        env = {k: v for k, v in os.environ.items()
-               if k not in {"DATABASE_URL", "GEMINI_API_KEY", "GOOGLE_API_KEY", "CUSTODY_KEYRING", "CUSTODY_PEPPER_FILE",
-                            "GOOGLE_GEMINI_BASE_URL", "GOOGLE_GENAI_USE_VERTEXAI"}}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k
+            not in {
+                "DATABASE_URL",
+                "GEMINI_API_KEY",
+                "GOOGLE_API_KEY",
+                "CUSTODY_KEYRING",
+                "CUSTODY_PEPPER_FILE",
+                "GOOGLE_GEMINI_BASE_URL",
+                "GOOGLE_GENAI_USE_VERTEXAI",
+            }
+        }
         env |= {"CUSTODY_DATA_DIR": str(data_dir), "CUSTODY_PORT": str(port)}
         log_path = Path(scratch) / "serve.log"
         with log_path.open("w") as log:
-            process = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 90

@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = '0002'
-down_revision = '0001'
+revision = "0002"
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
@@ -63,35 +63,50 @@ _ROLE = [
 
 
 def upgrade() -> None:
-    op.create_table('audit_chain_heads',
-    sa.Column('chain', sa.String(length=40), nullable=False),
-    sa.Column('seq', sa.BigInteger(), nullable=False),
-    sa.Column('head_hash', sa.String(length=64), nullable=False),
-    sa.PrimaryKeyConstraint('chain', name=op.f('pk_audit_chain_heads'))
+    op.create_table(
+        "audit_chain_heads",
+        sa.Column("chain", sa.String(length=40), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("head_hash", sa.String(length=64), nullable=False),
+        sa.PrimaryKeyConstraint("chain", name=op.f("pk_audit_chain_heads")),
     )
-    op.create_table('audit_checkpoints',
-    sa.Column('chain', sa.String(length=40), nullable=False),
-    sa.Column('seq', sa.BigInteger(), nullable=False),
-    sa.Column('head_hash', sa.String(length=64), nullable=False),
-    sa.Column('signed_at', sa.String(length=40), nullable=False),
-    sa.Column('key_id', sa.String(length=64), nullable=False),
-    sa.Column('signature', sa.String(length=200), nullable=False),
-    sa.PrimaryKeyConstraint('chain', 'seq', name=op.f('pk_audit_checkpoints'))
+    op.create_table(
+        "audit_checkpoints",
+        sa.Column("chain", sa.String(length=40), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("head_hash", sa.String(length=64), nullable=False),
+        sa.Column("signed_at", sa.String(length=40), nullable=False),
+        sa.Column("key_id", sa.String(length=64), nullable=False),
+        sa.Column("signature", sa.String(length=200), nullable=False),
+        sa.PrimaryKeyConstraint("chain", "seq", name=op.f("pk_audit_checkpoints")),
     )
-    op.create_table('audit_events',
-    sa.Column('chain', sa.String(length=40), nullable=False),
-    sa.Column('seq', sa.BigInteger(), nullable=False),
-    sa.Column('record', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
-    sa.PrimaryKeyConstraint('chain', 'seq', name=op.f('pk_audit_events'))
+    op.create_table(
+        "audit_events",
+        sa.Column("chain", sa.String(length=40), nullable=False),
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("record", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.PrimaryKeyConstraint("chain", "seq", name=op.f("pk_audit_events")),
     )
-    op.create_index('ix_audit_events_record', 'audit_events', ['record'], unique=False, postgresql_using='gin', postgresql_ops={'record': 'jsonb_path_ops'})
+    op.create_index(
+        "ix_audit_events_record",
+        "audit_events",
+        ["record"],
+        unique=False,
+        postgresql_using="gin",
+        postgresql_ops={"record": "jsonb_path_ops"},
+    )
     for statement in (*_APPEND_ONLY, *_ROLE):
         op.execute(statement)
 
 
 def downgrade() -> None:
     op.execute("DROP FUNCTION IF EXISTS custody_audit_append_only() CASCADE")
-    op.drop_index('ix_audit_events_record', table_name='audit_events', postgresql_using='gin', postgresql_ops={'record': 'jsonb_path_ops'})
-    op.drop_table('audit_events')
-    op.drop_table('audit_checkpoints')
-    op.drop_table('audit_chain_heads')
+    op.drop_index(
+        "ix_audit_events_record",
+        table_name="audit_events",
+        postgresql_using="gin",
+        postgresql_ops={"record": "jsonb_path_ops"},
+    )
+    op.drop_table("audit_events")
+    op.drop_table("audit_checkpoints")
+    op.drop_table("audit_chain_heads")

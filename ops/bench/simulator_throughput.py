@@ -49,8 +49,11 @@ def start(port: int) -> subprocess.Popen[bytes]:
 
 
 async def run_raw(base: str, body: bytes, total: int, concurrency: int) -> float:
-    async with httpx.AsyncClient(base_url=base, headers={"x-goog-api-key": "k", "content-type": "application/json"},
-                                 limits=httpx.Limits(max_connections=concurrency)) as http:
+    async with httpx.AsyncClient(
+        base_url=base,
+        headers={"x-goog-api-key": "k", "content-type": "application/json"},
+        limits=httpx.Limits(max_connections=concurrency),
+    ) as http:
         remaining = total
 
         async def worker() -> None:
@@ -97,7 +100,7 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait()
-    print(f"simulator throughput, 10-step input, non-streaming, simulator on one core:")
+    print("simulator throughput, 10-step input, non-streaming, simulator on one core:")
     print(f"  raw HTTP (httpx, {args.concurrency} concurrent): {raw:8.0f} requests/s")
     print(f"  google-genai async SDK ({args.concurrency} concurrent): {sdk:8.0f} requests/s")
 
@@ -105,6 +108,7 @@ def main() -> None:
 def build_history(base: str) -> list[dict[str, Any]]:
     """Ten replayable steps: two user inputs and the model's three-step reply, another input and
     reply, and the new user input."""
+
     def user(text: str) -> dict[str, Any]:
         return {"type": "user_input", "content": [{"type": "text", "text": text}]}
 

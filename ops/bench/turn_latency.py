@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -58,27 +57,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def measure(custody: str, headers: dict[str, str], sdk: genai.Client, size: int, samples: int) -> dict[str, list[float]]:
+async def measure(
+    custody: str, headers: dict[str, str], sdk: genai.Client, size: int, samples: int
+) -> dict[str, list[float]]:
     async with httpx.AsyncClient(base_url=custody, headers=headers, timeout=60) as http:
         created = await http.post("/v1/conversations", json={"route": "patient-intake", "data_classes": ["phi"]})
         conversation = created.json()["id"]
         for index in range(size):
-            (await http.post(f"/v1/conversations/{conversation}/turns",
-                             json={"input": f"setup turn {index}: the patient reports mild symptoms"})).raise_for_status()
+            (
+                await http.post(
+                    f"/v1/conversations/{conversation}/turns",
+                    json={"input": f"setup turn {index}: the patient reports mild symptoms"},
+                )
+            ).raise_for_status()
         times: dict[str, list[float]] = {"direct": [], "custody": []}
         for sample in range(-3, samples):  # three warm-up rounds, not recorded
             history: list[Any] = []
             cursor: int | None = 0
             while cursor is not None:
-                page = (await http.get(f"/v1/conversations/{conversation}/steps",
-                                       params={"cursor": cursor, "limit": 500})).json()
+                page = (
+                    await http.get(f"/v1/conversations/{conversation}/steps", params={"cursor": cursor, "limit": 500})
+                ).json()
                 history.extend(s["step"] for s in page["steps"])
                 cursor = page["next_cursor"]
             text = f"sample {sample}: any update on my appointment?"
             steps = [*history, {"type": "user_input", "content": [{"type": "text", "text": text}]}]
             started = time.perf_counter()
             raw = await sdk.aio.interactions.with_raw_response.create(
-                model="gemini-3-flash-preview", store=False, extra_body={"input": steps})
+                model="gemini-3-flash-preview", store=False, extra_body={"input": steps}
+            )
             await raw.read()
             direct = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
@@ -93,13 +100,17 @@ async def measure(custody: str, headers: dict[str, str], sdk: genai.Client, size
 async def main_async(args: argparse.Namespace, custody: str, simulator: str, key: str) -> None:
     sdk = genai.Client(api_key="bench", http_options={"base_url": simulator, "retry_options": {"attempts": 1}})
     print(f"turn latency, ms ({args.samples} samples per size; Custody and simulator in separate processes)")
-    print(f"{'stored turns':>12} | {'direct p50':>10} {'p99':>7} | {'custody p50':>11} {'p99':>7} | {'added p50':>9} {'p99':>7}")
+    print(
+        f"{'stored turns':>12} | {'direct p50':>10} {'p99':>7} | {'custody p50':>11} {'p99':>7} | {'added p50':>9} {'p99':>7}"
+    )
     for size in args.sizes:
         times = await measure(custody, {"Authorization": f"Bearer {key}"}, sdk, size, args.samples)
-        added = [c - d for c, d in zip(times["custody"], times["direct"])]
-        print(f"{size:>12} | {statistics.median(times['direct']):>10.2f} {percentile(times['direct'], 0.99):>7.2f} | "
-              f"{statistics.median(times['custody']):>11.2f} {percentile(times['custody'], 0.99):>7.2f} | "
-              f"{statistics.median(added):>9.2f} {percentile(added, 0.99):>7.2f}")
+        added = [c - d for c, d in zip(times["custody"], times["direct"], strict=True)]
+        print(
+            f"{size:>12} | {statistics.median(times['direct']):>10.2f} {percentile(times['direct'], 0.99):>7.2f} | "
+            f"{statistics.median(times['custody']):>11.2f} {percentile(times['custody'], 0.99):>7.2f} | "
+            f"{statistics.median(added):>9.2f} {percentile(added, 0.99):>7.2f}"
+        )
 
 
 def main() -> None:
@@ -124,18 +135,31 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             env = os.environ | {"DATABASE_URL": url, "CUSTODY_DATA_DIR": scratch}
             subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True, capture_output=True)
-            subprocess.run([sys.executable, "-m", "service", "tenants", "create", "bench"], env=env, check=True,
-                           capture_output=True)
-            key = subprocess.run([sys.executable, "-m", "service", "keys", "issue", "--tenant", "bench", "--role", "backend"],
-                                 env=env, check=True, capture_output=True, text=True).stdout.strip()
+            subprocess.run(
+                [sys.executable, "-m", "service", "tenants", "create", "bench"],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            key = subprocess.run(
+                [sys.executable, "-m", "service", "keys", "issue", "--tenant", "bench", "--role", "backend"],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             sim_port, custody_port = free_port(), free_port()
-            processes.append(subprocess.Popen([sys.executable, "-m", "service", "simulator", "--port", str(sim_port)],
-                                              stderr=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service", "simulator", "--port", str(sim_port)], stderr=subprocess.DEVNULL
+                )
+            )
             simulator = f"http://127.0.0.1:{sim_port}"
             wait_ready(f"{simulator}/_simulator/health", processes[-1])
             env |= {"GEMINI_API_KEY": "bench", "GOOGLE_GEMINI_BASE_URL": simulator, "CUSTODY_PORT": str(custody_port)}
-            processes.append(subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env,
-                                              stderr=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stderr=subprocess.DEVNULL)
+            )
             custody = f"http://127.0.0.1:{custody_port}"
             wait_ready(f"{custody}/readyz", processes[-1])
             asyncio.run(main_async(args, custody, simulator, key))

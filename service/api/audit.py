@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Request, get
 from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.response import Stream
@@ -45,7 +45,7 @@ def _instant(value: datetime | None, name: str) -> str | None:
         return None
     if value.tzinfo is None:
         raise InvalidInput(f"`{name}` needs a timezone (e.g. 2026-11-24T10:00:00Z)", pointer=name)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _filters(action: str | None, actor: str | None, resource: str | None, outcome: str | None) -> dict[str, Any]:
@@ -78,34 +78,70 @@ class AuditController(Controller):
 
     @get("/events", operation_id="ListAuditEvents")
     async def events(
-        self, request: Request[Any, Any, Any], principal: Principal, meta: RequestMeta,
-        since: datetime | None = None, until: datetime | None = None, action: str | None = None,
-        actor: str | None = None, resource: str | None = None, outcome: str | None = None,
-        cursor: Annotated[int, Parameter(ge=0)] = 0, limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        self,
+        request: Request[Any, Any, Any],
+        principal: Principal,
+        meta: RequestMeta,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        action: str | None = None,
+        actor: str | None = None,
+        resource: str | None = None,
+        outcome: str | None = None,
+        cursor: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     ) -> AuditEventsOut:
         """Audit records of the caller's tenant, filtered, oldest first, by seq cursor."""
         ctx = _ctx(request)
         filters = _filters(action, actor, resource, outcome)
-        entry = AuditEntry("audit.query", principal, meta, resource_type="audit_log", resource_id=principal.tenant_id,
-                           details={"filters": filters, "cursor": cursor, "limit": limit,
-                                    "since": _instant(since, "since"), "until": _instant(until, "until")})
+        entry = AuditEntry(
+            "audit.query",
+            principal,
+            meta,
+            resource_type="audit_log",
+            resource_id=principal.tenant_id,
+            details={
+                "filters": filters,
+                "cursor": cursor,
+                "limit": limit,
+                "since": _instant(since, "since"),
+                "until": _instant(until, "until"),
+            },
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            found = await query_events(session, principal.tenant_id, after_seq=cursor, limit=limit,
-                                       since=_instant(since, "since"), until=_instant(until, "until"), filters=filters)
+            found = await query_events(
+                session,
+                principal.tenant_id,
+                after_seq=cursor,
+                limit=limit,
+                since=_instant(since, "since"),
+                until=_instant(until, "until"),
+                filters=filters,
+            )
             entry.details["returned"] = len(found)
         next_cursor = found[-1]["seq"] if len(found) == limit else None
         return AuditEventsOut(chain=principal.tenant_id, events=found, next_cursor=next_cursor)
 
     @get("/export", operation_id="ExportAuditEvents")
     async def export(
-        self, request: Request[Any, Any, Any], principal: Principal, meta: RequestMeta,
-        since: datetime | None = None, until: datetime | None = None,
+        self,
+        request: Request[Any, Any, Any],
+        principal: Principal,
+        meta: RequestMeta,
+        since: datetime | None = None,
+        until: datetime | None = None,
         format: Annotated[str, Parameter(pattern="^(ndjson|fhir)$")] = "ndjson",
     ) -> Stream:
         """A contiguous range of the tenant's chain as NDJSON (with its proof) or FHIR R4 AuditEvents."""
         ctx = _ctx(request)
-        entry = AuditEntry("audit.export", principal, meta, resource_type="audit_log", resource_id=principal.tenant_id,
-                           details={"format": format, "since": _instant(since, "since"), "until": _instant(until, "until")})
+        entry = AuditEntry(
+            "audit.export",
+            principal,
+            meta,
+            resource_type="audit_log",
+            resource_id=principal.tenant_id,
+            details={"format": format, "since": _instant(since, "since"), "until": _instant(until, "until")},
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             span = await export_range(session, principal.tenant_id, _instant(since, "since"), _instant(until, "until"))
             header = await export_header(session, span, ctx.auditor.signer)

@@ -39,27 +39,38 @@ class ConversationController(Controller):
     dependencies = {"principal": Provide(require_role("backend")), "meta": Provide(provide_meta)}
 
     @post("/", operation_id="CreateConversation", status_code=201)
-    async def create(self, request: Request[Any, Any, Any], data: ConversationCreate, principal: Principal,
-                     meta: RequestMeta) -> ConversationOut:
+    async def create(
+        self, request: Request[Any, Any, Any], data: ConversationCreate, principal: Principal, meta: RequestMeta
+    ) -> ConversationOut:
         """Open a conversation on a policy route, declaring the data classes it carries."""
         ctx = _ctx(request)
-        entry = AuditEntry("conversation.create", principal, meta, resource_type="conversation",
-                           policy_version=ctx.policy.version)
+        entry = AuditEntry(
+            "conversation.create", principal, meta, resource_type="conversation", policy_version=ctx.policy.version
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            view = await open_conversation(session, ctx, principal, route=data.route, data_classes=data.data_classes,
-                                           subject=data.subject, metadata=data.metadata)
+            view = await open_conversation(
+                session,
+                ctx,
+                principal,
+                route=data.route,
+                data_classes=data.data_classes,
+                subject=data.subject,
+                metadata=data.metadata,
+            )
             # Only now are the route and classes known to be policy names rather than client text.
             entry.resource_id, entry.data_classes = view.id, view.data_classes
             entry.details["route"] = view.route
         return msgspec.convert(view, ConversationOut, from_attributes=True)
 
     @get("/{conversation_id:str}", operation_id="GetConversation")
-    async def read(self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal,
-                   meta: RequestMeta) -> ConversationOut:
+    async def read(
+        self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal, meta: RequestMeta
+    ) -> ConversationOut:
         """A conversation's metadata (route, data classes, counts); never its content."""
         ctx = _ctx(request)
-        entry = AuditEntry("conversation.read", principal, meta, resource_type="conversation",
-                           resource_id=audited_id(conversation_id))
+        entry = AuditEntry(
+            "conversation.read", principal, meta, resource_type="conversation", resource_id=audited_id(conversation_id)
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             view = await get_conversation(session, ctx, principal, conversation_id)
             entry.data_classes, entry.policy_version = view.data_classes, view.policy_version
@@ -67,7 +78,11 @@ class ConversationController(Controller):
 
     @post("/{conversation_id:str}/turns", operation_id="CreateTurn", status_code=200)
     async def turn(
-        self, request: Request[Any, Any, Any], conversation_id: str, data: TurnCreate, principal: Principal,
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: str,
+        data: TurnCreate,
+        principal: Principal,
         meta: RequestMeta,
         idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", required=False)] = None,
     ) -> TurnOut:
@@ -79,28 +94,47 @@ class ConversationController(Controller):
 
     @get("/{conversation_id:str}/steps", operation_id="ListSteps")
     async def steps(
-        self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal, meta: RequestMeta,
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: str,
+        principal: Principal,
+        meta: RequestMeta,
         cursor: Annotated[int, Parameter(ge=0)] = 0,
         limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
     ) -> HistoryOut:
         """The decrypted history in order, `limit` steps from position `cursor`."""
         ctx = _ctx(request)
-        entry = AuditEntry("history.read", principal, meta, resource_type="conversation",
-                           resource_id=audited_id(conversation_id), details={"cursor": cursor, "limit": limit})
+        entry = AuditEntry(
+            "history.read",
+            principal,
+            meta,
+            resource_type="conversation",
+            resource_id=audited_id(conversation_id),
+            details={"cursor": cursor, "limit": limit},
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             page = await list_steps(session, ctx, principal, conversation_id, cursor=cursor, limit=limit)
             entry.data_classes = page.data_classes
             entry.details["steps"] = len(page.steps)
-        return HistoryOut(conversation_id=conversation_id, next_cursor=page.next_cursor,
-                          steps=[HistoryStep(position=p, turn_id=t, step=s) for p, t, s in page.steps])
+        return HistoryOut(
+            conversation_id=conversation_id,
+            next_cursor=page.next_cursor,
+            steps=[HistoryStep(position=p, turn_id=t, step=s) for p, t, s in page.steps],
+        )
 
     @delete("/{conversation_id:str}", operation_id="DeleteConversation", status_code=204)
-    async def remove(self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal,
-                     meta: RequestMeta) -> None:
+    async def remove(
+        self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal, meta: RequestMeta
+    ) -> None:
         """Crypto-shred the conversation, delete its rows, then delete any provider copies."""
         ctx = _ctx(request)
-        entry = AuditEntry("conversation.delete", principal, meta, resource_type="conversation",
-                           resource_id=audited_id(conversation_id))
+        entry = AuditEntry(
+            "conversation.delete",
+            principal,
+            meta,
+            resource_type="conversation",
+            resource_id=audited_id(conversation_id),
+        )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             deleted = await delete_conversation(session, principal, conversation_id)
             entry.data_classes = deleted.data_classes
@@ -109,8 +143,9 @@ class ConversationController(Controller):
             await _delete_provider_copy(ctx, principal, meta, conversation_id, interaction_id)
 
 
-async def _delete_provider_copy(ctx: ServiceContext, principal: Principal, meta: RequestMeta,
-                                conversation_id: str, interaction_id: str) -> None:
+async def _delete_provider_copy(
+    ctx: ServiceContext, principal: Principal, meta: RequestMeta, conversation_id: str, interaction_id: str
+) -> None:
     """Ask the provider to delete its copy; a failure stays in the ledger for the retention run."""
     error: str | None = None
     try:
@@ -118,11 +153,21 @@ async def _delete_provider_copy(ctx: ServiceContext, principal: Principal, meta:
     except Exception as exc:  # noqa: BLE001 - any failure is retried later, and named only by type
         error = type(exc).__name__
         logger.warning("provider copy %s not deleted yet (%s)", interaction_id, error)
-    entry = AuditEntry("upstream.delete", principal, meta, resource_type="upstream_interaction",
-                       resource_id=interaction_id, details={"conversation_id": conversation_id})
+    entry = AuditEntry(
+        "upstream.delete",
+        principal,
+        meta,
+        resource_type="upstream_interaction",
+        resource_id=interaction_id,
+        details={"conversation_id": conversation_id},
+    )
     async with ctx.sessions.begin() as session:
         values: dict[str, Any] = {"delete_attempts": UpstreamInteraction.delete_attempts + 1, "last_error": error}
         if error is None:
             values["deleted_at"] = func.now()
-        await session.execute(update(UpstreamInteraction).where(UpstreamInteraction.id == interaction_id).values(**values))
-        await append(session, entry, outcome="success" if error is None else "error", reason=error and "provider_delete_failed")
+        await session.execute(
+            update(UpstreamInteraction).where(UpstreamInteraction.id == interaction_id).values(**values)
+        )
+        await append(
+            session, entry, outcome="success" if error is None else "error", reason=error and "provider_delete_failed"
+        )

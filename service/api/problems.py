@@ -11,6 +11,7 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
 
 from .. import errors
 from ..policy import DataClassNotAllowedError, PolicyViolation, UnknownDataClassError, UnknownRouteError
@@ -72,16 +73,27 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Re
     for item in exc.extra if isinstance(exc.extra, list) else []:
         if isinstance(item, dict) and item.get("key"):
             pointers.append(str(item["key"]))
-    return problem(400, "malformed-request", "Malformed request",
-                   "the request body or parameters do not match the API schema", fields=pointers or None)
+    return problem(
+        400,
+        "malformed-request",
+        "Malformed request",
+        "the request body or parameters do not match the API schema",
+        fields=pointers or None,
+    )
 
 
 def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
     if exc.status_code == 400:
-        return problem(400, "malformed-request", "Malformed request",
-                       "the request body is not valid JSON or does not match the API schema")
+        return problem(
+            400,
+            "malformed-request",
+            "Malformed request",
+            "the request body is not valid JSON or does not match the API schema",
+        )
     if exc.status_code == 413:
-        return problem(413, "payload-too-large", "Request body too large", "the request body exceeds the configured limit")
+        return problem(
+            413, "payload-too-large", "Request body too large", "the request body exceeds the configured limit"
+        )
     if exc.status_code == 404:
         return problem(404, "not-found", "Not found", "no such endpoint")
     if exc.status_code == 405:
@@ -95,7 +107,7 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[
     return problem(500, "internal-error", "Internal error", "the service failed; the request may be retried")
 
 
-exception_handlers: dict[type[Exception], Any] = {
+exception_handlers: ExceptionHandlersMap = {
     errors.CustodyError: _custody_error,
     PolicyViolation: _custody_error,
     ValidationException: _validation,

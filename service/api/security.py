@@ -47,14 +47,20 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
                 caller = await authenticate(session, ctx.pepper, request.headers.get("authorization"))
         except AuthenticationFailed:
             # No tenant is known for a failed authentication: it goes to the system chain.
-            await ctx.auditor.record(ctx.sessions, AuditEntry("auth.failure", None, meta,
-                                                              details={"operation": _operation(request)}),
-                                     outcome="denied", reason="unauthenticated")
+            await ctx.auditor.record(
+                ctx.sessions,
+                AuditEntry("auth.failure", None, meta, details={"operation": _operation(request)}),
+                outcome="denied",
+                reason="unauthenticated",
+            )
             raise
         if caller.role not in roles:
-            await ctx.auditor.record(ctx.sessions, AuditEntry("access.denied", caller, meta,
-                                                              details={"operation": _operation(request)}),
-                                     outcome="denied", reason="forbidden")
+            await ctx.auditor.record(
+                ctx.sessions,
+                AuditEntry("access.denied", caller, meta, details={"operation": _operation(request)}),
+                outcome="denied",
+                reason="forbidden",
+            )
             raise PermissionDenied(f"role {caller.role!r} may not call this endpoint")
         return caller
 

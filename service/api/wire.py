@@ -7,7 +7,17 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["AuditEventsOut", "AuditVerifyOut", "ConversationCreate", "ConversationOut", "HistoryOut", "HistoryStep", "StorageOut", "TurnCreate", "TurnOut"]
+__all__ = [
+    "AuditEventsOut",
+    "AuditVerifyOut",
+    "ConversationCreate",
+    "ConversationOut",
+    "HistoryOut",
+    "HistoryStep",
+    "StorageOut",
+    "TurnCreate",
+    "TurnOut",
+]
 
 
 class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):

@@ -7,8 +7,9 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from ._config import SimulatorConfig
@@ -25,15 +26,30 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 # /{version}/interactions[/{id}][/cancel], with Vertex's /projects/{p}/locations/{l} prefix too.
-_ROUTE = re.compile(
-    r"^/(?P<version>[^/]+)/(?:projects/[^/]+/locations/[^/]+/)?interactions(?:/(?P<rest>.+))?$"
-)
+_ROUTE = re.compile(r"^/(?P<version>[^/]+)/(?:projects/[^/]+/locations/[^/]+/)?interactions(?:/(?P<rest>.+))?$")
 _CREATE_FIELDS = frozenset(
     {
-        "model", "agent", "agent_config", "input", "previous_interaction_id", "system_instruction",
-        "tools", "generation_config", "store", "background", "stream", "response_format",
-        "response_mime_type", "response_modalities", "safety_settings", "labels", "service_tier",
-        "cached_content", "webhook_config", "environment", "continuation_token",
+        "model",
+        "agent",
+        "agent_config",
+        "input",
+        "previous_interaction_id",
+        "system_instruction",
+        "tools",
+        "generation_config",
+        "store",
+        "background",
+        "stream",
+        "response_format",
+        "response_mime_type",
+        "response_modalities",
+        "safety_settings",
+        "labels",
+        "service_tier",
+        "cached_content",
+        "webhook_config",
+        "environment",
+        "continuation_token",
     }
 )
 _THINKING_LEVELS = frozenset({"minimal", "low", "medium", "high", "xhigh"})
@@ -59,9 +75,7 @@ class RecordedRequest:
     def as_json(self, *, redact: bool = True) -> dict[str, Any]:
         data = asdict(self)
         if redact:
-            data["headers"] = {
-                k: ("<redacted>" if k in _REDACTED_HEADERS else v) for k, v in self.headers.items()
-            }
+            data["headers"] = {k: ("<redacted>" if k in _REDACTED_HEADERS else v) for k, v in self.headers.items()}
         return data
 
 
@@ -223,9 +237,16 @@ class Simulator:
         self.ledger.record(turn.steps)
         now = self.clock.now()
         item = StoredInteraction(
-            id=interaction_id, body=body, history=history, input_steps=input_steps,
-            steps=turn.steps, final_status=turn.status, usage=turn.usage, created=now,
-            expires=now + self.config.retention_seconds, background=background,
+            id=interaction_id,
+            body=body,
+            history=history,
+            input_steps=input_steps,
+            steps=turn.steps,
+            final_status=turn.status,
+            usage=turn.usage,
+            created=now,
+            expires=now + self.config.retention_seconds,
+            background=background,
         )
         if background:
             item.queued_until = now + self.config.background_queued_seconds
@@ -391,12 +412,19 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 async def _send_json(
-    send: Send, status: int, payload: Any, extra: list[tuple[bytes, bytes]] | None = None,
-    *, drop: bool = False,
+    send: Send,
+    status: int,
+    payload: Any,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    drop: bool = False,
 ) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json; charset=UTF-8"),
-               (b"content-length", str(len(body)).encode()), *(extra or [])]
+    headers = [
+        (b"content-type", b"application/json; charset=UTF-8"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     if drop:
         await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})

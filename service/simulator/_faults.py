@@ -28,7 +28,7 @@ class FaultSpec:
     count: int = 1  # requests this fault applies to
 
     @classmethod
-    def parse(cls, header: str) -> "FaultSpec":
+    def parse(cls, header: str) -> FaultSpec:
         """`status=429; retry-after=1; count=2` -> FaultSpec; unknown keys are an error."""
         values: dict[str, Any] = {}
         names = {f.name: f for f in fields(cls)}
@@ -41,7 +41,7 @@ class FaultSpec:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "FaultSpec":
+    def from_json(cls, data: dict[str, Any]) -> FaultSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -90,4 +90,5 @@ class FaultPlan:
             entry[1] -= 1
             if entry[1] <= 0:
                 self._queue.pop(0)
-            return entry[0]
+            queued: FaultSpec = entry[0]
+            return queued

@@ -46,9 +46,7 @@ class SimulatedModel:
         self._secret = secrets.token_bytes(32)
         self._emit_unknown = emit_unknown
 
-    def reply(
-        self, interaction_id: str, transcript: list[dict[str, Any]], body: dict[str, Any]
-    ) -> ModelTurn:
+    def reply(self, interaction_id: str, transcript: list[dict[str, Any]], body: dict[str, Any]) -> ModelTurn:
         """The steps, status and usage of one turn; `transcript` ends with the new input."""
         user_texts = [user_text(s) for s in transcript if s.get("type") == "user_input"]
         history_digest = digest(transcript)[:12]
@@ -78,10 +76,9 @@ class SimulatedModel:
                 steps.append(step)
             status = "requires_action"
         elif last.get("type") == "function_result":
-            results = [s for s in transcript[_trailing_results(transcript):]]
+            results = [s for s in transcript[_trailing_results(transcript) :]]
             summary = "; ".join(
-                f"{s.get('name', s['call_id'])} returned {json.dumps(s['result'], sort_keys=True)}"
-                for s in results
+                f"{s.get('name', s['call_id'])} returned {json.dumps(s['result'], sort_keys=True)}" for s in results
             )
             steps.append(self._output(f"Function results received: {summary}.", turn))
         elif "sim:fail" in latest.lower():
@@ -188,7 +185,8 @@ def json_from_schema(schema: dict[str, Any], *, seed: str, depth: int = 0) -> An
         }
     if kind == "array":
         count = max(1, int(schema.get("minItems", 1)))
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        raw_items = schema.get("items")
+        items: dict[str, Any] = raw_items if isinstance(raw_items, dict) else {}
         return [json_from_schema(items, seed=f"{seed}[{i}]", depth=depth + 1) for i in range(count)]
     if kind == "integer":
         return int(schema.get("minimum", 0))

@@ -26,7 +26,10 @@ class _HideDroppedConnections(logging.Filter):
 def _uvicorn_config(app: Simulator, log_level: str) -> uvicorn.Config:
     logging.getLogger("uvicorn.error").addFilter(_HideDroppedConnections())
     return uvicorn.Config(
-        app, log_level=log_level, access_log=False, lifespan="off",
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
         # Hung requests poll `app.closing`; they must not hold shutdown for long.
         timeout_graceful_shutdown=2,
     )
@@ -60,7 +63,7 @@ class RunningSimulator:
         self._thread.join(timeout=10)
         self._socket.close()
 
-    def __enter__(self) -> "RunningSimulator":
+    def __enter__(self) -> RunningSimulator:
         return self
 
     def __exit__(

@@ -70,9 +70,7 @@ def _check_content(content: Any, where: str) -> None:
 
 def user_text(step: dict[str, Any]) -> str:
     """The text blocks of a user_input step, joined."""
-    return " ".join(
-        block["text"] for block in step.get("content", []) if block.get("type") == "text"
-    )
+    return " ".join(block["text"] for block in step.get("content", []) if block.get("type") == "text")
 
 
 class Ledger:
@@ -103,9 +101,7 @@ class Ledger:
             self._signatures.clear()
             self._calls.clear()
 
-    def check_history(
-        self, history: list[dict[str, Any]], new_input: list[dict[str, Any]], *, strict: bool
-    ) -> None:
+    def check_history(self, history: list[dict[str, Any]], new_input: list[dict[str, Any]], *, strict: bool) -> None:
         """Refuse an input the real model would mis-handle: altered replays, unanswered or
         unknown function calls, thoughts without their signature."""
         pending: dict[str, str] = {}

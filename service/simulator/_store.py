@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ._errors import not_found
@@ -18,7 +18,7 @@ class Clock:
 
     def __init__(self) -> None:
         self._offset = 0.0
-        self._wall_origin = datetime.now(timezone.utc) - timedelta(seconds=time.monotonic())
+        self._wall_origin = datetime.now(UTC) - timedelta(seconds=time.monotonic())
 
     def now(self) -> float:
         return time.monotonic() + self._offset

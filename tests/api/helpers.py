@@ -17,10 +17,17 @@ async def open_conversation(api: httpx.AsyncClient, headers: dict[str, str], bod
     return str(response.json()["id"])
 
 
-async def take_turn(api: httpx.AsyncClient, headers: dict[str, str], conversation_id: str, data: Any,
-                    expect: int = 200, **extra_headers: str) -> dict[str, Any]:
-    response = await api.post(f"/v1/conversations/{conversation_id}/turns", json={"input": data},
-                              headers=headers | extra_headers)
+async def take_turn(
+    api: httpx.AsyncClient,
+    headers: dict[str, str],
+    conversation_id: str,
+    data: Any,
+    expect: int = 200,
+    **extra_headers: str,
+) -> dict[str, Any]:
+    response = await api.post(
+        f"/v1/conversations/{conversation_id}/turns", json={"input": data}, headers=headers | extra_headers
+    )
     assert response.status_code == expect, response.text
     return dict(response.json())
 
@@ -29,8 +36,16 @@ async def row_counts(engine: AsyncEngine) -> dict[str, int]:
     """Rows per table, to show that a refused request changed nothing."""
     async with engine.connect() as connection:
         counts = {}
-        for table in ("tenants", "api_keys", "conversations", "data_keys", "turns", "steps",
-                      "idempotency_records", "upstream_interactions"):
+        for table in (
+            "tenants",
+            "api_keys",
+            "conversations",
+            "data_keys",
+            "turns",
+            "steps",
+            "idempotency_records",
+            "upstream_interactions",
+        ):
             counts[table] = int((await connection.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
         return counts
 

@@ -42,8 +42,12 @@ async def test_events_are_filtered_and_paged(api: httpx.AsyncClient, tenant: Ten
 async def test_bad_filters_are_refused(api: httpx.AsyncClient, tenant: Tenant) -> None:
     """Unknown actions, free-text ids and naive times are 422s (filters are recorded, so they must be codes)."""
     auditor = tenant.headers("auditor")
-    for params in ({"action": "conversation.steal"}, {"resource": CANARY}, {"outcome": "maybe"},
-                   {"since": "2026-01-01T00:00:00"}):
+    for params in (
+        {"action": "conversation.steal"},
+        {"resource": CANARY},
+        {"outcome": "maybe"},
+        {"since": "2026-01-01T00:00:00"},
+    ):
         assert_problem(await api.get("/v1/audit/events", params=params, headers=auditor), 422, "invalid-input")
 
 
@@ -83,8 +87,11 @@ async def test_export_verifies_offline_and_tampering_is_named(api: httpx.AsyncCl
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    stranger = Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    stranger = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     verdict, _ = verify_export(lines, public_key_pem=stranger)
     assert not verdict.ok and "signature" in (verdict.reason or "")
 
@@ -114,8 +121,9 @@ async def test_auditors_see_only_their_tenant(api: httpx.AsyncClient, new_tenant
     first: Tenant = await new_tenant()
     second: Tenant = await new_tenant()
     conversation = await _activity(api, first)
-    found = (await api.get("/v1/audit/events", params={"resource": conversation},
-                           headers=second.headers("auditor"))).json()
+    found = (
+        await api.get("/v1/audit/events", params={"resource": conversation}, headers=second.headers("auditor"))
+    ).json()
     assert found["events"] == []
     export = await api.get("/v1/audit/export", headers=second.headers("auditor"))
     records = [json.loads(line) for line in export.text.splitlines()[1:]]

@@ -22,14 +22,23 @@ SCHEMA = json.loads((REPO_ROOT / "schemas" / "audit-event.schema.json").read_tex
 
 async def chain_records(engine: AsyncEngine, chain: str) -> list[dict[str, Any]]:
     async with engine.connect() as connection:
-        rows = (await connection.execute(text("SELECT record FROM audit_events WHERE chain = :c ORDER BY seq"),
-                                         {"c": chain})).scalars().all()
+        rows = (
+            (
+                await connection.execute(
+                    text("SELECT record FROM audit_events WHERE chain = :c ORDER BY seq"), {"c": chain}
+                )
+            )
+            .scalars()
+            .all()
+        )
     return [dict(r) for r in rows]
 
 
 async def tenant_id(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine) -> str:
     async with engine.connect() as connection:
-        return str((await connection.execute(text("SELECT id FROM tenants WHERE name = :n"), {"n": tenant.name})).scalar_one())
+        return str(
+            (await connection.execute(text("SELECT id FROM tenants WHERE name = :n"), {"n": tenant.name})).scalar_one()
+        )
 
 
 async def test_each_access_writes_its_record(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine) -> None:
@@ -40,11 +49,20 @@ async def test_each_access_writes_its_record(api: httpx.AsyncClient, tenant: Ten
     await take_turn(api, tenant.headers(), conversation, "hello")
     await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
     await api.delete(f"/v1/conversations/{conversation}", headers=tenant.headers())
-    records = [r for r in await chain_records(engine, chain) if r["resource"]["id"] in (conversation, None)
-               or r["details"].get("conversation_id") == conversation]
+    records = [
+        r
+        for r in await chain_records(engine, chain)
+        if r["resource"]["id"] in (conversation, None) or r["details"].get("conversation_id") == conversation
+    ]
     actions = [r["action"] for r in records]
-    assert actions == ["conversation.create", "conversation.read", "turn.start", "turn.create", "history.read",
-                       "conversation.delete"]
+    assert actions == [
+        "conversation.create",
+        "conversation.read",
+        "turn.start",
+        "turn.create",
+        "history.read",
+        "conversation.delete",
+    ]
     read = records[1]
     assert read["source"]["request_id"] == "req-check-1" and read["source"]["address"]
     assert read["actor"]["role"] == "backend" and read["actor"]["key_id"].startswith("key_")
@@ -74,8 +92,9 @@ async def test_refusals_are_audited_with_reasons(api: httpx.AsyncClient, tenant:
     assert ("turn.start", "denied", "function_result_mismatch") in denied
 
 
-async def test_upstream_failure_is_an_error_record(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine,
-                                                  gemini: Any) -> None:
+async def test_upstream_failure_is_an_error_record(
+    api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine, gemini: Any
+) -> None:
     """A turn whose model call fails leaves turn.start and an error turn.create with the upstream code."""
     from service.simulator import FaultSpec
 
@@ -85,7 +104,9 @@ async def test_upstream_failure_is_an_error_record(api: httpx.AsyncClient, tenan
     await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "x"}, headers=tenant.headers())
     last = (await chain_records(engine, chain))[-2:]
     assert [(r["action"], r["outcome"], r["reason"]) for r in last] == [
-        ("turn.start", "success", None), ("turn.create", "error", "upstream_http_500")]
+        ("turn.start", "success", None),
+        ("turn.create", "error", "upstream_http_500"),
+    ]
 
 
 async def test_spans_carry_audit_ids_and_never_content(
@@ -94,8 +115,11 @@ async def test_spans_carry_audit_ids_and_never_content(
     """One span per audited action with custody.* attributes; its ids are in the record; the canary is in no span."""
     spans.clear()
     chain = await tenant_id(api, tenant, engine)
-    conversation = await open_conversation(api, tenant.headers(), {
-        "route": "billing-support", "data_classes": ["pan"], "subject": CANARY, "metadata": {"n": CANARY}})
+    conversation = await open_conversation(
+        api,
+        tenant.headers(),
+        {"route": "billing-support", "data_classes": ["pan"], "subject": CANARY, "metadata": {"n": CANARY}},
+    )
     await take_turn(api, tenant.headers(), conversation, f"card {CANARY}")
     await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
     finished = spans.get_finished_spans()
@@ -120,15 +144,20 @@ async def test_audit_failure_fails_the_action(api: httpx.AsyncClient, tenant: Te
     await take_turn(api, tenant.headers(), conversation, "before")
     before = await row_counts(engine)
     async with engine.begin() as connection:
-        await connection.execute(text("ALTER TABLE audit_events ADD CONSTRAINT test_fail_closed CHECK (false) NOT VALID"))
+        await connection.execute(
+            text("ALTER TABLE audit_events ADD CONSTRAINT test_fail_closed CHECK (false) NOT VALID")
+        )
     try:
-        created = await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]},
-                                 headers=tenant.headers())
+        created = await api.post(
+            "/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=tenant.headers()
+        )
         assert_problem(created, 500, "internal-error")
         read = await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
         assert_problem(read, 500, "internal-error")
         assert "before" not in read.text
-        turn = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "during"}, headers=tenant.headers())
+        turn = await api.post(
+            f"/v1/conversations/{conversation}/turns", json={"input": "during"}, headers=tenant.headers()
+        )
         assert turn.status_code == 500
         assert await row_counts(engine) == before
     finally:
@@ -138,14 +167,18 @@ async def test_audit_failure_fails_the_action(api: httpx.AsyncClient, tenant: Te
     assert after["output_text"] == 'You first said: "before".'
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE audit_events SET record = record WHERE seq = 1",
-    "DELETE FROM audit_events WHERE seq = 1",
-    "TRUNCATE audit_events",
-    "DELETE FROM audit_checkpoints",
-])
-async def test_audit_rows_cannot_be_changed(engine: AsyncEngine, api: httpx.AsyncClient, tenant: Tenant,
-                                           ctx: Any, statement: str) -> None:
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET record = record WHERE seq = 1",
+        "DELETE FROM audit_events WHERE seq = 1",
+        "TRUNCATE audit_events",
+        "DELETE FROM audit_checkpoints",
+    ],
+)
+async def test_audit_rows_cannot_be_changed(
+    engine: AsyncEngine, api: httpx.AsyncClient, tenant: Tenant, ctx: Any, statement: str
+) -> None:
     """UPDATE, DELETE and TRUNCATE of audit rows and checkpoints are refused, even for the table's owner."""
     from service.audit import checkpoint_all
 
@@ -170,8 +203,11 @@ async def test_service_role_may_insert_but_not_rewrite(database_url: str) -> Non
     service = await asyncpg.connect(database_url.replace("postgres@", "custody_test_service@"))
     try:
         assert await service.fetchval("SELECT count(*) FROM audit_events") >= 0
-        for statement in ("UPDATE audit_events SET seq = seq", "DELETE FROM audit_events",
-                          "UPDATE audit_checkpoints SET seq = seq"):
+        for statement in (
+            "UPDATE audit_events SET seq = seq",
+            "DELETE FROM audit_events",
+            "UPDATE audit_checkpoints SET seq = seq",
+        ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await service.execute(statement)
     finally:

@@ -57,8 +57,13 @@ async def test_history_pages_in_order(api: httpx.AsyncClient, tenant: Tenant) ->
     seen: list[dict[str, Any]] = []
     cursor: int | None = 0
     while cursor is not None:
-        page = (await api.get(f"/v1/conversations/{conversation}/steps", params={"cursor": cursor, "limit": 3},
-                              headers=tenant.headers())).json()
+        page = (
+            await api.get(
+                f"/v1/conversations/{conversation}/steps",
+                params={"cursor": cursor, "limit": 3},
+                headers=tenant.headers(),
+            )
+        ).json()
         seen.extend(page["steps"])
         cursor = page["next_cursor"]
     assert [s["position"] for s in seen] == list(range(8))
@@ -79,8 +84,9 @@ async def test_conversation_metadata_has_no_content(api: httpx.AsyncClient, tena
 
 async def test_function_calls_round_trip(api: httpx.AsyncClient, tenant: Tenant, gemini: RunningSimulator) -> None:
     """A function_call ends the turn requires_action; its function_result is replayed and answered."""
-    conversation = await open_conversation(api, tenant.headers(),
-                                           {"route": "billing-support", "data_classes": ["pan", "financial"]})
+    conversation = await open_conversation(
+        api, tenant.headers(), {"route": "billing-support", "data_classes": ["pan", "financial"]}
+    )
     asked = await take_turn(api, tenant.headers(), conversation, "call get_recent_transactions")
     assert asked["status"] == "requires_action"
     call = next(s for s in asked["steps"] if s["type"] == "function_call")
@@ -101,11 +107,13 @@ async def test_delete_shreds_then_removes(api: httpx.AsyncClient, tenant: Tenant
     async with engine.connect() as connection:
         for table in ("data_keys", "steps", "turns", "conversations"):
             column = "id" if table == "conversations" else "conversation_id"
-            count = (await connection.execute(text(f"SELECT count(*) FROM {table} WHERE {column} = :c"),
-                                              {"c": conversation})).scalar_one()
+            count = (
+                await connection.execute(text(f"SELECT count(*) FROM {table} WHERE {column} = :c"), {"c": conversation})
+            ).scalar_one()
             assert count == 0, table
-    assert_problem(await api.get(f"/v1/conversations/{conversation}", headers=tenant.headers()),
-                   404, "conversation-not-found")
+    assert_problem(
+        await api.get(f"/v1/conversations/{conversation}", headers=tenant.headers()), 404, "conversation-not-found"
+    )
 
 
 async def test_model_failure_leaves_history_usable(api: httpx.AsyncClient, tenant: Tenant) -> None:

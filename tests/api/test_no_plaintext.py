@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import httpx
 import pytest
@@ -17,8 +16,11 @@ from .helpers import open_conversation, take_turn
 async def _dump_database(engine: AsyncEngine) -> str:
     """Every row of every table in the public schema, as text (bytea shows as hex)."""
     async with engine.connect() as connection:
-        tables = (await connection.execute(text(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))).scalars().all()
+        tables = (
+            (await connection.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")))
+            .scalars()
+            .all()
+        )
         parts = []
         for table in tables:
             rows = (await connection.execute(text(f'SELECT t::text FROM "{table}" t'))).scalars().all()
@@ -31,16 +33,27 @@ async def test_canary_never_rests_in_plaintext_or_reaches_logs(
 ) -> None:
     """A canary sent as a message, a subject, metadata and a tool result is in no table, log line or error body."""
     caplog.set_level(logging.DEBUG)
-    conversation = await open_conversation(api, tenant.headers(), {
-        "route": "billing-support", "data_classes": ["pan"], "subject": CANARY, "metadata": {"note": CANARY},
-    })
+    conversation = await open_conversation(
+        api,
+        tenant.headers(),
+        {
+            "route": "billing-support",
+            "data_classes": ["pan"],
+            "subject": CANARY,
+            "metadata": {"note": CANARY},
+        },
+    )
     await take_turn(api, tenant.headers(), conversation, f"my card is {CANARY}")
-    asked = await take_turn(api, tenant.headers(), conversation, f"call open_dispute with {{\"reason\": \"{CANARY}\"}}")
+    asked = await take_turn(api, tenant.headers(), conversation, f'call open_dispute with {{"reason": "{CANARY}"}}')
     call = next(s for s in asked["steps"] if s["type"] == "function_call")
     assert call["arguments"] == {"reason": CANARY}  # the canary really went through the model
-    await take_turn(api, tenant.headers(), conversation,
-                    [{"type": "function_result", "call_id": call["id"], "name": "open_dispute", "result": CANARY}],
-                    **{"Idempotency-Key": "canary-key"})
+    await take_turn(
+        api,
+        tenant.headers(),
+        conversation,
+        [{"type": "function_result", "call_id": call["id"], "name": "open_dispute", "result": CANARY}],
+        **{"Idempotency-Key": "canary-key"},
+    )
     history = (await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())).text
     assert CANARY in history  # the owner can read it back...
 
@@ -55,8 +68,9 @@ async def test_canary_never_rests_in_plaintext_or_reaches_logs(
         response = await api.post(f"/v1/conversations/{conversation}/turns", json=payload, headers=tenant.headers())
         assert response.status_code >= 400
         error_bodies.append(response.text)
-    bad_route = await api.post("/v1/conversations", json={"route": CANARY, "data_classes": [CANARY]},
-                               headers=tenant.headers())
+    bad_route = await api.post(
+        "/v1/conversations", json={"route": CANARY, "data_classes": [CANARY]}, headers=tenant.headers()
+    )
     error_bodies.append(bad_route.text)
 
     dump = await _dump_database(engine)

@@ -20,8 +20,11 @@ CARD = "4111 1111 1111 1111"
 
 
 async def _audit(api: httpx.AsyncClient, tenant: Tenant, **params: str) -> list[dict[str, Any]]:
-    return list((await api.get("/v1/audit/events", params=params | {"limit": "1000"},
-                               headers=tenant.headers("auditor"))).json()["events"])
+    return list(
+        (
+            await api.get("/v1/audit/events", params=params | {"limit": "1000"}, headers=tenant.headers("auditor"))
+        ).json()["events"]
+    )
 
 
 async def test_permitted_route_stores_with_provider_and_delete_removes_the_copy(
@@ -43,8 +46,11 @@ async def test_permitted_route_stores_with_provider_and_delete_removes_the_copy(
     deletes = [r for r in gemini.app.requests if r.method == "DELETE"]
     assert [r.path for r in deletes] == [f"/v1/interactions/{interaction_id}"]
     async with engine.connect() as connection:
-        deleted_at = (await connection.execute(text("SELECT deleted_at FROM upstream_interactions WHERE id = :i"),
-                                               {"i": interaction_id})).scalar_one()
+        deleted_at = (
+            await connection.execute(
+                text("SELECT deleted_at FROM upstream_interactions WHERE id = :i"), {"i": interaction_id}
+            )
+        ).scalar_one()
     assert deleted_at is not None
     assert [e["outcome"] for e in await _audit(api, tenant, action="upstream.delete")] == ["success"]
 
@@ -65,8 +71,9 @@ async def test_card_number_on_a_public_route_is_refused_before_the_model(
     """A card number typed into a public (provider-stored) conversation is refused: nothing goes upstream, the hit is audited by class."""
     conversation = await open_conversation(api, tenant.headers(), FAQ)
     before = await row_counts(engine)
-    response = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": f"my card is {CARD}"},
-                              headers=tenant.headers())
+    response = await api.post(
+        f"/v1/conversations/{conversation}/turns", json={"input": f"my card is {CARD}"}, headers=tenant.headers()
+    )
     assert_problem(response, 422, "data-class-not-allowed")
     assert gemini.app.creates() == []
     assert await row_counts(engine) == before
@@ -75,8 +82,9 @@ async def test_card_number_on_a_public_route_is_refused_before_the_model(
     assert "4111" not in json.dumps(await _audit(api, tenant))
 
 
-async def test_detected_class_raises_classification_for_good(api: httpx.AsyncClient, tenant: Tenant,
-                                                          gemini: RunningSimulator) -> None:
+async def test_detected_class_raises_classification_for_good(
+    api: httpx.AsyncClient, tenant: Tenant, gemini: RunningSimulator
+) -> None:
     """An SSN in a PHI conversation adds `pii` to its classes, and the classes never fall back."""
     conversation = await open_conversation(api, tenant.headers(), {"route": "patient-intake", "data_classes": ["phi"]})
     await take_turn(api, tenant.headers(), conversation, "my SSN is 123-45-6789")

@@ -41,7 +41,11 @@ async def test_bad_conversation_requests_change_nothing(
         ({"input": [{"type": "thought", "signature": "forged"}]}, 422, "invalid-input"),
         ({"input": [{"type": "text", "text": "hi", "extra": 1}]}, 422, "invalid-input"),
         ({"input": [{"type": "user_input", "content": [{"type": "text"}]}]}, 422, "invalid-input"),
-        ({"input": [{"type": "function_result", "call_id": "call_x", "result": "4C"}]}, 422, "function-result-mismatch"),
+        (
+            {"input": [{"type": "function_result", "call_id": "call_x", "result": "4C"}]},
+            422,
+            "function-result-mismatch",
+        ),
         ({"input": 12}, 400, "malformed-request"),
         ({"text": "hi"}, 400, "malformed-request"),
     ],
@@ -57,17 +61,24 @@ async def test_bad_turns_change_nothing(
     assert await row_counts(engine) == before
 
 
-async def test_function_result_must_match_pending_call_name(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine) -> None:
+async def test_function_result_must_match_pending_call_name(
+    api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine
+) -> None:
     """A function_result with the right call_id but another function's name is a 422 and writes nothing."""
-    conversation = await open_conversation(api, tenant.headers(),
-                                           {"route": "billing-support", "data_classes": ["financial"]})
+    conversation = await open_conversation(
+        api, tenant.headers(), {"route": "billing-support", "data_classes": ["financial"]}
+    )
     asked = await take_turn(api, tenant.headers(), conversation, "call open_dispute")
     call = next(s for s in asked["steps"] if s["type"] == "function_call")
     before = await row_counts(engine)
     wrong = {"type": "function_result", "call_id": call["id"], "name": "get_recent_transactions", "result": "ok"}
-    response = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": [wrong]}, headers=tenant.headers())
+    response = await api.post(
+        f"/v1/conversations/{conversation}/turns", json={"input": [wrong]}, headers=tenant.headers()
+    )
     assert_problem(response, 422, "function-result-mismatch")
-    chatter = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "never mind"}, headers=tenant.headers())
+    chatter = await api.post(
+        f"/v1/conversations/{conversation}/turns", json={"input": "never mind"}, headers=tenant.headers()
+    )
     assert_problem(chatter, 422, "function-result-mismatch")
     assert await row_counts(engine) == before
 
@@ -76,15 +87,18 @@ async def test_oversized_body_is_413(api: httpx.AsyncClient, tenant: Tenant, eng
     """A body over the configured limit is a 413 problem and writes nothing."""
     conversation = await open_conversation(api, tenant.headers())
     before = await row_counts(engine)
-    response = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "x" * 70_000},
-                              headers=tenant.headers())
+    response = await api.post(
+        f"/v1/conversations/{conversation}/turns", json={"input": "x" * 70_000}, headers=tenant.headers()
+    )
     assert_problem(response, 413, "payload-too-large")
     assert await row_counts(engine) == before
 
 
 async def test_malformed_json_is_400(api: httpx.AsyncClient, tenant: Tenant) -> None:
     """A body that is not JSON is a 400 problem."""
-    response = await api.post("/v1/conversations", content=b"{nope", headers=tenant.headers() | {"content-type": "application/json"})
+    response = await api.post(
+        "/v1/conversations", content=b"{nope", headers=tenant.headers() | {"content-type": "application/json"}
+    )
     assert_problem(response, 400, "malformed-request")
 
 
@@ -117,8 +131,9 @@ async def test_other_roles_cannot_touch_conversations(api: httpx.AsyncClient, te
         await api.get(f"{path}/steps", headers=tenant.headers(role)),
         await api.post(f"{path}/turns", json={"input": "hi"}, headers=tenant.headers(role)),
         await api.delete(path, headers=tenant.headers(role)),
-        await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]},
-                       headers=tenant.headers(role)),
+        await api.post(
+            "/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=tenant.headers(role)
+        ),
     ):
         assert_problem(response, 403, "forbidden")
 
@@ -142,5 +157,10 @@ async def test_revoked_key_is_401(api: httpx.AsyncClient, tenant: Tenant, ctx: A
     key_id, _ = parse_bearer(tenant.headers()["Authorization"])
     async with ctx.sessions.begin() as session:
         await revoke_key(session, f"key_{key_id}")
-    assert_problem(await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]},
-                                  headers=tenant.headers()), 401, "unauthenticated")
+    assert_problem(
+        await api.post(
+            "/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=tenant.headers()
+        ),
+        401,
+        "unauthenticated",
+    )

@@ -15,20 +15,24 @@ from ..conftest import CANARY, Tenant
 from .helpers import open_conversation, take_turn
 
 DOCUMENT = json.loads((REPO_ROOT / "schemas" / "openapi.json").read_text())
-OPERATIONS = [(path, method.upper(), spec) for path, methods in DOCUMENT["paths"].items()
-              for method, spec in methods.items()]
+OPERATIONS = [
+    (path, method.upper(), spec) for path, methods in DOCUMENT["paths"].items() for method, spec in methods.items()
+]
 # Which role each tag admits; an operation with a tag missing here fails the test, so a new
 # endpoint cannot ship without a decision about who may call it.
 ADMITTED = {"conversations": {"backend"}, "audit": {"auditor"}, "health": {"backend", "auditor", "ops", None}}
-BODIES = {"CreateConversation": {"route": "patient-intake", "data_classes": ["phi"]},
-          "CreateTurn": {"input": "hello again"}}
+BODIES = {
+    "CreateConversation": {"route": "patient-intake", "data_classes": ["phi"]},
+    "CreateTurn": {"input": "hello again"},
+}
 AUDIT_FIELDS = ("prev_hash", "record_hash", '"chain"')
 
 
 @pytest.mark.parametrize(("path", "method", "spec"), OPERATIONS, ids=[f"{m} {p}" for p, m, _ in OPERATIONS])
 @pytest.mark.parametrize("role", ["backend", "auditor", "ops", None])
-async def test_role_matrix(api: httpx.AsyncClient, tenant: Tenant, path: str, method: str, spec: dict[str, Any],
-                           role: str | None) -> None:
+async def test_role_matrix(
+    api: httpx.AsyncClient, tenant: Tenant, path: str, method: str, spec: dict[str, Any], role: str | None
+) -> None:
     """Each role reaches exactly the operations its tag admits, and sees nothing it must not."""
     (tag,) = spec["tags"]
     assert tag in ADMITTED, f"no role decision for tag {tag!r}"

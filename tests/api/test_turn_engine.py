@@ -30,13 +30,18 @@ async def test_idempotent_retry_returns_first_result_without_second_call(
     assert view["turn_count"] == 1
 
 
-async def test_idempotency_key_with_other_body_is_422(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine) -> None:
+async def test_idempotency_key_with_other_body_is_422(
+    api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine
+) -> None:
     """The same Idempotency-Key with a different body is a 422 and changes nothing."""
     conversation = await open_conversation(api, tenant.headers())
     await take_turn(api, tenant.headers(), conversation, "first body", **{"Idempotency-Key": "k-2"})
     before = await row_counts(engine)
-    response = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "second body"},
-                              headers=tenant.headers() | {"Idempotency-Key": "k-2"})
+    response = await api.post(
+        f"/v1/conversations/{conversation}/turns",
+        json={"input": "second body"},
+        headers=tenant.headers() | {"Idempotency-Key": "k-2"},
+    )
     assert_problem(response, 422, "idempotency-key-reused")
     assert await row_counts(engine) == before
 
@@ -47,11 +52,13 @@ async def test_concurrent_turns_are_refused_not_interleaved(
     """While one turn waits for the model, a second turn on the conversation gets 409 and the history stays linear."""
     conversation = await open_conversation(api, tenant.headers())
     gemini.app.inject(FaultSpec(latency_ms=400))
-    slow = asyncio.create_task(api.post(f"/v1/conversations/{conversation}/turns", json={"input": "slow one"},
-                                        headers=tenant.headers()))
+    slow = asyncio.create_task(
+        api.post(f"/v1/conversations/{conversation}/turns", json={"input": "slow one"}, headers=tenant.headers())
+    )
     await asyncio.sleep(0.15)
-    racing = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "racing"},
-                            headers=tenant.headers())
+    racing = await api.post(
+        f"/v1/conversations/{conversation}/turns", json={"input": "racing"}, headers=tenant.headers()
+    )
     assert_problem(racing, 409, "turn-in-progress")
     assert (await slow).status_code == 200
     after = await take_turn(api, tenant.headers(), conversation, "what did I say first?")
@@ -77,13 +84,20 @@ async def test_permanent_failure_is_502_and_leaves_history_usable(
     conversation = await open_conversation(api, tenant.headers())
     await take_turn(api, tenant.headers(), conversation, "before the outage")
     gemini.app.inject(FaultSpec(status=500, retry_after=0, count=3))
-    response = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "during"},
-                              headers=tenant.headers() | {"Idempotency-Key": "outage-1"})
+    response = await api.post(
+        f"/v1/conversations/{conversation}/turns",
+        json={"input": "during"},
+        headers=tenant.headers() | {"Idempotency-Key": "outage-1"},
+    )
     body = assert_problem(response, 502, "upstream-failed")
     assert body["code"] == "upstream_http_500"
     async with engine.connect() as connection:
-        status = (await connection.execute(text(
-            "SELECT status, error_code FROM turns WHERE conversation_id = :c ORDER BY number"), {"c": conversation})).all()
+        status = (
+            await connection.execute(
+                text("SELECT status, error_code FROM turns WHERE conversation_id = :c ORDER BY number"),
+                {"c": conversation},
+            )
+        ).all()
     assert [tuple(row) for row in status] == [("completed", None), ("failed", "upstream_http_500")]
     retried = await take_turn(api, tenant.headers(), conversation, "during", **{"Idempotency-Key": "outage-1"})
     assert retried["status"] == "completed"
@@ -97,8 +111,11 @@ async def test_client_errors_upstream_are_not_retried(
     """A 400 from the model service is not retried."""
     conversation = await open_conversation(api, tenant.headers())
     gemini.app.inject(FaultSpec(status=400))
-    assert_problem(await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "x"},
-                                  headers=tenant.headers()), 502, "upstream-failed")
+    assert_problem(
+        await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "x"}, headers=tenant.headers()),
+        502,
+        "upstream-failed",
+    )
     assert len(gemini.app.creates()) == 1
 
 
@@ -110,8 +127,9 @@ async def test_upstream_timeout_is_504(ctx: Any, gemini: RunningSimulator, tenan
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         conversation = await open_conversation(client, tenant.headers())
         gemini.app.inject(FaultSpec(hang_seconds=3))
-        response = await client.post(f"/v1/conversations/{conversation}/turns", json={"input": "slow"},
-                                     headers=tenant.headers())
+        response = await client.post(
+            f"/v1/conversations/{conversation}/turns", json={"input": "slow"}, headers=tenant.headers()
+        )
         assert_problem(response, 504, "upstream-failed")
         assert len(gemini.app.creates()) == 1
         assert (await take_turn(client, tenant.headers(), conversation, "again"))["status"] == "completed"

@@ -37,9 +37,7 @@ def test_agent_is_accepted_and_echoed(client: genai.Client) -> None:
 
 def test_content_blocks_are_wrapped_as_user_input(client: genai.Client, sim: RunningSimulator) -> None:
     """A list of content blocks arrives as one user_input step and is answered from its text."""
-    result = client.interactions.create(
-        model=MODEL, input=[{"type": "text", "text": "block one"}], store=False
-    )
+    result = client.interactions.create(model=MODEL, input=[{"type": "text", "text": "block one"}], store=False)
     assert sim.app.creates()[-1]["input"] == [text_input("block one")]
     assert 'you said "block one"' in result.output_text
 
@@ -79,7 +77,11 @@ def test_settings_reach_the_wire_as_sent(client: genai.Client, sim: RunningSimul
     """system_instruction, tools, generation_config and response_format are received as sent."""
     tools = [{"type": "function", "name": "lookup", "description": "d", "parameters": {"type": "object"}}]
     client.interactions.create(
-        model=MODEL, input="hi", store=False, system_instruction="Be brief.", tools=tools,
+        model=MODEL,
+        input="hi",
+        store=False,
+        system_instruction="Be brief.",
+        tools=tools,
         generation_config={"temperature": 0.2, "thinking_level": "low"},
         response_format={"type": "text", "mime_type": "application/json", "schema": {"type": "object"}},
     )
@@ -106,7 +108,9 @@ def test_json_output_validates_against_response_format(client: genai.Client) -> 
         "additionalProperties": False,
     }
     result = client.interactions.create(
-        model=MODEL, input="What are your opening hours?", store=False,
+        model=MODEL,
+        input="What are your opening hours?",
+        store=False,
         response_format={"type": "text", "mime_type": "application/json", "schema": schema},
     )
     jsonschema.validate(json.loads(result.output_text), schema)
@@ -151,9 +155,7 @@ def test_failure_trigger_ends_failed(client: genai.Client) -> None:
         ({"input": [], "store": False}, "non-empty"),
     ],
 )
-def test_malformed_bodies_are_400_in_google_shape(
-    client: genai.Client, body: dict[str, Any], fragment: str
-) -> None:
+def test_malformed_bodies_are_400_in_google_shape(client: genai.Client, body: dict[str, Any], fragment: str) -> None:
     """A malformed create body is a 400 with Google's {error: {code, message, status}} JSON."""
     with pytest.raises(errors.BadRequestError) as caught:
         client.interactions.create(model=MODEL, **body)
@@ -166,9 +168,7 @@ def test_non_json_body_is_400(sim: RunningSimulator) -> None:
     """A body that is not JSON at all (which the SDK cannot send) is a 400 in Google's shape."""
     import httpx
 
-    response = httpx.post(
-        f"{sim.base_url}/v1/interactions", content=b"{not json", headers={"x-goog-api-key": "k"}
-    )
+    response = httpx.post(f"{sim.base_url}/v1/interactions", content=b"{not json", headers={"x-goog-api-key": "k"})
     assert response.status_code == 400
     assert response.json()["error"]["status"] == "INVALID_ARGUMENT"
 

@@ -16,16 +16,20 @@ from .conftest import MODEL, make_client
 
 def test_log_records_method_path_query_headers_and_body(client: genai.Client, sim) -> None:  # type: ignore[no-untyped-def]
     """Each API request is logged with its method, path, query, headers and parsed body."""
-    created = client.interactions.create(model=MODEL, input="log me", store=True,
-                                         extra_headers={"Api-Revision": "2026-05-20"})
+    created = client.interactions.create(
+        model=MODEL, input="log me", store=True, extra_headers={"Api-Revision": "2026-05-20"}
+    )
     client.interactions.get(created.id, include_input=True)
     create, get = sim.app.requests
     assert (create.method, create.path) == ("POST", "/v1/interactions")
     assert create.headers["api-revision"] == "2026-05-20"
     assert create.headers["x-goog-api-key"] == "test-key"
     assert create.body == {"model": MODEL, "input": "log me", "store": True}
-    assert (get.method, get.path, get.query) == ("GET", f"/v1/interactions/{created.id}",
-                                                 {"include_input": "true", "stream": "false"})
+    assert (get.method, get.path, get.query) == (
+        "GET",
+        f"/v1/interactions/{created.id}",
+        {"include_input": "true", "stream": "false"},
+    )
 
 
 def test_admin_calls_are_not_logged(sim) -> None:  # type: ignore[no-untyped-def]

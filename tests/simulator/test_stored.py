@@ -18,7 +18,9 @@ def test_get_returns_the_stored_interaction(client: genai.Client) -> None:
     with_input = client.interactions.get(created.id, include_input=True)
     assert plain["id"] == created.id and plain["status"] == "completed"
     assert "input" not in plain
-    assert [s["type"] for s in plain["steps"]] == [s.type if s.type != "UNKNOWN" else "x_sim_trace" for s in created.steps]
+    assert [s["type"] for s in plain["steps"]] == [
+        s.type if s.type != "UNKNOWN" else "x_sim_trace" for s in created.steps
+    ]
     assert with_input.input[0].content[0].text == "keep me"
 
 
@@ -87,8 +89,8 @@ def test_cancel_of_a_finished_interaction_is_refused(client: genai.Client) -> No
 def test_any_version_prefix_is_served(sim: RunningSimulator) -> None:
     """The API version segment is free: v1beta works like v1."""
     client = genai.Client(
-        api_key="k", http_options={"base_url": sim.base_url, "api_version": "v1beta",
-                                   "retry_options": {"attempts": 1}},
+        api_key="k",
+        http_options={"base_url": sim.base_url, "api_version": "v1beta", "retry_options": {"attempts": 1}},
     )
     client.interactions.create(model=MODEL, input="hi", store=False)
     assert sim.app.requests[-1].path == "/v1beta/interactions"

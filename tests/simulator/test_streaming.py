@@ -13,7 +13,8 @@ from .conftest import MODEL, make_client, text_input
 
 def collect_text(events: list[object]) -> str:
     return "".join(
-        e.delta.text for e in events
+        e.delta.text
+        for e in events
         if e.event_type == "step.delta" and getattr(e.delta, "type", "") == "text"  # type: ignore[attr-defined]
     )
 
@@ -26,7 +27,9 @@ def test_stream_events_parse_and_rebuild_the_reply(client: genai.Client) -> None
     assert "step.start" in kinds and "step.stop" in kinds
     assert all(getattr(e, "event_id", None) for e in events)
     assert collect_text(events).startswith('Turn 1: you said "stream this reply".')
-    signatures = [e.delta.signature for e in events if e.event_type == "step.delta" and e.delta.type == "thought_signature"]  # type: ignore[attr-defined]
+    signatures = [
+        e.delta.signature for e in events if e.event_type == "step.delta" and e.delta.type == "thought_signature"
+    ]  # type: ignore[attr-defined]
     assert signatures and signatures[0]
     assert events[-1].interaction.status == "completed"  # type: ignore[attr-defined]
 
@@ -34,7 +37,9 @@ def test_stream_events_parse_and_rebuild_the_reply(client: genai.Client) -> None
 async def test_async_stream(sim: RunningSimulator) -> None:
     """The async client streams the same events."""
     client = make_client(sim)
-    stream = await client.aio.interactions.create(model=MODEL, input=[text_input("async stream")], stream=True, store=False)
+    stream = await client.aio.interactions.create(
+        model=MODEL, input=[text_input("async stream")], stream=True, store=False
+    )
     events = [e async for e in stream]
     assert 'you said "async stream"' in collect_text(events)
 
@@ -42,8 +47,9 @@ async def test_async_stream(sim: RunningSimulator) -> None:
 def test_function_call_arrives_whole_in_step_start(client: genai.Client) -> None:
     """A streamed function call arrives in step.start and the stream ends requires_action."""
     tools = [{"type": "function", "name": "open_dispute", "parameters": {"type": "object"}}]
-    events = list(client.interactions.create(
-        model=MODEL, input="call open_dispute", tools=tools, stream=True, store=False))
+    events = list(
+        client.interactions.create(model=MODEL, input="call open_dispute", tools=tools, stream=True, store=False)
+    )
     starts = [e.step for e in events if e.event_type == "step.start"]  # type: ignore[attr-defined]
     assert any(getattr(s, "type", "") == "function_call" and s.name == "open_dispute" for s in starts)
     assert events[-1].interaction.status == "requires_action"  # type: ignore[attr-defined]
