@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.types import Message, Scope
 
 from ..context import ServiceContext
 from .audit import AuditController
@@ -15,8 +16,16 @@ from .problems import exception_handlers
 __all__ = ["create_app", "openapi_document"]
 
 
+async def _echo_request_id(message: Message, scope: Scope) -> None:
+    """Send back the request id the audit records carry, so a caller can quote it."""
+    request_id = scope.get("state", {}).get("request_id")
+    if message["type"] == "http.response.start" and request_id:
+        message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+
+
 def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
     return Litestar(
+        before_send=[_echo_request_id],
         route_handlers=[ConversationController, AuditController, healthz, readyz],
         state=State({"ctx": ctx}),
         exception_handlers=exception_handlers,

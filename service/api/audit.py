@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
 from ..audit import ACTIONS, AuditEntry, RequestMeta, query_events, verify_chain
@@ -80,16 +80,16 @@ class AuditController(Controller):
     async def events(
         self,
         request: Request[Any, Any, Any],
-        principal: Principal,
-        meta: RequestMeta,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        action: str | None = None,
-        actor: str | None = None,
-        resource: str | None = None,
-        outcome: str | None = None,
-        cursor: Annotated[int, Parameter(ge=0)] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+        since: FromQuery[datetime | None] = None,
+        until: FromQuery[datetime | None] = None,
+        action: FromQuery[str | None] = None,
+        actor: FromQuery[str | None] = None,
+        resource: FromQuery[str | None] = None,
+        outcome: FromQuery[str | None] = None,
+        cursor: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> AuditEventsOut:
         """Audit records of the caller's tenant, filtered, oldest first, by seq cursor."""
         ctx = _ctx(request)
@@ -126,11 +126,11 @@ class AuditController(Controller):
     async def export(
         self,
         request: Request[Any, Any, Any],
-        principal: Principal,
-        meta: RequestMeta,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        format: Annotated[str, Parameter(pattern="^(ndjson|fhir)$")] = "ndjson",
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+        since: FromQuery[datetime | None] = None,
+        until: FromQuery[datetime | None] = None,
+        format: Annotated[str, QueryParameter(pattern="^(ndjson|fhir)$")] = "ndjson",
     ) -> Stream:
         """A contiguous range of the tenant's chain as NDJSON (with its proof) or FHIR R4 AuditEvents."""
         ctx = _ctx(request)
@@ -164,7 +164,9 @@ class AuditController(Controller):
         return Stream(body(), media_type=media_type, headers=headers)
 
     @get("/verify", operation_id="VerifyAuditChain")
-    async def verify(self, request: Request[Any, Any, Any], principal: Principal, meta: RequestMeta) -> AuditVerifyOut:
+    async def verify(
+        self, request: Request[Any, Any, Any], principal: NamedDependency[Principal], meta: NamedDependency[RequestMeta]
+    ) -> AuditVerifyOut:
         """Recompute the tenant's chain and check its signed checkpoints; names the first bad record."""
         ctx = _ctx(request)
         entry = AuditEntry("audit.verify", principal, meta, resource_type="audit_log", resource_id=principal.tenant_id)

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from sqlalchemy import func, update
 
 from ..audit import AuditEntry, RequestMeta, append
@@ -40,7 +40,11 @@ class ConversationController(Controller):
 
     @post("/", operation_id="CreateConversation", status_code=201)
     async def create(
-        self, request: Request[Any, Any, Any], data: ConversationCreate, principal: Principal, meta: RequestMeta
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ConversationCreate],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
     ) -> ConversationOut:
         """Open a conversation on a policy route, declaring the data classes it carries."""
         ctx = _ctx(request)
@@ -64,7 +68,11 @@ class ConversationController(Controller):
 
     @get("/{conversation_id:str}", operation_id="GetConversation")
     async def read(
-        self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal, meta: RequestMeta
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: FromPath[str],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
     ) -> ConversationOut:
         """A conversation's metadata (route, data classes, counts); never its content."""
         ctx = _ctx(request)
@@ -80,11 +88,11 @@ class ConversationController(Controller):
     async def turn(
         self,
         request: Request[Any, Any, Any],
-        conversation_id: str,
-        data: TurnCreate,
-        principal: Principal,
-        meta: RequestMeta,
-        idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", required=False)] = None,
+        conversation_id: FromPath[str],
+        data: JSONBody[TurnCreate],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False)] = None,
     ) -> TurnOut:
         """Send the next input; the whole history is replayed to the model with store=false."""
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
@@ -96,11 +104,11 @@ class ConversationController(Controller):
     async def steps(
         self,
         request: Request[Any, Any, Any],
-        conversation_id: str,
-        principal: Principal,
-        meta: RequestMeta,
-        cursor: Annotated[int, Parameter(ge=0)] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=500)] = 100,
+        conversation_id: FromPath[str],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+        cursor: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
     ) -> HistoryOut:
         """The decrypted history in order, `limit` steps from position `cursor`."""
         ctx = _ctx(request)
@@ -124,7 +132,11 @@ class ConversationController(Controller):
 
     @delete("/{conversation_id:str}", operation_id="DeleteConversation", status_code=204)
     async def remove(
-        self, request: Request[Any, Any, Any], conversation_id: str, principal: Principal, meta: RequestMeta
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: FromPath[str],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
     ) -> None:
         """Crypto-shred the conversation, delete its rows, then delete any provider copies."""
         ctx = _ctx(request)
@@ -144,7 +156,11 @@ class ConversationController(Controller):
 
 
 async def _delete_provider_copy(
-    ctx: ServiceContext, principal: Principal, meta: RequestMeta, conversation_id: str, interaction_id: str
+    ctx: ServiceContext,
+    principal: NamedDependency[Principal],
+    meta: NamedDependency[RequestMeta],
+    conversation_id: FromPath[str],
+    interaction_id: str,
 ) -> None:
     """Ask the provider to delete its copy; a failure stays in the ledger for the retention run."""
     error: str | None = None
