@@ -172,6 +172,33 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keyring_rotate(args: argparse.Namespace) -> int:
+    from .database import make_engine, make_sessions
+    from .key_rotation import FileKeyring, rewrap_data_keys
+
+    settings = Settings.from_env()
+    if settings.keyring_path is None:
+        path = settings.data_dir / "keyring.json"
+    else:
+        path = settings.keyring_path
+    keyring = FileKeyring(path)
+    if not args.rewrap_only:
+        version = keyring.rotate()
+        _say(f"custody: {path} now has KEK version {version} as current")
+    url = _database_url(settings)
+
+    async def run() -> None:
+        engine = make_engine(url)
+        try:
+            result = await rewrap_data_keys(make_sessions(engine), keyring)
+            print(f"rewrapped {result.rewrapped} data keys under KEK version {result.version}")
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    return 0
+
+
 def _audit_checkpoint(args: argparse.Namespace) -> int:
     from .audit import checkpoint_all
     from .database import make_engine, make_sessions
@@ -329,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke an API key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_keys_revoke)
+
+    keyring = commands.add_parser("keyring", help="rotate the key-encryption key").add_subparsers(
+        dest="action", required=True
+    )
+    rotate = keyring.add_parser("rotate", help="add a new KEK version and rewrap every data key under it")
+    rotate.add_argument("--rewrap-only", action="store_true", help="finish an interrupted rewrap; add no version")
+    rotate.set_defaults(handler=_keyring_rotate)
 
     audit = commands.add_parser("audit", help="verify, export and checkpoint the audit log").add_subparsers(
         dest="action", required=True

@@ -26,6 +26,7 @@ from .config import Settings
 from .context import ServiceContext
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
+from .key_rotation import FileKeyring
 from .keyring import KeyringError, LocalKeyring
 from .models import Tenant
 from .policy import PolicyError, load_policy
@@ -91,18 +92,18 @@ def load_pepper(settings: Settings, announce: list[str]) -> bytes:
     return data
 
 
-def _load_keyring(settings: Settings, announce: list[str]) -> LocalKeyring:
+def _load_keyring(settings: Settings, announce: list[str]) -> FileKeyring:
     try:
         if settings.keyring_path is not None:
-            return LocalKeyring.load(settings.keyring_path)
+            return FileKeyring(settings.keyring_path)
         path = settings.data_dir / "keyring.json"
-        if path.exists():
-            return LocalKeyring.load(path)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        announce.append(
-            f"EMBEDDED DEFAULT: generated a local keyring at {path} (set CUSTODY_KEYRING for a managed one)"
-        )
-        return LocalKeyring.generate(path)
+        if not path.exists():
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            LocalKeyring.generate(path)
+            announce.append(
+                f"EMBEDDED DEFAULT: generated a local keyring at {path} (set CUSTODY_KEYRING for a managed one)"
+            )
+        return FileKeyring(path)
     except KeyringError as exc:
         raise ConfigurationError(str(exc)) from None
 

@@ -42,6 +42,22 @@ async def database_url() -> AsyncIterator[str]:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+async def fresh_database() -> AsyncIterator[str]:
+    """A database of the test's own, migrated to head, for tests that change shared state
+    (such as rewrapping every data key)."""
+    name = f"custody_test_own_{secrets.token_hex(4)}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    url = _with_database(ADMIN_URL, name)
+    try:
+        import asyncio
+
+        await asyncio.to_thread(migrate, url)
+        yield url
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(database_url)
@@ -164,16 +180,19 @@ class Tenant:
         return {"Authorization": f"Bearer {self.keys[role]}"}
 
 
+async def make_tenant(ctx: ServiceContext) -> Tenant:
+    """A tenant with one key of each role, in the database `ctx` points at."""
+    name = f"tenant-{secrets.token_hex(4)}"
+    async with ctx.sessions.begin() as session:
+        await create_tenant(session, name)
+        keys = {role: (await issue_key(session, ctx.pepper, name, role))[1] for role in ("backend", "auditor", "ops")}
+    return Tenant(name, keys)
+
+
 @pytest.fixture
 def new_tenant(ctx: ServiceContext) -> Any:
     async def make() -> Tenant:
-        name = f"tenant-{secrets.token_hex(4)}"
-        async with ctx.sessions.begin() as session:
-            await create_tenant(session, name)
-            keys = {
-                role: (await issue_key(session, ctx.pepper, name, role))[1] for role in ("backend", "auditor", "ops")
-            }
-        return Tenant(name, keys)
+        return await make_tenant(ctx)
 
     return make
 
