@@ -217,11 +217,17 @@ async def test_service_role_may_insert_but_not_rewrite(database_url: str) -> Non
 async def test_request_id_is_echoed_and_recorded(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine) -> None:
     """A well-formed X-Request-Id is echoed and recorded; a malformed one is replaced by an assigned id."""
     chain = await tenant_id(api, tenant, engine)
-    given = await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]},
-                           headers=tenant.headers() | {"X-Request-Id": "trace-me-42"})
+    given = await api.post(
+        "/v1/conversations",
+        json={"route": "public-faq", "data_classes": ["public"]},
+        headers=tenant.headers() | {"X-Request-Id": "trace-me-42"},
+    )
     assert given.headers["x-request-id"] == "trace-me-42"
-    odd = await api.post("/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]},
-                         headers=tenant.headers() | {"X-Request-Id": f"{CANARY} with spaces"})
+    odd = await api.post(
+        "/v1/conversations",
+        json={"route": "public-faq", "data_classes": ["public"]},
+        headers=tenant.headers() | {"X-Request-Id": f"{CANARY} with spaces"},
+    )
     assigned = odd.headers["x-request-id"]
     assert assigned.startswith("req_") and CANARY not in assigned
     sources = [r["source"]["request_id"] for r in await chain_records(engine, chain)]
