@@ -103,22 +103,10 @@ def _with_session(work: Callable[[Any, bytes], Awaitable[None]]) -> None:
 
 
 def _tenants_create(args: argparse.Namespace) -> int:
-    from .audit import AuditEntry, append
-    from .auth import create_tenant
+    from .tenants import audited_create_tenant
 
     async def work(session: Any, pepper: bytes) -> None:
-        tenant = await create_tenant(session, args.name)
-        await append(
-            session,
-            AuditEntry(
-                "tenant.create",
-                None,
-                resource_type="tenant",
-                resource_id=tenant.id,
-                chain=tenant.id,
-                details={"via": "cli"},
-            ),
-        )
+        tenant = await audited_create_tenant(session, args.name, via="cli")
         print(tenant.id)
 
     _with_session(work)
@@ -126,22 +114,10 @@ def _tenants_create(args: argparse.Namespace) -> int:
 
 
 def _keys_issue(args: argparse.Namespace) -> int:
-    from .audit import AuditEntry, append
-    from .auth import issue_key
+    from .tenants import audited_issue_key
 
     async def work(session: Any, pepper: bytes) -> None:
-        row, key = await issue_key(session, pepper, args.tenant, args.role)
-        await append(
-            session,
-            AuditEntry(
-                "api_key.issue",
-                None,
-                resource_type="api_key",
-                resource_id=row.id,
-                chain=row.tenant_id,
-                details={"role": args.role, "via": "cli"},
-            ),
-        )
+        row, key = await audited_issue_key(session, pepper, args.tenant, args.role, via="cli")
         _say(f"custody: issued {row.id} ({args.role}) for tenant {args.tenant}; the key is shown once:")
         print(key)
 
@@ -150,22 +126,10 @@ def _keys_issue(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    from .audit import AuditEntry, append
-    from .auth import revoke_key
+    from .tenants import audited_revoke_key
 
     async def work(session: Any, pepper: bytes) -> None:
-        tenant_id = await revoke_key(session, args.key_id)
-        await append(
-            session,
-            AuditEntry(
-                "api_key.revoke",
-                None,
-                resource_type="api_key",
-                resource_id=args.key_id,
-                chain=tenant_id,
-                details={"via": "cli"},
-            ),
-        )
+        await audited_revoke_key(session, args.key_id, via="cli")
         _say(f"custody: revoked {args.key_id}")
 
     _with_session(work)

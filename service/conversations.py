@@ -72,7 +72,7 @@ class Deleted:
     provider_copies: list[str]  # upstream interaction ids the provider may still hold
 
 
-async def _owned(
+async def owned_conversation(
     session: AsyncSession, principal: Principal, conversation_id: str, *, lock: bool = False
 ) -> Conversation:
     """The caller's conversation; another tenant's is indistinguishable from a missing one."""
@@ -129,7 +129,7 @@ async def open_conversation(
 async def get_conversation(
     session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str
 ) -> ConversationView:
-    conversation = await _owned(session, principal, conversation_id)
+    conversation = await owned_conversation(session, principal, conversation_id)
     cipher = await load_cipher(session, ctx.keyring, conversation)
     profile = cipher.open_record(_PROFILE, 0, conversation.profile_key_version, conversation.profile)
     return _view(conversation, profile["subject"], profile["metadata"])
@@ -144,7 +144,7 @@ async def list_steps(
     cursor: int,
     limit: int,
 ) -> HistoryPage:
-    conversation = await _owned(session, principal, conversation_id)
+    conversation = await owned_conversation(session, principal, conversation_id)
     cipher = await load_cipher(session, ctx.keyring, conversation)
     steps = await read_steps(session, cipher, start=cursor, limit=limit)
     following = steps[-1][0] + 1 if steps else None
@@ -158,7 +158,7 @@ async def delete_conversation(session: AsyncSession, principal: Principal, conve
     The order matters for backups and replicas: once the key row is gone, any copy of the step
     rows that survives elsewhere is ciphertext nobody can open.
     """
-    conversation = await _owned(session, principal, conversation_id, lock=True)
+    conversation = await owned_conversation(session, principal, conversation_id, lock=True)
     now = await database_now(session)
     if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
         # A turn is waiting for the model; deleting now would let its reply (and, with provider

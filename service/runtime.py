@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .audit import AuditEntry, Auditor, append, checkpoint_all
+from .audit import Auditor, checkpoint_all
 from .audit_chain import AuditSigner
-from .auth import ROLES, create_tenant, issue_key
+from .auth import ROLES
 from .config import Settings
 from .context import ServiceContext
 from .database import check_schema_current, make_engine, make_sessions, migrate
@@ -31,6 +31,7 @@ from .keyring import KeyringError, LocalKeyring
 from .models import Tenant
 from .policy import PolicyError, load_policy
 from .telemetry import describe, tracer_provider_from_env
+from .tenants import audited_create_tenant, audited_issue_key
 from .upstream import Upstream
 
 __all__ = ["Runtime", "build_runtime", "load_pepper"]
@@ -207,31 +208,8 @@ async def _issue_demo_keys(ctx: ServiceContext) -> dict[str, str]:
     """The zero-config run's demo tenant, with a fresh key of each role printed at startup."""
     keys: dict[str, str] = {}
     async with ctx.sessions.begin() as session:
-        tenant = await session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
-        if tenant is None:
-            tenant = await create_tenant(session, DEMO_TENANT)
-            await append(
-                session,
-                AuditEntry(
-                    "tenant.create",
-                    None,
-                    resource_type="tenant",
-                    resource_id=tenant.id,
-                    chain=tenant.id,
-                    details={"via": "zero-config"},
-                ),
-            )
+        if await session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT)) is None:
+            await audited_create_tenant(session, DEMO_TENANT, via="zero-config")
         for role in ROLES:
-            row, keys[role] = await issue_key(session, ctx.pepper, DEMO_TENANT, role)
-            await append(
-                session,
-                AuditEntry(
-                    "api_key.issue",
-                    None,
-                    resource_type="api_key",
-                    resource_id=row.id,
-                    chain=tenant.id,
-                    details={"role": role, "via": "zero-config"},
-                ),
-            )
+            _, keys[role] = await audited_issue_key(session, ctx.pepper, DEMO_TENANT, role, via="zero-config")
     return keys

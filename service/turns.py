@@ -35,7 +35,7 @@ from .audit import AuditEntry, RequestMeta, append, outcome_of
 from .auth import Principal, new_id
 from .client_input import check_function_results, normalize_client_input
 from .context import ServiceContext
-from .conversations import audited_id
+from .conversations import audited_id, owned_conversation
 from .database import database_now
 from .detectors import detect_classes
 from .errors import (
@@ -152,7 +152,7 @@ class TurnEngine:
         )
         try:
             async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-                conversation = await _lock(session, principal, conversation_id)
+                conversation = await owned_conversation(session, principal, conversation_id, lock=True)
                 entry.data_classes = list(conversation.data_classes)
                 now = await database_now(session)
                 leased = bool(
@@ -293,20 +293,7 @@ class TurnEngine:
         reply: UpstreamReply,
     ) -> dict[str, Any]:
         ctx = self._ctx
-        entry = AuditEntry(
-            "turn.create",
-            principal,
-            meta,
-            resource_type="turn",
-            resource_id=claim.turn_id,
-            data_classes=claim.data_classes,
-            policy_version=claim.policy_version,
-            details={
-                "conversation_id": conversation_id,
-                "store": claim.decision.provider_storage,
-                "storage_reason": claim.decision.code,
-            },
-        )
+        entry = _turn_entry(principal, meta, conversation_id, claim)
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             conversation = await session.scalar(
                 select(Conversation).where(Conversation.id == conversation_id).with_for_update()
@@ -428,34 +415,10 @@ class TurnEngine:
                 return
             await append(
                 session,
-                AuditEntry(
-                    "turn.create",
-                    principal,
-                    meta,
-                    resource_type="turn",
-                    resource_id=claim.turn_id,
-                    data_classes=claim.data_classes,
-                    policy_version=claim.policy_version,
-                    details={
-                        "conversation_id": conversation_id,
-                        "store": claim.decision.provider_storage,
-                        "storage_reason": claim.decision.code,
-                    },
-                ),
+                _turn_entry(principal, meta, conversation_id, claim),
                 outcome="error",
                 reason=code[:80],
             )
-
-
-async def _lock(session: AsyncSession, principal: Principal, conversation_id: str) -> Conversation:
-    conversation = await session.scalar(
-        select(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.tenant_id == principal.tenant_id)
-        .with_for_update()
-    )
-    if conversation is None:
-        raise ConversationNotFound(conversation_id)
-    return conversation
 
 
 async def _replay(
@@ -486,6 +449,24 @@ async def _replay(
     number = turn.number if turn is not None else 0
     replayed: dict[str, Any] = cipher.open_record(_RESPONSE, number, record.response_key_version, record.response)
     return replayed
+
+
+def _turn_entry(principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim) -> AuditEntry:
+    """The `turn.create` record of a claimed turn, with its storage decision."""
+    return AuditEntry(
+        "turn.create",
+        principal,
+        meta,
+        resource_type="turn",
+        resource_id=claim.turn_id,
+        data_classes=claim.data_classes,
+        policy_version=claim.policy_version,
+        details={
+            "conversation_id": conversation_id,
+            "store": claim.decision.provider_storage,
+            "storage_reason": claim.decision.code,
+        },
+    )
 
 
 def _usage(raw: Any) -> dict[str, int]:
