@@ -15,8 +15,12 @@ from .api.helpers import open_conversation, take_turn
 from .conftest import Tenant
 
 
-def _custody(*args: str, database_url: str, key: Path) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"DATABASE_URL": database_url, "CUSTODY_AUDIT_SIGNING_KEY": str(key)}
+def _custody(*args: str, database_url: str, key: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {
+        "DATABASE_URL": database_url,
+        "CUSTODY_AUDIT_SIGNING_KEY": str(key),
+        "CUSTODY_DATA_DIR": str(data_dir),
+    }
     return subprocess.run(
         [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -28,14 +32,16 @@ async def test_checkpoint_export_and_offline_verify(
     """Checkpoints are signed, every chain verifies, and an export verifies offline until a line is edited."""
     conversation = await open_conversation(api, tenant.headers())
     await take_turn(api, tenant.headers(), conversation, "hello")
-    signed = _custody("audit", "checkpoint", database_url=database_url, key=signing_key_path)
+    signed = _custody("audit", "checkpoint", database_url=database_url, key=signing_key_path, data_dir=tmp_path)
     assert signed.returncode == 0, signed.stderr
-    verified = _custody("audit", "verify", database_url=database_url, key=signing_key_path)
+    verified = _custody("audit", "verify", database_url=database_url, key=signing_key_path, data_dir=tmp_path)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "FIRST BAD" not in verified.stdout
 
     chain = (await api.get("/v1/audit/verify", headers=tenant.headers("auditor"))).json()["chain"]
-    exported = _custody("audit", "export", "--chain", chain, database_url=database_url, key=signing_key_path)
+    exported = _custody(
+        "audit", "export", "--chain", chain, database_url=database_url, key=signing_key_path, data_dir=tmp_path
+    )
     assert exported.returncode == 0, exported.stderr
     export = tmp_path / "export.ndjson"
     export.write_text(exported.stdout)
@@ -50,6 +56,7 @@ async def test_checkpoint_export_and_offline_verify(
         str(public),
         database_url="postgresql://nobody@127.0.0.1:1/none",
         key=signing_key_path,
+        data_dir=tmp_path,
     )
     assert offline.returncode == 0 and ": ok," in offline.stdout, offline.stdout + offline.stderr
 
@@ -67,6 +74,7 @@ async def test_checkpoint_export_and_offline_verify(
         str(public),
         database_url="postgresql://nobody@127.0.0.1:1/none",
         key=signing_key_path,
+        data_dir=tmp_path,
     )
     assert tampered.returncode == 1
     assert f"FIRST BAD RECORD seq {record['seq']}" in tampered.stdout
