@@ -12,6 +12,8 @@ tenant's auditors can export and verify their whole chain offline.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -41,6 +43,7 @@ __all__ = [
     "append",
     "chains",
     "iso_now",
+    "utc_instant",
     "checkpoint_all",
     "outcome_of",
     "query_events",
@@ -79,6 +82,13 @@ ACTIONS = frozenset(
     }
 )
 _BATCH = 1000
+
+
+def utc_instant(value: datetime) -> str:
+    """A time in the records' own fixed-width UTC form, so that comparing strings compares times."""
+    if value.tzinfo is None:
+        raise ValueError("a time needs a timezone (e.g. 2026-11-24T10:00:00Z)")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def iso_now() -> str:
@@ -143,19 +153,13 @@ async def append(
     number of processes queue on it and seq stays gapless; the lock ends with the transaction.
     """
     chain = entry.resolved_chain()
-    await session.execute(
-        insert(AuditChainHead)
-        .values(chain=chain, seq=0, head_hash=GENESIS)
-        .on_conflict_do_nothing(index_elements=["chain"])
-    )
-    head = await session.scalar(select(AuditChainHead).where(AuditChainHead.chain == chain).with_for_update())
-    assert head is not None
+    head, recorded_at = await _lock_head(session, chain)
     context = (span or trace.get_current_span()).get_span_context()
     actor = entry.actor
     record: dict[str, Any] = {
         "seq": head.seq + 1,
         "chain": chain,
-        "recorded_at": iso_now(),
+        "recorded_at": recorded_at,
         "action": entry.action,
         "outcome": outcome,
         "reason": reason,
@@ -176,6 +180,7 @@ async def append(
         "details": dict(entry.details),
         "prev_hash": head.head_hash,
     }
+    record = _storable(record)
     record["hash"] = record_hash(head.head_hash, record)
     session.add(AuditEvent(chain=chain, seq=record["seq"], record=record))
     head.seq, head.head_hash = record["seq"], record["hash"]
@@ -183,6 +188,48 @@ async def append(
     if span is not None:
         span.set_attribute("custody.audit_seq", record["seq"])
     return record
+
+
+async def _lock_head(session: AsyncSession, chain: str) -> tuple[AuditChainHead, str]:
+    """The chain's head row, locked FOR UPDATE, read fresh (never a stale object from the
+    session's identity map), with the database's clock, so times within a chain never go back."""
+    await session.execute(
+        insert(AuditChainHead)
+        .values(chain=chain, seq=0, head_hash=GENESIS)
+        .on_conflict_do_nothing(index_elements=["chain"])
+    )
+    row = (
+        await session.execute(
+            select(AuditChainHead, func.clock_timestamp())
+            .where(AuditChainHead.chain == chain)
+            .with_for_update(of=AuditChainHead)
+            .execution_options(populate_existing=True)
+        )
+    ).one()
+    head, clock = row
+    return head, clock.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_SAFE_INT = 2**53 - 1
+
+
+def _storable(value: Any) -> Any:
+    """A value that survives JSONB and RFC 8785 unchanged, so an honest chain always verifies:
+    integers past 2**53 and non-finite or huge floats become strings, NUL characters (which
+    JSONB refuses) are dropped, and anything else that is not JSON becomes its string."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_SAFE_INT <= value <= _SAFE_INT else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) and abs(value) < _SAFE_INT else repr(value)
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {str(k).replace("\x00", ""): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return str(value).replace("\x00", "")
 
 
 class Auditor:
@@ -207,9 +254,15 @@ class Auditor:
             except BaseException as exc:
                 outcome, reason = outcome_of(exc)
                 self._annotate(span, entry, outcome, reason)
-                async with sessions.begin() as session:
-                    await append(session, entry, outcome=outcome, reason=reason, span=span)
+                # Shielded: a second cancellation must not lose the record of the failure.
+                await asyncio.shield(self._record_failure(sessions, entry, outcome, reason, span))
                 raise
+
+    async def _record_failure(
+        self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry, outcome: str, reason: str, span: Span
+    ) -> None:
+        async with sessions.begin() as session:
+            await append(session, entry, outcome=outcome, reason=reason, span=span)
 
     async def record(
         self,
@@ -305,15 +358,22 @@ async def stream_records(
         after = int(rows[-1][0])
 
 
-async def verify_chain(session: AsyncSession, chain: str, signer: AuditSigner | None) -> ChainVerdict:
+async def verify_chain(
+    session: AsyncSession, chain: str, signer: AuditSigner | None, *, extra_checkpoints: Iterable[Checkpoint] = ()
+) -> ChainVerdict:
     """Recompute a chain from the database up to its head as read now; name the first bad record.
 
     Records up to that head cannot change under us (append-only), so no snapshot isolation is
     needed, and the caller's audit record can join this same READ COMMITTED transaction.
+    Checkpoints are read before the head, so none can legitimately lie beyond it: one that does
+    means records were cut from the end. `extra_checkpoints` are copies kept outside the
+    database (`custody audit checkpoint --out`), which whoever rewrites the tables cannot delete.
     """
-    head = await session.get(AuditChainHead, chain)
+    checkpoints = [*await read_checkpoints(session, chain), *(c for c in extra_checkpoints if c.chain == chain)]
+    head = await session.scalar(
+        select(AuditChainHead).where(AuditChainHead.chain == chain).execution_options(populate_existing=True)
+    )
     head_seq, head_hash = (head.seq, head.head_hash) if head else (0, GENESIS)
-    checkpoints = [c for c in await read_checkpoints(session, chain) if c.seq <= head_seq]
     walk = ChainWalk(chain, checkpoints=checkpoints)
     async for seq, record in stream_records(session, chain, last=head_seq):
         if not walk.add(seq, record):
@@ -349,16 +409,24 @@ async def chains(session: AsyncSession) -> Iterable[str]:
 
 async def sign_checkpoint(session: AsyncSession, signer: AuditSigner, chain: str) -> Checkpoint | None:
     """Sign the chain's current head (inside the caller's transaction); None for an empty chain."""
-    head = await session.scalar(select(AuditChainHead).where(AuditChainHead.chain == chain).with_for_update())
-    if head is None or head.seq == 0:
+    head, signed_at = await _lock_head(session, chain)
+    if head.seq == 0:
         return None
-    existing = await session.get(AuditCheckpoint, (chain, head.seq))
+    return await sign_at(session, signer, chain, head.seq, head.head_hash, signed_at)
+
+
+async def sign_at(
+    session: AsyncSession, signer: AuditSigner, chain: str, seq: int, head_hash: str, signed_at: str
+) -> Checkpoint:
+    """A checkpoint over the record at `seq` (an earlier one, for an export's end, or the head)."""
+    existing = await session.get(AuditCheckpoint, (chain, seq))
     if existing is not None:
         return Checkpoint(
             existing.chain, existing.seq, existing.head_hash, existing.signed_at, existing.key_id, existing.signature
         )
-    checkpoint = signer.sign(chain, head.seq, head.head_hash, iso_now())
+    checkpoint = signer.sign(chain, seq, head_hash, signed_at)
     session.add(AuditCheckpoint(**checkpoint.as_json()))
+    await session.flush()
     return checkpoint
 
 
@@ -367,17 +435,19 @@ _CHECKPOINT_LOCK = 0x6375_7374_6F64_7A  # one signer at a time across replicas
 
 async def checkpoint_all(sessions: async_sessionmaker[AsyncSession], signer: AuditSigner) -> list[Checkpoint]:
     """Sign the head of every chain that moved since its last checkpoint; each checkpoint is
-    itself recorded in its chain. Replicas may all call this: an advisory lock lets one sign."""
+    itself recorded in its chain. Replicas may all call this: an advisory lock lets one sign.
+    Each chain is its own transaction, so one busy chain never holds back the others."""
     signed: list[Checkpoint] = []
-    async with sessions.begin() as session:
-        locked = await session.scalar(select(func.pg_try_advisory_xact_lock(_CHECKPOINT_LOCK)))
-        if not locked:
-            return signed
-        for chain in await chains(session):
+    async with sessions() as session:
+        names = list(await chains(session))
+    for chain in names:
+        async with sessions.begin() as session:
+            if not await session.scalar(select(func.pg_try_advisory_xact_lock(_CHECKPOINT_LOCK))):
+                return signed
             latest = await session.scalar(select(func.max(AuditCheckpoint.seq)).where(AuditCheckpoint.chain == chain))
-            head = await session.get(AuditChainHead, chain)
+            head, _ = await _lock_head(session, chain)
             # The only record since the last checkpoint is that checkpoint's own record: nothing new.
-            if head is None or (latest is not None and head.seq <= latest + 1):
+            if head.seq == 0 or (latest is not None and head.seq <= latest + 1):
                 continue
             checkpoint = await sign_checkpoint(session, signer, chain)
             if checkpoint is not None:

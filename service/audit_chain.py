@@ -84,6 +84,17 @@ class Checkpoint:
         return True
 
 
+def attestation_valid(attestation: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
+    """Whether an attestation from `AuditSigner.sign_payload` was signed by `public_key`."""
+    if attestation.get("key_id") != public_key_id(public_key):
+        return False
+    try:
+        public_key.verify(base64.b64decode(attestation["signature"]), rfc8785.dumps(attestation["payload"]))
+    except (InvalidSignature, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def public_key_id(public_key: Ed25519PublicKey) -> str:
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
@@ -131,6 +142,11 @@ class AuditSigner:
         return self.public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode()
+
+    def sign_payload(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """An attestation: the payload, this key's id and an Ed25519 signature over its RFC 8785 form."""
+        signature = base64.b64encode(self._key.sign(rfc8785.dumps(dict(payload)))).decode()
+        return {"payload": dict(payload), "key_id": self.key_id, "signature": signature}
 
     def sign(self, chain: str, seq: int, head_hash: str, signed_at: str) -> Checkpoint:
         unsigned = Checkpoint(chain, seq, head_hash, signed_at, self.key_id, "")
@@ -226,6 +242,8 @@ class ChainWalk:
             return bad(last_seq, "the last record's hash differs from the chain head")
         newest: int | None = None
         for checkpoint in self.checkpoints:
+            if checkpoint.chain != self.chain:
+                return bad(checkpoint.seq, "a checkpoint of another chain was presented")
             if public_key is None or not checkpoint.valid_for(public_key):
                 return bad(checkpoint.seq, "a checkpoint's signature is not valid")
             if checkpoint.seq < self._start:

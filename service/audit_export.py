@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .audit import iso_now, read_checkpoints, stream_records
-from .audit_chain import AuditSigner, ChainVerdict, ChainWalk, Checkpoint, load_public_key
+from .audit_chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint, attestation_valid, load_public_key
 from .models import AuditChainHead, AuditEvent
 
 __all__ = ["EXPORT_FORMAT", "ExportRange", "export_header", "export_lines", "export_range", "verify_export"]
@@ -50,10 +50,17 @@ async def export_range(session: AsyncSession, chain: str, since: str | None, unt
 
 
 async def export_header(session: AsyncSession, span: ExportRange, signer: AuditSigner | None) -> dict[str, Any]:
-    head = await session.get(AuditChainHead, span.chain)
-    last_hash = None
-    if span.last_seq is not None:
+    """The export's first line. With a signer, an attestation signs the exact range: its first
+    seq and the hash before it, its last seq and last hash, so that a verifier holding the
+    public key can tell an edited, truncated or padded export from the real one."""
+    head = await session.scalar(
+        select(AuditChainHead).where(AuditChainHead.chain == span.chain).execution_options(populate_existing=True)
+    )
+    first_prev = last_hash = None
+    if span.first_seq is not None and span.last_seq is not None:
+        first = await session.get(AuditEvent, (span.chain, span.first_seq))
         last = await session.get(AuditEvent, (span.chain, span.last_seq))
+        first_prev = first.record["prev_hash"] if first is not None else None
         last_hash = last.record["hash"] if last is not None else None
     checkpoints = await read_checkpoints(session, span.chain)
     inside = [
@@ -61,15 +68,32 @@ async def export_header(session: AsyncSession, span: ExportRange, signer: AuditS
         for c in checkpoints
         if span.first_seq is not None and span.last_seq is not None and span.first_seq <= c.seq <= span.last_seq
     ]
+    exported_at = iso_now()
+    attestation = None
+    if signer is not None:
+        attestation = signer.sign_payload(
+            {
+                "format": EXPORT_FORMAT,
+                "chain": span.chain,
+                "since": span.since,
+                "until": span.until,
+                "first_seq": span.first_seq,
+                "first_prev_hash": first_prev,
+                "last_seq": span.last_seq,
+                "last_hash": last_hash,
+                "exported_at": exported_at,
+            }
+        )
     return {
         "format": EXPORT_FORMAT,
-        "exported_at": iso_now(),
+        "exported_at": exported_at,
         "chain": span.chain,
         "range": {"since": span.since, "until": span.until, "first_seq": span.first_seq, "last_seq": span.last_seq},
         "range_head_hash": last_hash,
         "chain_head": {"seq": head.seq, "hash": head.head_hash} if head else None,
         "checkpoints": inside,
         "latest_checkpoint": checkpoints[-1].as_json() if checkpoints else None,
+        "attestation": attestation,
         "public_key": signer.public_pem() if signer else None,
     }
 
@@ -85,26 +109,59 @@ async def export_lines(session: AsyncSession, header: dict[str, Any]) -> AsyncIt
 
 
 def verify_export(lines: Iterable[str], *, public_key_pem: bytes | None = None) -> tuple[ChainVerdict, str]:
-    """Check an export offline; returns the verdict and which key the checkpoints were checked with."""
+    """Check an export offline; returns the verdict and which key it was checked with.
+
+    The records must link up and end at the stated hash; with a key, the export's signed
+    attestation must match the records exactly (first seq and the hash before it, last seq and
+    last hash), and the checkpoints inside must be valid. Only a pinned key (`public_key_pem`,
+    obtained out of band) proves the export came from Custody; the embedded one proves only that
+    the file is consistent with itself.
+    """
     iterator = iter(lines)
     header = json.loads(next(iterator))
     if header.get("format") != EXPORT_FORMAT:
         raise ValueError(f"not a {EXPORT_FORMAT} file")
-    pem = public_key_pem or (header["public_key"] or "").encode()
+    pem = public_key_pem or (header.get("public_key") or "").encode()
     key = load_public_key(pem) if pem else None
     key_source = "the pinned key" if public_key_pem else "the key embedded in the export (pin one with --public-key)"
+    chain = header["chain"]
     span = header["range"]
     records = [json.loads(line) for line in iterator if line.strip()]
-    chain = header["chain"]
-    if span["first_seq"] is None:
-        return ChainVerdict(
-            chain, 0, 0, "", None if not records else 1, None if not records else "records in an empty range"
-        ), key_source
+    first_seq, last_seq = span["first_seq"], span["last_seq"]
+
+    def bad(seq: int | None, reason: str) -> tuple[ChainVerdict, str]:
+        return ChainVerdict(chain, 0, 0, "", seq if seq is not None else 0, reason), key_source
+
+    if key is not None:
+        attestation = header.get("attestation")
+        if not attestation or not attestation_valid(attestation, key):
+            return bad(first_seq, "the export's attestation is missing or not signed by the audit key")
+        signed = attestation["payload"]
+        stated = {
+            "format": header["format"],
+            "chain": chain,
+            "since": span["since"],
+            "until": span["until"],
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+            "last_hash": header["range_head_hash"],
+            "exported_at": header["exported_at"],
+        }
+        if any(signed.get(name) != value for name, value in stated.items()):
+            return bad(first_seq, "the export's header differs from what was signed")
+    if first_seq is None:
+        return (ChainVerdict(chain, 0, 0, "") if not records else bad(1, "records in an empty range")[0]), key_source
+    if not records:
+        return bad(first_seq, "the export holds no records")
+    start_prev = str(records[0].get("prev_hash", ""))
+    if first_seq == 1 and start_prev != GENESIS:
+        return bad(1, "the first record of the chain does not start from the genesis hash")
+    if key is not None and header["attestation"]["payload"].get("first_prev_hash") != start_prev:
+        return bad(first_seq, "the first record's prev_hash differs from the signed one")
     checkpoints = [Checkpoint(**c) for c in header["checkpoints"]]
-    start_prev = records[0].get("prev_hash", "") if records else ""
-    walk = ChainWalk(chain, start_seq=span["first_seq"], start_prev_hash=start_prev, checkpoints=checkpoints)
+    walk = ChainWalk(chain, start_seq=first_seq, start_prev_hash=start_prev, checkpoints=checkpoints)
     for record in records:
         if not walk.add(int(record.get("seq", -1)), record):
             break
-    verdict = walk.verdict(expected_head=(span["last_seq"], header["range_head_hash"]), public_key=key)
+    verdict = walk.verdict(expected_head=(last_seq, header["range_head_hash"]), public_key=key)
     return verdict, key_source

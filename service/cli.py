@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,10 @@ def _audit_checkpoint(args: argparse.Namespace) -> int:
         try:
             for checkpoint in await checkpoint_all(make_sessions(engine), signer):
                 print(f"{checkpoint.chain}: signed seq {checkpoint.seq} ({checkpoint.head_hash[:16]}...)")
+                if args.out is not None:
+                    # A copy outside the database: whoever can rewrite the tables cannot reach it.
+                    with args.out.open("a", encoding="utf-8") as out:
+                        out.write(json.dumps(checkpoint.as_json(), separators=(",", ":")) + "\n")
         finally:
             await engine.dispose()
 
@@ -207,14 +212,19 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return 0 if report(verdict) else 1
 
     from .audit import AuditEntry, append, chains, verify_chain
+    from .audit_chain import Checkpoint
     from .runtime import load_signer
 
     signer = load_signer(Settings.from_env(), [])
+    kept_outside: list[Checkpoint] = []
+    if args.checkpoints is not None:
+        with args.checkpoints.open(encoding="utf-8") as lines:
+            kept_outside = [Checkpoint(**json.loads(line)) for line in lines if line.strip()]
     results: list[bool] = []
 
     async def work(session: Any, pepper: bytes) -> None:
         for chain in [args.chain] if args.chain else await chains(session):
-            verdict = await verify_chain(session, chain, signer)
+            verdict = await verify_chain(session, chain, signer, extra_checkpoints=kept_outside)
             results.append(report(verdict))
             await append(
                 session,
@@ -238,15 +248,24 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from .audit import AuditEntry, append
+    from .audit import AuditEntry, append, utc_instant
     from .audit_export import export_header, export_lines, export_range
     from .audit_fhir import to_fhir_audit_event
+    from .errors import InvalidInput
+    from .models import AuditChainHead
     from .runtime import load_signer
 
     signer = load_signer(Settings.from_env(), [])
 
+    def instant(value: str | None) -> str | None:
+        return None if value is None else utc_instant(datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+    since, until = instant(args.since), instant(args.until)
+
     async def work(session: Any, pepper: bytes) -> None:
-        span = await export_range(session, args.chain, args.since, args.until)
+        if await session.get(AuditChainHead, args.chain) is None:
+            raise InvalidInput(f"no audit chain named {args.chain!r} (a tenant id, or `system`)")
+        span = await export_range(session, args.chain, since, until)
         header = await export_header(session, span, signer)
         await append(
             session,
@@ -337,14 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--chain", help="one chain (a tenant id, or `system`); default: all")
     verify.add_argument("--file", type=Path, help="verify an NDJSON export offline instead of the database")
     verify.add_argument("--public-key", type=Path, help="PEM of the audit signing key to pin (with --file)")
+    verify.add_argument(
+        "--checkpoints", type=Path, help="checkpoints kept outside the database (`audit checkpoint --out`)"
+    )
     verify.set_defaults(handler=_audit_verify)
     export = audit.add_parser("export", help="export a chain's records with the proof to verify them")
     export.add_argument("--chain", required=True)
-    export.add_argument("--since", help="UTC, e.g. 2026-11-24T00:00:00.000000Z")
+    export.add_argument("--since", help="ISO 8601 with a timezone, e.g. 2026-11-24T00:00:00Z")
     export.add_argument("--until")
     export.add_argument("--format", choices=["ndjson", "fhir"], default="ndjson")
     export.set_defaults(handler=_audit_export)
-    audit.add_parser("checkpoint", help="sign every chain's head now").set_defaults(handler=_audit_checkpoint)
+    checkpoint = audit.add_parser("checkpoint", help="sign every chain's head now")
+    checkpoint.add_argument("--out", type=Path, help="also append the new checkpoints to this file (keep it elsewhere)")
+    checkpoint.set_defaults(handler=_audit_checkpoint)
 
     sim = commands.add_parser("simulator", help="run the local Gemini Interactions API simulator")
     sim.add_argument("--host", default="127.0.0.1")

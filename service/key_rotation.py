@@ -70,39 +70,48 @@ class RotationResult:
 async def rewrap_data_keys(
     sessions: async_sessionmaker[AsyncSession], keyring: FileKeyring, *, batch: int = 500
 ) -> RotationResult:
-    """Rewrap every data key not yet under the current KEK, in batches, then audit the run.
+    """Rewrap every data key not yet under the current KEK, in batches, each batch one
+    transaction with its own audit record (fail closed: no rewrap commits unrecorded).
 
-    Each batch is one transaction, and rows locked by a concurrent deletion are skipped and
-    picked up by the next run, so the job can be interrupted and run again safely.
+    The walk goes forward by conversation id, so keys that cannot be unwrapped (already lost)
+    or rows locked by a concurrent deletion are passed over rather than met again forever;
+    running the job again picks up whatever was skipped.
     """
     target = keyring.current_version
-    total = 0
+    total, after = 0, ""
     while True:
         async with sessions.begin() as session:
             rows = (
                 await session.scalars(
                     select(DataKey)
-                    .where(DataKey.kek_version != target)
+                    .where(DataKey.kek_version != target, DataKey.conversation_id > after)
                     .order_by(DataKey.conversation_id)
                     .limit(batch)
                     .with_for_update(skip_locked=True)
                 )
             ).all()
+            if not rows:
+                break
+            rewrapped = unreadable = 0
             for row in rows:
                 try:
-                    rewrapped = keyring.rewrap(WrappedKey(row.kek_version, row.wrapped))
+                    wrapped = keyring.rewrap(WrappedKey(row.kek_version, row.wrapped))
                 except KeyUnwrapError:
-                    # A key we cannot unwrap is already lost; leave it for an operator to see.
+                    unreadable += 1
                     continue
-                row.kek_version, row.wrapped = rewrapped.kek_version, rewrapped.wrapped
-                total += 1
+                row.kek_version, row.wrapped = wrapped.kek_version, wrapped.wrapped
+                rewrapped += 1
+            after = rows[-1].conversation_id
+            await append(
+                session,
+                AuditEntry(
+                    "keyring.rotate",
+                    None,
+                    resource_type="keyring",
+                    details={"kek_version": target, "rewrapped": rewrapped, "unreadable": unreadable},
+                ),
+            )
+            total += rewrapped
         if len(rows) < batch:
             break
-    async with sessions.begin() as session:
-        await append(
-            session,
-            AuditEntry(
-                "keyring.rotate", None, resource_type="keyring", details={"kek_version": target, "rewrapped": total}
-            ),
-        )
     return RotationResult(target, total)

@@ -109,6 +109,26 @@ def _load_keyring(settings: Settings, announce: list[str]) -> FileKeyring:
         raise ConfigurationError(str(exc)) from None
 
 
+async def _audit_role_warning(engine: AsyncEngine) -> str | None:
+    """The append-only grants bind only a role that neither owns the audit tables nor is a
+    superuser; say so loudly when the service runs as one (as the embedded default does)."""
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                text(
+                    "SELECT r.rolsuper, t.tableowner = current_user FROM pg_roles r, pg_tables t "
+                    "WHERE r.rolname = current_user AND t.tablename = 'audit_events'"
+                )
+            )
+        ).one_or_none()
+    if row is None or not (row[0] or row[1]):
+        return None
+    return (
+        "WARNING: the database role is a superuser or owns the audit tables, so the append-only grants do "
+        "not bind it (the triggers still do); in production run the service as a login role in custody_app"
+    )
+
+
 async def _connect(url: str) -> AsyncEngine:
     engine = make_engine(url)
     try:
@@ -155,6 +175,8 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
         await asyncio.to_thread(migrate, url)
     engine = await _connect(url)
     await check_schema_current(engine, url)
+    if warning := await _audit_role_warning(engine):
+        announce.append(warning)
 
     keyring = _load_keyring(settings, announce)
     pepper = load_pepper(settings, announce)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -49,6 +50,7 @@ from .errors import (
 from .history import ConversationCipher, append_steps, encode_json, load_cipher, read_steps
 from .models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
 from .policy import StorageDecision, UnknownRouteError, check_data_classes, decide_storage
+from .provider_copies import delete_provider_copies
 from .upstream import UpstreamReply
 
 __all__ = ["TurnEngine", "output_text"]
@@ -242,8 +244,8 @@ class TurnEngine:
         new_steps: list[dict[str, Any]],
         reply: UpstreamReply,
     ) -> dict[str, Any]:
-        interaction_id = reply.body.get("id")
-        if isinstance(interaction_id, str) and interaction_id:
+        interaction_id = _interaction_id(reply.body)
+        if interaction_id is not None:
             await self._ledger(principal, meta, conversation_id, claim, interaction_id)
         try:
             return await self._finish(principal, meta, conversation_id, claim, new_steps, reply)
@@ -251,6 +253,9 @@ class TurnEngine:
             # The audited action already recorded the failure; free the turn row and the key.
             code = "lease_lost" if isinstance(exc, TurnInProgress) else outcome_of(exc)[1]
             await self._release_failed(principal, meta, conversation_id, claim, code, audit=False)
+            if isinstance(exc, ConversationNotFound):
+                # Deleted while the model worked: the copy the provider kept must go too.
+                await self._delete_orphaned_copy(principal, meta, conversation_id, reply, claim)
             raise
 
     async def _ledger(
@@ -261,7 +266,7 @@ class TurnEngine:
         async with self._ctx.sessions.begin() as session:
             session.add(
                 UpstreamInteraction(
-                    id=interaction_id[:200],
+                    id=interaction_id,
                     tenant_id=principal.tenant_id,
                     conversation_id=conversation_id,
                     turn_id=claim.turn_id,
@@ -276,7 +281,7 @@ class TurnEngine:
                         principal,
                         meta,
                         resource_type="upstream_interaction",
-                        resource_id=interaction_id[:200],
+                        resource_id=interaction_id,
                         data_classes=claim.data_classes,
                         policy_version=claim.policy_version,
                         details={"conversation_id": conversation_id, "turn_id": claim.turn_id},
@@ -303,29 +308,23 @@ class TurnEngine:
                 # now would resurrect or fork the history. (Raising records a denied turn.create;
                 # `_settle` then releases the turn row and the key.)
                 if conversation is None:
-                    await self._delete_orphaned_copy(reply, claim)
                     raise ConversationNotFound(conversation_id)
                 raise TurnInProgress(conversation_id)
             response = await self._record(session, principal, conversation, claim, new_steps, reply)
             entry.details |= {
                 "status": response["status"],
                 "steps": len(response["steps"]),
-                "upstream_interaction_id": reply.body.get("id"),
+                "upstream_interaction_id": _interaction_id(reply.body),
             }
             return response
 
-    async def _delete_orphaned_copy(self, reply: UpstreamReply, claim: _Claim) -> None:
+    async def _delete_orphaned_copy(
+        self, principal: Principal, meta: RequestMeta, conversation_id: str, reply: UpstreamReply, claim: _Claim
+    ) -> None:
         """The conversation was deleted while the model worked: its provider copy goes too."""
-        interaction_id = reply.body.get("id")
-        if claim.decision.provider_storage and isinstance(interaction_id, str) and interaction_id:
-            try:
-                await self._ctx.upstream.delete(interaction_id)
-            except Exception:  # noqa: BLE001 - the ledger row stays undeleted for the retention run
-                return
-            async with self._ctx.sessions.begin() as session:
-                row = await session.get(UpstreamInteraction, interaction_id[:200])
-                if row is not None:
-                    row.deleted_at = func.now()
+        interaction_id = _interaction_id(reply.body)
+        if claim.decision.provider_storage and interaction_id is not None:
+            await delete_provider_copies(self._ctx, principal, meta, conversation_id, [interaction_id])
 
     async def _record(
         self,
@@ -467,6 +466,16 @@ def _turn_entry(principal: Principal, meta: RequestMeta, conversation_id: str, c
             "storage_reason": claim.decision.code,
         },
     )
+
+
+_INTERACTION_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def _interaction_id(body: dict[str, Any]) -> str | None:
+    """The provider's interaction id, when it is a plausible one: it goes into the ledger and
+    audit records, which must never hold arbitrary text from a response."""
+    value = body.get("id")
+    return value if isinstance(value, str) and _INTERACTION_ID.match(value) else None
 
 
 def _usage(raw: Any) -> dict[str, int]:

@@ -218,6 +218,67 @@ async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[Asy
     assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "checkpoint" in (verdict.reason or ""), verdict
 
 
+async def test_records_cut_from_the_end_are_caught_by_a_later_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """Deleting the last records and moving the head back is caught: a signed checkpoint lies beyond the new head."""
+
+    async def cut(connection: AsyncConnection) -> None:
+        existing = await records(connection)
+        await connection.execute(text("DELETE FROM audit_events WHERE chain = :c AND seq > 15"), {"c": CHAIN})
+        await connection.execute(
+            text("UPDATE audit_chain_heads SET seq = 15, head_hash = :h WHERE chain = :c"),
+            {"h": existing[15]["hash"], "c": CHAIN},
+        )
+
+    verdict = await tampered(lab, cut)
+    assert not verdict.ok and verdict.first_bad == 16, verdict
+
+
+async def test_external_checkpoint_copy_catches_a_deleted_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """With the checkpoint rows deleted too, a copy of the checkpoint kept outside the database still catches the cut."""
+    engine, signer = lab
+    async with engine.connect() as connection:
+        from service.audit import read_checkpoints
+
+        kept_outside = await read_checkpoints(AsyncSession(bind=connection), CHAIN)
+    assert kept_outside
+
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        try:
+            for table in ("audit_events", "audit_checkpoints"):
+                await connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+            existing = await records(connection)
+            await connection.execute(text("DELETE FROM audit_checkpoints WHERE chain = :c"), {"c": CHAIN})
+            await connection.execute(text("DELETE FROM audit_events WHERE chain = :c AND seq > 15"), {"c": CHAIN})
+            await connection.execute(
+                text("UPDATE audit_chain_heads SET seq = 15, head_hash = :h WHERE chain = :c"),
+                {"h": existing[15]["hash"], "c": CHAIN},
+            )
+            session = AsyncSession(bind=connection)
+            inside_only = await verify_chain(session, CHAIN, signer)
+            with_copy = await verify_chain(session, CHAIN, signer, extra_checkpoints=kept_outside)
+        finally:
+            await transaction.rollback()
+    assert inside_only.ok  # nothing left in the database can tell
+    assert not with_copy.ok and with_copy.first_bad == 16
+
+
+async def test_huge_numbers_and_nul_characters_cannot_break_the_chain(lab: tuple[AsyncEngine, AuditSigner]) -> None:
+    """Details with integers past 2**53, large floats and NUL characters are stored so the chain still verifies."""
+    engine, signer = lab
+    chain = "ten_" + "d" * 30
+    async with make_sessions(engine).begin() as session:
+        await append(
+            session,
+            AuditEntry(
+                "history.read", None, chain=chain, details={"big": 2**63, "float": 1e16, "nul": "a\x00b", "ok": 0.5}
+            ),
+        )
+    async with make_sessions(engine)() as session:
+        verdict = await verify_chain(session, chain, signer)
+    assert verdict.ok, verdict
+
+
 async def test_forged_checkpoint_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
     """A checkpoint whose signature was not made by the audit key is rejected."""
 

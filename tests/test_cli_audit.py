@@ -32,9 +32,21 @@ async def test_checkpoint_export_and_offline_verify(
     """Checkpoints are signed, every chain verifies, and an export verifies offline until a line is edited."""
     conversation = await open_conversation(api, tenant.headers())
     await take_turn(api, tenant.headers(), conversation, "hello")
-    signed = _custody("audit", "checkpoint", database_url=database_url, key=signing_key_path, data_dir=tmp_path)
+    kept = tmp_path / "checkpoints.ndjson"
+    signed = _custody(
+        "audit", "checkpoint", "--out", str(kept), database_url=database_url, key=signing_key_path, data_dir=tmp_path
+    )
     assert signed.returncode == 0, signed.stderr
-    verified = _custody("audit", "verify", database_url=database_url, key=signing_key_path, data_dir=tmp_path)
+    assert kept.read_text().strip(), "the checkpoints were not copied out"
+    verified = _custody(
+        "audit",
+        "verify",
+        "--checkpoints",
+        str(kept),
+        database_url=database_url,
+        key=signing_key_path,
+        data_dir=tmp_path,
+    )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "FIRST BAD" not in verified.stdout
 

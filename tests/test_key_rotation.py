@@ -86,7 +86,7 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
             ).scalar_one()
         assert versions == [2]
         assert sealed_after == sealed_before  # step ciphertext is never re-encrypted
-        assert record["details"] == {"kek_version": 2, "rewrapped": 1}
+        assert record["details"] == {"kek_version": 2, "rewrapped": 1, "unreadable": 0}
 
         assert replica.keyring.current_version == 1  # loaded before the rotation...
         after = await take_turn(api, tenant.headers(), conversation, "what did I say first?")

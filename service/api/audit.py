@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get
@@ -18,13 +18,13 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
-from ..audit import ACTIONS, AuditEntry, RequestMeta, query_events, verify_chain
+from ..audit import ACTIONS, AuditEntry, RequestMeta, query_events, utc_instant, verify_chain
 from ..audit_export import export_header, export_lines, export_range
 from ..audit_fhir import FHIR_NDJSON, to_fhir_audit_event
 from ..auth import Principal
 from ..context import ServiceContext
 from ..errors import InvalidInput
-from .security import provide_meta, require_role
+from .security import MAX_CURSOR, provide_meta, require_role
 from .wire import AuditEventsOut, AuditVerifyOut
 
 __all__ = ["AuditController"]
@@ -43,9 +43,10 @@ def _instant(value: datetime | None, name: str) -> str | None:
     """A query time in the records' fixed-width UTC form, so that string order is time order."""
     if value is None:
         return None
-    if value.tzinfo is None:
-        raise InvalidInput(f"`{name}` needs a timezone (e.g. 2026-11-24T10:00:00Z)", pointer=name)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return utc_instant(value)
+    except ValueError:
+        raise InvalidInput(f"`{name}` needs a timezone (e.g. 2026-11-24T10:00:00Z)", pointer=name) from None
 
 
 def _filters(action: str | None, actor: str | None, resource: str | None, outcome: str | None) -> dict[str, Any]:
@@ -88,7 +89,7 @@ class AuditController(Controller):
         actor: FromQuery[str | None] = None,
         resource: FromQuery[str | None] = None,
         outcome: FromQuery[str | None] = None,
-        cursor: Annotated[int, QueryParameter(ge=0)] = 0,
+        cursor: Annotated[int, QueryParameter(ge=0, le=MAX_CURSOR)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> AuditEventsOut:
         """Audit records of the caller's tenant, filtered, oldest first, by seq cursor."""

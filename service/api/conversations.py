@@ -10,16 +10,15 @@ import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
-from sqlalchemy import func, update
 
-from ..audit import AuditEntry, RequestMeta, append
+from ..audit import AuditEntry, RequestMeta
 from ..auth import Principal
 from ..context import ServiceContext
 from ..conversations import audited_id, delete_conversation, get_conversation, list_steps, open_conversation
 from ..errors import InvalidInput
-from ..models import UpstreamInteraction
+from ..provider_copies import delete_provider_copies
 from ..turns import TurnEngine
-from .security import provide_meta, require_role
+from .security import MAX_CURSOR, provide_meta, require_role
 from .wire import ConversationCreate, ConversationOut, HistoryOut, HistoryStep, TurnCreate, TurnOut
 
 __all__ = ["ConversationController"]
@@ -107,7 +106,7 @@ class ConversationController(Controller):
         conversation_id: FromPath[str],
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
-        cursor: Annotated[int, QueryParameter(ge=0)] = 0,
+        cursor: Annotated[int, QueryParameter(ge=0, le=MAX_CURSOR)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
     ) -> HistoryOut:
         """The decrypted history in order, `limit` steps from position `cursor`."""
@@ -151,39 +150,4 @@ class ConversationController(Controller):
             deleted = await delete_conversation(session, principal, conversation_id)
             entry.data_classes = deleted.data_classes
             entry.details["provider_copies"] = len(deleted.provider_copies)
-        for interaction_id in deleted.provider_copies:
-            await _delete_provider_copy(ctx, principal, meta, conversation_id, interaction_id)
-
-
-async def _delete_provider_copy(
-    ctx: ServiceContext,
-    principal: NamedDependency[Principal],
-    meta: NamedDependency[RequestMeta],
-    conversation_id: FromPath[str],
-    interaction_id: str,
-) -> None:
-    """Ask the provider to delete its copy; a failure stays in the ledger for the retention run."""
-    error: str | None = None
-    try:
-        await ctx.upstream.delete(interaction_id)
-    except Exception as exc:  # noqa: BLE001 - any failure is retried later, and named only by type
-        error = type(exc).__name__
-        logger.warning("provider copy %s not deleted yet (%s)", interaction_id, error)
-    entry = AuditEntry(
-        "upstream.delete",
-        principal,
-        meta,
-        resource_type="upstream_interaction",
-        resource_id=interaction_id,
-        details={"conversation_id": conversation_id},
-    )
-    async with ctx.sessions.begin() as session:
-        values: dict[str, Any] = {"delete_attempts": UpstreamInteraction.delete_attempts + 1, "last_error": error}
-        if error is None:
-            values["deleted_at"] = func.now()
-        await session.execute(
-            update(UpstreamInteraction).where(UpstreamInteraction.id == interaction_id).values(**values)
-        )
-        await append(
-            session, entry, outcome="success" if error is None else "error", reason=error and "provider_delete_failed"
-        )
+        await delete_provider_copies(ctx, principal, meta, conversation_id, deleted.provider_copies)

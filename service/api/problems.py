@@ -15,6 +15,7 @@ from litestar.types import ExceptionHandlersMap
 
 from .. import errors
 from ..policy import DataClassNotAllowedError, PolicyViolation, UnknownDataClassError, UnknownRouteError
+from .security import operation_name
 
 __all__ = ["PROBLEM_JSON", "exception_handlers", "problem"]
 
@@ -103,7 +104,8 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
 
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     # The exception type only: messages of unexpected errors may carry anything.
-    logger.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    # The operation, not the path: a path holds whatever the caller typed.
+    logger.error("unhandled %s in %s", type(exc).__name__, operation_name(request))
     return problem(500, "internal-error", "Internal error", "the service failed; the request may be retried")
 
 

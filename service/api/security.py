@@ -18,7 +18,10 @@ from ..auth import Principal, authenticate
 from ..context import ServiceContext
 from ..errors import AuthenticationFailed, PermissionDenied
 
-__all__ = ["provide_meta", "require_role"]
+__all__ = ["MAX_CURSOR", "operation_name", "provide_meta", "require_role"]
+
+# Cursors are recorded in audit details, whose canonical JSON allows integers up to 2**53 - 1.
+MAX_CURSOR = 2**53 - 1
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -49,7 +52,7 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
             # No tenant is known for a failed authentication: it goes to the system chain.
             await ctx.auditor.record(
                 ctx.sessions,
-                AuditEntry("auth.failure", None, meta, details={"operation": _operation(request)}),
+                AuditEntry("auth.failure", None, meta, details={"operation": operation_name(request)}),
                 outcome="denied",
                 reason="unauthenticated",
             )
@@ -57,7 +60,7 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
         if caller.role not in roles:
             await ctx.auditor.record(
                 ctx.sessions,
-                AuditEntry("access.denied", caller, meta, details={"operation": _operation(request)}),
+                AuditEntry("access.denied", caller, meta, details={"operation": operation_name(request)}),
                 outcome="denied",
                 reason="forbidden",
             )
@@ -67,7 +70,10 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
     return principal
 
 
-def _operation(request: Request[Any, Any, Any]) -> str:
+def operation_name(request: Request[Any, Any, Any]) -> str:
     """The operation's name, not the path: a path carries whatever the caller put in it."""
-    handler = request.route_handler
-    return str(handler.operation_id) if isinstance(handler.operation_id, str) else handler.handler_name
+    handler = request.scope.get("route_handler")
+    if handler is None:
+        return "unrouted"
+    operation_id = getattr(handler, "operation_id", None)
+    return operation_id if isinstance(operation_id, str) else str(handler.handler_name)

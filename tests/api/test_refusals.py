@@ -164,3 +164,14 @@ async def test_revoked_key_is_401(api: httpx.AsyncClient, tenant: Tenant, ctx: A
         401,
         "unauthenticated",
     )
+
+
+async def test_cursor_past_what_audit_records_can_hold_is_400(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    """A cursor beyond 2**53 - 1 is a 400 (it would otherwise break the audit record of the read)."""
+    conversation = await open_conversation(api, tenant.headers())
+    response = await api.get(
+        f"/v1/conversations/{conversation}/steps", params={"cursor": 2**53 + 1}, headers=tenant.headers()
+    )
+    assert_problem(response, 400, "malformed-request")
+    audit = await api.get("/v1/audit/events", params={"cursor": 2**63}, headers=tenant.headers("auditor"))
+    assert_problem(audit, 400, "malformed-request")
