@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def start(port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "service", "simulator", "--port", str(port)]
+    command = [sys.executable, "-m", "service", "simulator", "--port", str(port), "--request-log-limit", "0"]
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         command = ["taskset", "-c", "0", *command]
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))

@@ -111,11 +111,18 @@ async def main_async(args: argparse.Namespace, custody: str, simulator: str, key
             f"{statistics.median(times['custody']):>11.2f} {percentile(times['custody'], 0.99):>7.2f} | "
             f"{statistics.median(added):>9.2f} {percentile(added, 0.99):>7.2f}"
         )
+        if args.slowest:
+            worst = sorted(range(len(added)), key=added.__getitem__, reverse=True)[: args.slowest]
+            print(
+                "             slowest added (sample: custody/direct ms): "
+                + ", ".join(f"#{i}: {times['custody'][i]:.0f}/{times['direct'][i]:.0f}" for i in worst)
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--slowest", type=int, default=0, help="also list the N slowest samples per size")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200])
     args = parser.parse_args()
 
@@ -151,7 +158,8 @@ def main() -> None:
             sim_port, custody_port = free_port(), free_port()
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "service", "simulator", "--port", str(sim_port)], stderr=subprocess.DEVNULL
+                    [sys.executable, "-m", "service", "simulator", "--port", str(sim_port), "--request-log-limit", "0"],
+                    stderr=subprocess.DEVNULL,
                 )
             )
             simulator = f"http://127.0.0.1:{sim_port}"

@@ -7,6 +7,7 @@ import json
 import re
 import secrets
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,7 +92,7 @@ class Simulator:
         self.faults = FaultPlan()
         self.closing = threading.Event()
         self._log_lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
+        self._requests: deque[RecordedRequest] = deque(maxlen=self.config.request_log_limit)
 
     # --- the Python API tests use -------------------------------------------------------------
 

@@ -30,5 +30,9 @@ class SimulatorConfig:
     strict_replay: bool = True
     # Append each request as one JSON line to this file; None keeps the log in memory only.
     request_log_path: Path | None = None
+    # How many requests the in-memory log keeps (oldest dropped first; 0 keeps none). Bodies
+    # replaying long histories are large, and an unbounded log would slow the simulator's own
+    # garbage collection in long benchmarks.
+    request_log_limit: int = 1000
     # Words per SSE text delta.
     stream_chunk_words: int = 3

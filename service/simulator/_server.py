@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import threading
@@ -93,4 +94,5 @@ def serve_forever(config: SimulatorConfig, *, host: str, port: int) -> None:
     app = Simulator(config)
     uv_config = _uvicorn_config(app, "info")
     uv_config.host, uv_config.port = host, port
+    gc.freeze()  # long-lived startup objects out of the collector's way, as in `custody serve`
     uvicorn.Server(uv_config).run()
