@@ -56,3 +56,12 @@ def test_nothing_is_written_to_disk_unless_asked(tmp_path: Path, monkeypatch) ->
     (line,) = log_path.read_text().splitlines()
     entry = json.loads(line)
     assert entry["body"]["input"] == "hi" and entry["headers"]["x-goog-api-key"] == "<redacted>"
+
+
+def test_in_memory_log_is_bounded() -> None:
+    """The in-memory log keeps only the newest `request_log_limit` requests."""
+    with start_simulator(SimulatorConfig(request_log_limit=2)) as bounded:
+        client = make_client(bounded)
+        for text in ("one", "two", "three"):
+            client.interactions.create(model=MODEL, input=text, store=False)
+        assert [r.body["input"] for r in bounded.app.requests] == ["two", "three"]
