@@ -13,6 +13,7 @@ tenant's auditors can export and verify their whole chain offline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 SYSTEM_CHAIN = "system"
+logger = logging.getLogger("custody.audit")
 ACTIONS = frozenset(
     {
         "conversation.create",
@@ -254,8 +256,17 @@ class Auditor:
             except BaseException as exc:
                 outcome, reason = outcome_of(exc)
                 self._annotate(span, entry, outcome, reason)
-                # Shielded: a second cancellation must not lose the record of the failure.
-                await asyncio.shield(self._record_failure(sessions, entry, outcome, reason, span))
+                try:
+                    # Shielded: a second cancellation must not lose the record of the failure.
+                    await asyncio.shield(self._record_failure(sessions, entry, outcome, reason, span))
+                except Exception as audit_error:  # noqa: BLE001 - the action's own error is the one to raise
+                    # The audit log itself is failing: a critical control (PCI DSS 10.7.2), so
+                    # say so loudly; the action has failed already, so nothing went unrecorded.
+                    logger.error(
+                        "audit: the failure record of %s could not be written (%s)",
+                        entry.action,
+                        type(audit_error).__name__,
+                    )
                 raise
 
     async def _record_failure(
