@@ -244,15 +244,18 @@ class TurnEngine:
         new_steps: list[dict[str, Any]],
         reply: UpstreamReply,
     ) -> dict[str, Any]:
-        interaction_id = _interaction_id(reply.body)
-        if interaction_id is not None:
-            await self._ledger(principal, meta, conversation_id, claim, interaction_id)
+        finishing = False
         try:
+            interaction_id = _interaction_id(reply.body)
+            if interaction_id is not None:
+                await self._ledger(principal, meta, conversation_id, claim, interaction_id)
+            finishing = True
             return await self._finish(principal, meta, conversation_id, claim, new_steps, reply)
         except BaseException as exc:
-            # The audited action already recorded the failure; free the turn row and the key.
+            # Free the turn row and the key. A failed finish was recorded by its audited action;
+            # a failed ledger write was not, so it gets its record here.
             code = "lease_lost" if isinstance(exc, TurnInProgress) else outcome_of(exc)[1]
-            await self._release_failed(principal, meta, conversation_id, claim, code, audit=False)
+            await self._release_failed(principal, meta, conversation_id, claim, code, audit=not finishing)
             if isinstance(exc, ConversationNotFound):
                 # Deleted while the model worked: the copy the provider kept must go too.
                 await self._delete_orphaned_copy(principal, meta, conversation_id, reply, claim)

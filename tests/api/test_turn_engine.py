@@ -134,3 +134,30 @@ async def test_upstream_timeout_is_504(ctx: Any, gemini: RunningSimulator, tenan
         assert len(gemini.app.creates()) == 1
         assert (await take_turn(client, tenant.headers(), conversation, "again"))["status"] == "completed"
     await upstream.aclose()
+
+
+async def test_failed_ledger_write_releases_the_conversation(
+    api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine
+) -> None:
+    """If recording the provider's interaction id fails, the turn fails, is audited, and the conversation is free again."""
+    conversation = await open_conversation(api, tenant.headers())
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("ALTER TABLE upstream_interactions ADD CONSTRAINT test_ledger CHECK (false) NOT VALID")
+        )
+    try:
+        failed = await api.post(
+            f"/v1/conversations/{conversation}/turns",
+            json={"input": "x"},
+            headers=tenant.headers() | {"Idempotency-Key": "ledger-1"},
+        )
+        assert failed.status_code == 500
+    finally:
+        async with engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE upstream_interactions DROP CONSTRAINT test_ledger"))
+    retried = await take_turn(api, tenant.headers(), conversation, "x", **{"Idempotency-Key": "ledger-1"})
+    assert retried["status"] == "completed" and retried["turn_number"] == 2
+    events = (
+        await api.get("/v1/audit/events", params={"action": "turn.create"}, headers=tenant.headers("auditor"))
+    ).json()["events"]
+    assert [(e["outcome"], e["reason"]) for e in events[-2:]] == [("error", "integrity"), ("success", None)]
