@@ -9,6 +9,7 @@ pin the public key (`--public-key`) to prove more than internal consistency.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -19,9 +20,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from .audit import iso_now, read_checkpoints, stream_records
 from .audit_chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint, attestation_valid, load_public_key
+from .audit_fhir import to_fhir_audit_event
 from .models import AuditChainHead, AuditEvent
 
-__all__ = ["EXPORT_FORMAT", "ExportRange", "export_header", "export_lines", "export_range", "verify_export"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "ExportRange",
+    "export_header",
+    "export_lines",
+    "export_range",
+    "header_token",
+    "verify_export",
+]
 
 EXPORT_FORMAT = "custody-audit-export-v1"
 
@@ -98,14 +108,21 @@ async def export_header(session: AsyncSession, span: ExportRange, signer: AuditS
     }
 
 
-async def export_lines(session: AsyncSession, header: dict[str, Any]) -> AsyncIterator[str]:
-    """The header, then the range's records, each one compact JSON line."""
-    yield json.dumps(header, separators=(",", ":")) + "\n"
+async def export_lines(session: AsyncSession, header: dict[str, Any], *, fhir: bool = False) -> AsyncIterator[str]:
+    """Native: the header, then the range's records; FHIR: one AuditEvent per record (FHIR NDJSON
+    lines must all be resources, so the header travels beside it: see `header_token`)."""
+    if not fhir:
+        yield json.dumps(header, separators=(",", ":")) + "\n"
     span = header["range"]
     if span["first_seq"] is None:
         return
     async for _, record in stream_records(session, header["chain"], first=span["first_seq"], last=span["last_seq"]):
-        yield json.dumps(record, separators=(",", ":")) + "\n"
+        yield json.dumps(to_fhir_audit_event(record) if fhir else record, separators=(",", ":")) + "\n"
+
+
+def header_token(header: dict[str, Any]) -> str:
+    """The export header as one URL-safe base64 token, for an HTTP header beside a FHIR export."""
+    return base64.urlsafe_b64encode(json.dumps(header, separators=(",", ":")).encode()).decode()
 
 
 def verify_export(lines: Iterable[str], *, public_key_pem: bytes | None = None) -> tuple[ChainVerdict, str]:

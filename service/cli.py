@@ -254,8 +254,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 def _audit_export(args: argparse.Namespace) -> int:
     from .audit import AuditEntry, append, utc_instant
-    from .audit_export import export_header, export_lines, export_range
-    from .audit_fhir import to_fhir_audit_event
+    from .audit_export import export_header, export_lines, export_range, header_token
     from .errors import InvalidInput
     from .models import AuditChainHead
     from .runtime import load_signer
@@ -283,11 +282,10 @@ def _audit_export(args: argparse.Namespace) -> int:
                 details={"format": args.format, "via": "cli", "first_seq": span.first_seq, "last_seq": span.last_seq},
             ),
         )
-        async for line in export_lines(session, header):
-            if args.format == "ndjson":
-                sys.stdout.write(line)
-            elif not line.startswith('{"format"'):
-                sys.stdout.write(json.dumps(to_fhir_audit_event(json.loads(line)), separators=(",", ":")) + "\n")
+        if args.format == "fhir":
+            _say(f"custody: export header (base64url JSON): {header_token(header)}")
+        async for line in export_lines(session, header, fhir=args.format == "fhir"):
+            sys.stdout.write(line)
 
     _with_session(work)
     return 0

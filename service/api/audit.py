@@ -7,7 +7,6 @@ which are append-only and so cannot change in between).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -19,8 +18,8 @@ from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
 from ..audit import ACTIONS, AuditEntry, RequestMeta, query_events, utc_instant, verify_chain
-from ..audit_export import export_header, export_lines, export_range
-from ..audit_fhir import FHIR_NDJSON, to_fhir_audit_event
+from ..audit_export import export_header, export_lines, export_range, header_token
+from ..audit_fhir import FHIR_NDJSON
 from ..auth import Principal
 from ..context import ServiceContext
 from ..errors import InvalidInput
@@ -150,16 +149,16 @@ class AuditController(Controller):
 
         async def body() -> AsyncIterator[str]:
             async with ctx.sessions() as session:
-                async for line in export_lines(session, header):
-                    if format == "ndjson":
-                        yield line
-                    elif not line.startswith('{"format"'):
-                        yield json.dumps(to_fhir_audit_event(json.loads(line)), separators=(",", ":")) + "\n"
+                async for line in export_lines(session, header, fhir=format == "fhir"):
+                    yield line
 
         headers = {
             "X-Custody-Chain": principal.tenant_id,
             "X-Custody-Range": f"{span.first_seq}-{span.last_seq}",
             "X-Custody-Range-Head-Hash": str(header["range_head_hash"]),
+            # The whole native header (chain head, checkpoints, signed attestation), so that a
+            # FHIR export carries its proof too.
+            "X-Custody-Export-Header": header_token(header),
         }
         media_type = _NDJSON if format == "ndjson" else FHIR_NDJSON
         return Stream(body(), media_type=media_type, headers=headers)

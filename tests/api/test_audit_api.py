@@ -138,6 +138,10 @@ async def test_fhir_export_is_valid_r4(api: httpx.AsyncClient, tenant: Tenant) -
     export = await api.get("/v1/audit/export", params={"format": "fhir"}, headers=tenant.headers("auditor"))
     assert export.headers["content-type"].startswith("application/fhir+ndjson")
     assert export.headers["x-custody-range-head-hash"]
+    import base64
+
+    header = json.loads(base64.urlsafe_b64decode(export.headers["x-custody-export-header"]))
+    assert header["attestation"]["payload"]["last_hash"] == export.headers["x-custody-range-head-hash"]
     resources = [json.loads(line) for line in export.text.splitlines()]
     assert resources and all(r["resourceType"] == "AuditEvent" for r in resources)
     for resource in resources:
