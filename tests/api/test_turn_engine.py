@@ -55,7 +55,10 @@ async def test_concurrent_turns_are_refused_not_interleaved(
     slow = asyncio.create_task(
         api.post(f"/v1/conversations/{conversation}/turns", json={"input": "slow one"}, headers=tenant.headers())
     )
-    await asyncio.sleep(0.15)
+    for _ in range(200):  # until the slow turn is waiting on the model (it has claimed by then)
+        if gemini.app.creates():
+            break
+        await asyncio.sleep(0.01)
     racing = await api.post(
         f"/v1/conversations/{conversation}/turns", json={"input": "racing"}, headers=tenant.headers()
     )
