@@ -8,15 +8,15 @@
     ├── ConversationNotFound         no such conversation for this tenant           (404)
     ├── InvalidInput                 malformed or disallowed input                  (422)
     │   └── FunctionResultMismatch   a function_result that answers no pending call
-    ├── PayloadTooLarge              the body exceeds the configured limit          (413)
     ├── TurnInProgress               another turn holds the conversation            (409)
     ├── IdempotencyKeyReused         same Idempotency-Key, different request        (422)
     ├── IdempotencyKeyInFlight       same Idempotency-Key, first request running    (409)
     └── UpstreamFailed               the model call failed after Custody's retries  (502/504)
 
 Policy violations (unknown route or data class, a class the route does not allow) are raised
-by `service.policy` as `PolicyViolation` subclasses. The HTTP layer maps all of these to
-problem+json in one place (`service.api.problems`). Messages never contain content.
+by `service.policy` as `PolicyViolation` subclasses, and an over-long body is refused by
+Litestar itself (`request_max_body_size`). The HTTP layer maps all of these to problem+json in
+one place (`service.api.problems`). Messages never contain content.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ __all__ = [
     "IdempotencyKeyInFlight",
     "IdempotencyKeyReused",
     "InvalidInput",
-    "PayloadTooLarge",
     "PermissionDenied",
     "SchemaBehindError",
     "TurnInProgress",
@@ -77,10 +76,6 @@ class InvalidInput(CustodyError):
 
 
 class FunctionResultMismatch(InvalidInput):
-    pass
-
-
-class PayloadTooLarge(CustodyError):
     pass
 
 

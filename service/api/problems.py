@@ -29,7 +29,6 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
     (errors.ConversationNotFound, 404, "conversation-not-found", "Conversation not found"),
     (errors.FunctionResultMismatch, 422, "function-result-mismatch", "Function result answers no pending call"),
     (errors.InvalidInput, 422, "invalid-input", "Invalid input"),
-    (errors.PayloadTooLarge, 413, "payload-too-large", "Request body too large"),
     (errors.TurnInProgress, 409, "turn-in-progress", "Another turn is in progress"),
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused", "Idempotency-Key reused with a different request"),
     (errors.IdempotencyKeyInFlight, 409, "idempotency-key-in-flight", "Idempotency-Key in use"),
