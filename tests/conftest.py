@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
@@ -27,35 +29,32 @@ async def _admin(sql: str) -> None:
         await connection.close()
 
 
-@pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """A new database on the test server, migrated to head, dropped at the end of the session."""
-    name = f"custody_test_{secrets.token_hex(4)}"
+@asynccontextmanager
+async def migrated_database(prefix: str) -> AsyncIterator[str]:
+    """A new database on the test server, migrated to head with Alembic, dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
     await _admin(f'CREATE DATABASE "{name}"')
     url = _with_database(ADMIN_URL, name)
     try:
-        import asyncio
-
         await asyncio.to_thread(migrate, url)
         yield url
     finally:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """The session's database, shared by the tests that can share it."""
+    async with migrated_database("custody_test") as url:
+        yield url
 
 
 @pytest.fixture
 async def fresh_database() -> AsyncIterator[str]:
-    """A database of the test's own, migrated to head, for tests that change shared state
-    (such as rewrapping every data key)."""
-    name = f"custody_test_own_{secrets.token_hex(4)}"
-    await _admin(f'CREATE DATABASE "{name}"')
-    url = _with_database(ADMIN_URL, name)
-    try:
-        import asyncio
-
-        await asyncio.to_thread(migrate, url)
+    """A database of the test's own, for tests that change shared state (such as rewrapping
+    every data key)."""
+    async with migrated_database("custody_test_own") as url:
         yield url
-    finally:
-        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

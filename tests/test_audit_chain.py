@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -17,9 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from service.audit import AuditEntry, append, sign_checkpoint, verify_chain
 from service.audit_chain import AuditSigner, ChainVerdict, record_hash
 from service.auth import Principal
-from service.database import make_engine, make_sessions, migrate
+from service.database import make_engine, make_sessions
 
-from .conftest import ADMIN_URL
+from .conftest import migrated_database
 
 CHAIN = "ten_" + "a" * 30
 RECORDS = 30
@@ -29,36 +27,30 @@ CHECKPOINT_AT = 20
 @pytest.fixture(scope="module")
 async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[AsyncEngine, AuditSigner]]:
     """A database of its own holding one 30-record chain with a signed checkpoint at seq 20."""
-    name = f"custody_audit_lab_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    await asyncio.to_thread(migrate, url)
-    engine = make_engine(url)
-    signer, _ = AuditSigner.load_or_generate(tmp_path_factory.mktemp("lab") / "key.pem")
-    actor = Principal(tenant_id=CHAIN, key_id="key_" + "b" * 16, role="backend")
-    sessions = make_sessions(engine)
-    for index in range(RECORDS):
-        async with sessions.begin() as session:
-            await append(
-                session,
-                AuditEntry(
-                    "conversation.read",
-                    actor,
-                    resource_type="conversation",
-                    resource_id=f"conv_{index:030x}",
-                    data_classes=["phi"],
-                    details={"n": index},
-                ),
-            )
-            if index + 1 == CHECKPOINT_AT:
-                await sign_checkpoint(session, signer, CHAIN)
-    try:
-        yield engine, signer
-    finally:
-        await engine.dispose()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    async with migrated_database("custody_audit_lab") as url:
+        engine = make_engine(url)
+        signer, _ = AuditSigner.load_or_generate(tmp_path_factory.mktemp("lab") / "key.pem")
+        actor = Principal(tenant_id=CHAIN, key_id="key_" + "b" * 16, role="backend")
+        sessions = make_sessions(engine)
+        for index in range(RECORDS):
+            async with sessions.begin() as session:
+                await append(
+                    session,
+                    AuditEntry(
+                        "conversation.read",
+                        actor,
+                        resource_type="conversation",
+                        resource_id=f"conv_{index:030x}",
+                        data_classes=["phi"],
+                        details={"n": index},
+                    ),
+                )
+                if index + 1 == CHECKPOINT_AT:
+                    await sign_checkpoint(session, signer, CHAIN)
+        try:
+            yield engine, signer
+        finally:
+            await engine.dispose()
 
 
 async def tampered(

@@ -59,17 +59,22 @@ async def test_checkpoint_export_and_offline_verify(
     export.write_text(exported.stdout)
     public = tmp_path / "audit.pub.pem"
     public.write_text(ctx.auditor.signer.public_pem())
-    offline = _custody(
-        "audit",
-        "verify",
-        "--file",
-        str(export),
-        "--public-key",
-        str(public),
-        database_url="postgresql://nobody@127.0.0.1:1/none",
-        key=signing_key_path,
-        data_dir=tmp_path,
-    )
+
+    def verify_offline() -> subprocess.CompletedProcess[str]:
+        # No reachable database: the file and the pinned key are all it has.
+        return _custody(
+            "audit",
+            "verify",
+            "--file",
+            str(export),
+            "--public-key",
+            str(public),
+            database_url="postgresql://nobody@127.0.0.1:1/none",
+            key=signing_key_path,
+            data_dir=tmp_path,
+        )
+
+    offline = verify_offline()
     assert offline.returncode == 0 and ": ok," in offline.stdout, offline.stdout + offline.stderr
 
     lines = export.read_text().splitlines()
@@ -77,16 +82,6 @@ async def test_checkpoint_export_and_offline_verify(
     record["action"] = "conversation.read"
     lines[2] = json.dumps(record)
     export.write_text("\n".join(lines) + "\n")
-    tampered = _custody(
-        "audit",
-        "verify",
-        "--file",
-        str(export),
-        "--public-key",
-        str(public),
-        database_url="postgresql://nobody@127.0.0.1:1/none",
-        key=signing_key_path,
-        data_dir=tmp_path,
-    )
+    tampered = verify_offline()
     assert tampered.returncode == 1
     assert f"FIRST BAD RECORD seq {record['seq']}" in tampered.stdout
