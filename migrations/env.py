@@ -7,9 +7,9 @@ import asyncio
 from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
-from service.database import async_url
+from service.database import make_engine
 from service.models import Base
 
 # Several replicas may start at once; only one migrates, the others wait and find nothing to do.
@@ -41,7 +41,9 @@ def _run(connection: Connection) -> None:
 
 
 async def _main(url: str) -> None:
-    engine = create_async_engine(async_url(url))
+    # The service's own engine, so that every DATABASE_URL form it accepts migrates too; one
+    # connection, not pooled.
+    engine = make_engine(url, poolclass=NullPool)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)
@@ -49,9 +51,11 @@ async def _main(url: str) -> None:
         await engine.dispose()
 
 
-url = context.config.attributes.get("database_url") or context.config.get_main_option("sqlalchemy.url")
 connection = context.config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:
+    url = context.config.attributes.get("database_url") or context.config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no database URL: pass it as Config.attributes['database_url'] or sqlalchemy.url")
     asyncio.run(_main(url))

@@ -55,6 +55,10 @@
 # audit_log 2 System Object / 13 Security Resource; retention_run 2 / 20 Job; tenant 3
 # Organization / 19 Customer ("the recipient of services"); every other type 2 / 4 Domain Resource.
 #
+# The subject entity's last detail, `record`, is the native record itself (valueBase64Binary of its
+# RFC 8785 JSON): the string details cannot tell 3 from "3" or null from "null", and the hash covers
+# the exact values, so without it a FHIR export could not be checked against its chain offline.
+#
 # The actor's tenant is a second entity (3 Organization / 19 Customer), not a second agent (agents
 # are participants, and the tenant did not act: its key did), nor agent.policy (a list of policy
 # URIs that authorised the event; a tenant id is not one), nor who.identifier.assigner (Custody,
@@ -62,6 +66,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -69,9 +74,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-__all__ = ["FHIR_NDJSON", "to_fhir_audit_event", "to_fhir_ndjson"]
+import rfc8785
+
+__all__ = ["FHIR_NDJSON", "RECORD_DETAIL", "carried_record", "to_fhir_audit_event", "to_fhir_ndjson"]
 
 FHIR_NDJSON: Final = "application/fhir+ndjson"
+RECORD_DETAIL: Final = "record"
 
 _HL7: Final = "http://terminology.hl7.org/CodeSystem/"
 _AUDIT_EVENT_TYPE: Final = _HL7 + "audit-event-type"
@@ -193,6 +201,17 @@ def to_fhir_audit_event(record: Mapping[str, Any]) -> dict[str, Any]:
     return event
 
 
+def carried_record(event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The native record an AuditEvent from `to_fhir_audit_event` carries; None if it has none."""
+    try:
+        details = event["entity"][0]["detail"]
+        [encoded] = [d["valueBase64Binary"] for d in details if d.get("type") == RECORD_DETAIL]
+        record = json.loads(base64.b64decode(encoded, validate=True))
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):  # binascii.Error is a ValueError
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def to_fhir_ndjson(records: Iterable[Mapping[str, Any]]) -> Iterator[str]:
     """Each record as one compact AuditEvent line ending in "\\n", for `FHIR_NDJSON` bodies."""
     for record in records:
@@ -280,7 +299,8 @@ def _entities(
 
 def _details(record: Mapping[str, Any], data_classes: Iterable[Any], source: Mapping[str, Any]) -> list[dict[str, str]]:
     # The Custody action name is kept because several actions share one FHIR coding
-    # (conversation.read and history.read are both rest/read); with it the export is lossless.
+    # (conversation.read and history.read are both rest/read). The string details are for
+    # readers; the `record` detail last is the exact record, for verification.
     details = [_detail("action", record["action"]), _detail("chain", record["chain"]), _detail("seq", record["seq"])]
     details += [_detail("data_class", data_class) for data_class in data_classes]
     fixed = (
@@ -295,6 +315,7 @@ def _details(record: Mapping[str, Any], data_classes: Iterable[Any], source: Map
     details += [_detail(name, value) for name, value in fixed if value is not None]
     for key, value in sorted((record["details"] or {}).items()):
         details.append(_detail(f"details.{key}", value))
+    details.append({"type": RECORD_DETAIL, "valueBase64Binary": base64.b64encode(rfc8785.dumps(dict(record))).decode()})
     return details
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .errors import AuthenticationFailed, InvalidInput
+from .ids import new_id
 from .models import ApiKey, Tenant
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "authenticate",
     "create_tenant",
     "issue_key",
-    "new_id",
     "revoke_key",
 ]
 
@@ -36,11 +36,6 @@ Role = Literal["backend", "auditor", "ops"]
 ROLES: tuple[str, ...] = get_args(Role)
 # Compared against when the key id is unknown, so that both paths cost one HMAC and one compare.
 _DUMMY_HASH = bytes(32)
-
-
-def new_id(prefix: str) -> str:
-    """A random, URL-safe identifier such as `conv_3k9…`; 120 bits of entropy."""
-    return f"{prefix}_{secrets.token_hex(15)}"
 
 
 @dataclass(frozen=True)

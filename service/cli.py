@@ -53,8 +53,20 @@ def _serve(args: argparse.Namespace) -> int:
                     _say(f"  {role:8} {key}")
             app = create_app(runtime.ctx, max_body_bytes=settings.max_body_bytes)
             runtime.start_checkpoints(settings.audit_checkpoint_seconds)
+            runtime.start_reaper()
+            runtime.start_auth_failure_accounting()
             config = uvicorn.Config(
-                app, host=settings.host, port=settings.port, access_log=False, log_level="warning", lifespan="on"
+                app,
+                host=settings.host,
+                port=settings.port,
+                access_log=False,
+                log_level="warning",
+                lifespan="on",
+                # X-Forwarded-For is believed only from the configured proxies; with none, proxy
+                # headers are ignored (uvicorn would otherwise trust 127.0.0.1, or
+                # FORWARDED_ALLOW_IPS, by default).
+                proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=list(settings.trusted_proxies),
             )
             _say(f"custody: serving on http://{settings.host}:{settings.port}")
             # uvicorn re-raises the stop signal once it has shut down; with the default handler
@@ -83,7 +95,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _with_session(work: Callable[[Any, bytes], Awaitable[None]]) -> None:
     from .database import check_schema_current, make_engine, make_sessions
-    from .runtime import load_pepper
+    from .secret_files import load_pepper
 
     settings = Settings.from_env()
     url = _database_url(settings)
@@ -144,23 +156,26 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 def _keyring_rotate(args: argparse.Namespace) -> int:
     from .database import make_engine, make_sessions
-    from .key_rotation import FileKeyring, rewrap_data_keys
+    from .key_rotation import rewrap_data_keys
+    from .keyring_sentinels import ensure_current_sentinel
+    from .secret_files import load_keyring
 
     settings = Settings.from_env()
-    if settings.keyring_path is None:
-        path = settings.data_dir / "keyring.json"
-    else:
-        path = settings.keyring_path
-    keyring = FileKeyring(path)
+    keyring = load_keyring(settings, [])
     if not args.rewrap_only:
         version = keyring.rotate()
-        _say(f"custody: {path} now has KEK version {version} as current")
+        _say(f"custody: {keyring.path} now has KEK version {version} as current")
     url = _database_url(settings)
 
     async def run() -> None:
         engine = make_engine(url)
         try:
-            result = await rewrap_data_keys(make_sessions(engine), keyring)
+            sessions = make_sessions(engine)
+            # The new version's sentinel first: a replica started with a stale keyring file then
+            # refuses to start instead of failing on the first rewrapped conversation.
+            async with sessions.begin() as session:
+                await ensure_current_sentinel(session, keyring)
+            result = await rewrap_data_keys(sessions, keyring)
             print(f"rewrapped {result.rewrapped} data keys under KEK version {result.version}")
         finally:
             await engine.dispose()
@@ -169,10 +184,21 @@ def _keyring_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets_init(args: argparse.Namespace) -> int:
+    from .secret_files import init_secrets
+
+    created = init_secrets(args.directory)
+    _say(f"custody: created the keyring, the pepper and the audit signing key in {args.directory} (mode 0600)")
+    _say("custody: set these variables for every replica and keep a copy of the files apart from database backups:")
+    for line in created.as_environment():
+        print(line)
+    return 0
+
+
 def _audit_checkpoint(args: argparse.Namespace) -> int:
     from .audit import checkpoint_all
     from .database import make_engine, make_sessions
-    from .runtime import load_signer
+    from .secret_files import load_signer
 
     settings = Settings.from_env()
     signer = load_signer(settings, [])
@@ -207,18 +233,45 @@ def _audit_verify(args: argparse.Namespace) -> int:
             print(f"{verdict.chain}: FIRST BAD RECORD seq {verdict.first_bad}: {verdict.reason}")
         return verdict.ok
 
+    # Exit 1 means a record or the proof fails; 2 means the input could not be checked at all (a
+    # wrong or unreadable file, a missing header): a mistake, reported in one line.
+    if args.header is not None and args.header_file is not None:
+        _say("custody: give the export header once: --header or --header-file")
+        return 2
+    if args.file is None and (args.header is not None or args.header_file is not None):
+        _say("custody: --header and --header-file go with --file (a FHIR export to verify offline)")
+        return 2
     if args.file is not None:
-        from .audit_export import verify_export
+        from .audit_export import ExportUnreadable, header_token_in, verify_export
 
-        pem = args.public_key.read_bytes() if args.public_key else None
-        with args.file.open(encoding="utf-8") as lines:
-            verdict, key_source = verify_export(lines, public_key_pem=pem)
+        reading: Path = args.file
+        try:
+            pem = None
+            if args.public_key is not None:
+                reading = args.public_key
+                pem = args.public_key.read_bytes()
+            token = args.header
+            if args.header_file is not None:
+                reading = args.header_file
+                token = header_token_in(args.header_file.read_text(encoding="utf-8"))
+            reading = args.file
+            with args.file.open(encoding="utf-8") as lines:
+                verdict, key_source = verify_export(lines, public_key_pem=pem, fhir_header=token)
+        except OSError as exc:
+            _say(f"custody: cannot read {reading}: {exc.strerror or exc}")
+            return 2
+        except UnicodeDecodeError:
+            _say(f"custody: {reading} is not UTF-8 text: not an export, header or key")
+            return 2
+        except ExportUnreadable as exc:
+            _say(f"custody: cannot verify {args.file}: {exc}")
+            return 2
         _say(f"custody: checkpoints checked with {key_source}")
         return 0 if report(verdict) else 1
 
     from .audit import AuditEntry, append, chains, verify_chain
     from .audit_chain import Checkpoint
-    from .runtime import load_signer
+    from .secret_files import load_signer
 
     signer = load_signer(Settings.from_env(), [])
     kept_outside: list[Checkpoint] = []
@@ -257,7 +310,7 @@ def _audit_export(args: argparse.Namespace) -> int:
     from .audit_export import export_header, export_lines, export_range, header_token
     from .errors import InvalidInput
     from .models import AuditChainHead
-    from .runtime import load_signer
+    from .secret_files import load_signer
 
     signer = load_signer(Settings.from_env(), [])
 
@@ -344,6 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_keys_revoke)
 
+    secrets = commands.add_parser("secrets", help="create the secrets a deployment needs").add_subparsers(
+        dest="action", required=True
+    )
+    init = secrets.add_parser(
+        "init", help="create the keyring, pepper and audit signing key in DIR and print the variables to set"
+    )
+    init.add_argument("directory", type=Path, metavar="DIR")
+    init.set_defaults(handler=_secrets_init)
+
     keyring = commands.add_parser("keyring", help="rotate the key-encryption key").add_subparsers(
         dest="action", required=True
     )
@@ -358,8 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="recompute the hash chains (or an export file) and name the first bad record"
     )
     verify.add_argument("--chain", help="one chain (a tenant id, or `system`); default: all")
-    verify.add_argument("--file", type=Path, help="verify an NDJSON export offline instead of the database")
+    verify.add_argument(
+        "--file",
+        type=Path,
+        help="verify an export offline instead of the database (exit 1: it fails; 2: it cannot be read)",
+    )
     verify.add_argument("--public-key", type=Path, help="PEM of the audit signing key to pin (with --file)")
+    verify.add_argument(
+        "--header",
+        metavar="TOKEN",
+        help="with --file, for a FHIR export: its header token (X-Custody-Export-Header, or as `audit export` prints)",
+    )
+    verify.add_argument(
+        "--header-file",
+        type=Path,
+        metavar="FILE",
+        help="as --header, read from FILE: the token alone, or the response headers saved by `curl -D FILE`",
+    )
     verify.add_argument(
         "--checkpoints", type=Path, help="checkpoints kept outside the database (`audit checkpoint --out`)"
     )

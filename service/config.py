@@ -5,10 +5,29 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["API_REVISION", "REPO_ROOT", "Settings", "UpstreamSettings"]
+__all__ = [
+    "API_REVISION",
+    "EXAMPLE_POLICY",
+    "MIGRATIONS_DIR",
+    "PACKAGE_DATA",
+    "REPO_ROOT",
+    "SCHEMAS_DIR",
+    "Settings",
+    "UpstreamSettings",
+]
 
+# What the service reads from disk ships inside the package (pyproject.toml's package-data): in a
+# checkout and an editable install service/ links to the top-level directories, and a wheel holds
+# copies, so nothing here depends on a repository being present.
+PACKAGE_DATA = Path(str(files("service")))
+MIGRATIONS_DIR = PACKAGE_DATA / "migrations"
+SCHEMAS_DIR = PACKAGE_DATA / "schemas"
+EXAMPLE_POLICY = PACKAGE_DATA / "policy.example.yaml"
+# The checkout this code was imported from, for the tests that compare checked-in files with the
+# code; the service never reads through it (an installed wheel has no repository).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The Interactions API surface we were verified against (reference §9); the SDK defines this
 # value but does not send it, so Custody pins it by header on every call.
@@ -45,10 +64,36 @@ class Settings:
     # Custody's own retry of transient upstream failures (the SDK's retries are switched off).
     upstream_attempts: int = 3
     upstream_timeout_seconds: float = 120.0
-    # A turn's claim on its conversation lapses after this, so a crashed replica cannot wedge it.
-    turn_lease_seconds: float = 900.0
+    # A turn's claim on its conversation lapses after this unless its holder renews it (every
+    # third of it, while the model works), so a dead replica blocks a conversation for seconds.
+    turn_lease_seconds: float = 10.0
+    # How long a turn whose model call has answered keeps trying to store the reply while the
+    # database is unreachable, and how long the caller waits for that before a 503.
+    turn_store_retry_seconds: float = 300.0
+    turn_store_wait_seconds: float = 10.0
+    # The Gemini simulator instead of Google: implied only by the zero-config run (no
+    # DATABASE_URL); a deployment must ask for it with CUSTODY_USE_SIMULATOR.
+    use_simulator: bool = False
+    # The secrets outside the database; generated in the data dir only by the zero-config run.
+    pepper_path: Path | None = None
+    audit_signing_key_path: Path | None = None
     # How often the service signs the audit chains' heads (0 turns it off; see `custody audit checkpoint`).
     audit_checkpoint_seconds: float = 300.0
+
+    # --- Failed authentication and proxies (service/auth_failures.py, `custody serve`) ---------
+    # Per replica, in memory: after this many failed authentications from one source address (an
+    # IPv6 /64) in a window, every attempt from it is answered 429 until the window ends.
+    auth_failure_limit: int = 20
+    # After this many failed authentications on one real key id (from any sources) in a window,
+    # its wrong secrets are answered 429; its right secret still works.
+    auth_failure_key_limit: int = 50
+    # The window of both limits, and of the summary records of repeated failures.
+    auth_failure_window_seconds: float = 60.0
+    # The reverse proxies whose X-Forwarded-For (and -Proto) is believed: addresses or CIDR
+    # networks. Empty: proxy headers are ignored and the peer's own address is the client's.
+    trusted_proxies: tuple[str, ...] = ()
+    # --- end of failed authentication and proxies ---------------------------------------------
+
     announcements: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -68,7 +113,7 @@ class Settings:
         return cls(
             database_url=env.get("DATABASE_URL") or None,
             data_dir=data_dir,
-            policy_path=Path(policy) if policy else REPO_ROOT / "ops" / "policy.example.yaml",
+            policy_path=Path(policy) if policy else EXAMPLE_POLICY,
             keyring_path=Path(keyring) if keyring else None,
             host=env.get("CUSTODY_HOST", "127.0.0.1"),
             port=int(env.get("CUSTODY_PORT", "8000")),
@@ -76,19 +121,111 @@ class Settings:
             max_body_bytes=int(env.get("CUSTODY_MAX_BODY_BYTES", "1000000")),
             upstream_attempts=int(env.get("CUSTODY_UPSTREAM_ATTEMPTS", "3")),
             upstream_timeout_seconds=float(env.get("CUSTODY_UPSTREAM_TIMEOUT_SECONDS", "120")),
-            turn_lease_seconds=float(env.get("CUSTODY_TURN_LEASE_SECONDS", "900")),
+            turn_lease_seconds=_number(env, "CUSTODY_TURN_LEASE_SECONDS", 10.0),
+            turn_store_retry_seconds=_number(env, "CUSTODY_TURN_STORE_RETRY_SECONDS", 300.0),
+            turn_store_wait_seconds=_number(env, "CUSTODY_TURN_STORE_WAIT_SECONDS", 10.0),
+            use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),
+            pepper_path=_path(env, "CUSTODY_PEPPER_FILE"),
+            audit_signing_key_path=_path(env, "CUSTODY_AUDIT_SIGNING_KEY"),
             audit_checkpoint_seconds=float(env.get("CUSTODY_AUDIT_CHECKPOINT_SECONDS", "300")),
+            auth_failure_limit=_count(env, "CUSTODY_AUTH_FAILURE_LIMIT", 20),
+            auth_failure_key_limit=_count(env, "CUSTODY_AUTH_FAILURE_KEY_LIMIT", 50),
+            auth_failure_window_seconds=_positive(env, "CUSTODY_AUTH_FAILURE_WINDOW_SECONDS", 60.0),
+            trusted_proxies=_networks(env, "CUSTODY_TRUSTED_PROXIES"),
         )
+
+    @property
+    def deployment(self) -> bool:
+        """A real deployment (DATABASE_URL set) never falls back to a generated secret or the
+        simulator; only the zero-config run does."""
+        return self.database_url is not None
 
     def check(self) -> None:
         """Refuse settings that contradict each other."""
         from .errors import ConfigurationError
 
-        # A healthy but slow turn must not lose its lease while Custody is still retrying it:
-        # every attempt may take the full timeout, plus up to 10 s of Retry-After between them.
-        worst_case = self.upstream_attempts * (self.upstream_timeout_seconds + 10)
-        if self.turn_lease_seconds <= worst_case:
+        # The holder renews its lease every third of it; below a few seconds a slow database
+        # round trip alone could let a healthy turn's lease lapse.
+        if self.turn_lease_seconds < 3:
             raise ConfigurationError(
-                f"CUSTODY_TURN_LEASE_SECONDS ({self.turn_lease_seconds:g}) must exceed "
-                f"CUSTODY_UPSTREAM_ATTEMPTS x (CUSTODY_UPSTREAM_TIMEOUT_SECONDS + 10) = {worst_case:g}"
+                f"CUSTODY_TURN_LEASE_SECONDS ({self.turn_lease_seconds:g}) must be at least 3 seconds"
             )
+        if self.turn_store_retry_seconds < self.turn_store_wait_seconds:
+            raise ConfigurationError(
+                "CUSTODY_TURN_STORE_RETRY_SECONDS must be at least CUSTODY_TURN_STORE_WAIT_SECONDS"
+            )
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A non-negative number from the environment, or a message naming the variable."""
+    from .errors import ConfigurationError
+
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, not {raw[:40]!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise ConfigurationError(f"{name} must be a finite, non-negative number")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    from .errors import ConfigurationError
+
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in {"", "0", "false", "no", "off"}:
+        return False
+    raise ConfigurationError(f"{name} must be true or false, not {raw[:40]!r}")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw) if raw else None
+
+
+# --- parsing of the failed-authentication and proxy settings ---------------------------------
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number of at least 1 (a limit of 0 would refuse everyone)."""
+    from .errors import ConfigurationError
+
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ConfigurationError(f"{name} must be a whole number of at least 1, not {raw[:40]!r}")
+    return int(raw)
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    from .errors import ConfigurationError
+
+    value = _number(env, name, default)
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be more than 0 seconds")
+    return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDR networks, each checked: uvicorn would quietly take a
+    typo (or a network with host bits set) for a host name that never matches."""
+    import ipaddress
+
+    from .errors import ConfigurationError
+
+    items = tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+    for item in items:
+        try:
+            ipaddress.ip_network(item)
+        except ValueError:
+            raise ConfigurationError(
+                f"{name}: {item[:60]!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8); "
+                "list the proxies themselves, never `*`"
+            ) from None
+    return items

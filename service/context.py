@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from . import keyed_digests
 from .audit import Auditor
+from .auth_failures import AuthFailures
+from .background import BackgroundTasks
 from .keyring import Keyring
 from .policy import Policy
 from .upstream import Upstream
@@ -25,9 +26,16 @@ class ServiceContext:
     auditor: Auditor
     # Keys the HMACs of API-key secrets and subject identifiers; kept outside the database.
     pepper: bytes
-    turn_lease_seconds: float = 900.0
+    turn_lease_seconds: float = 10.0
+    # See Settings: how long a finished turn keeps trying to store its reply while the database is
+    # unreachable, and how long its caller waits for that.
+    turn_store_retry_seconds: float = 300.0
+    turn_store_wait_seconds: float = 10.0
+    # Work that outlives its request: storing a reply, releasing a lease, renewing one.
+    tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
+    # This replica's failed-authentication limits and the summaries of failures it owes the log.
+    auth_failures: AuthFailures = field(default_factory=AuthFailures)
 
     def subject_digest(self, tenant_id: str, subject: str) -> bytes:
         """A stable, keyed digest of a data subject's identifier, scoped to the tenant."""
-        message = b"subject\x00" + tenant_id.encode() + b"\x00" + subject.encode()
-        return hmac.new(self.pepper, message, hashlib.sha256).digest()
+        return keyed_digests.subject_digest(self.pepper, tenant_id, subject)

@@ -6,7 +6,6 @@ Each public function is one unit of work: the caller runs it inside one database
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,11 +13,12 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .auth import Principal, new_id
+from .auth import Principal
 from .context import ServiceContext
 from .database import database_now
 from .errors import ConversationNotFound, InvalidInput, TurnInProgress
 from .history import create_cipher, load_cipher, read_steps, shred_data_key
+from .ids import is_conversation_id, new_id
 from .models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
 from .policy import check_data_classes
 
@@ -26,7 +26,6 @@ __all__ = [
     "ConversationView",
     "Deleted",
     "HistoryPage",
-    "audited_id",
     "delete_conversation",
     "get_conversation",
     "list_steps",
@@ -34,13 +33,6 @@ __all__ = [
 ]
 
 _PROFILE = "profile"
-_CONVERSATION_ID = re.compile(r"^conv_[0-9a-f]{30}$")
-
-
-def audited_id(conversation_id: str) -> str | None:
-    """A conversation id from a request path, for an audit record, only when it has our id
-    shape: a path holds whatever the caller typed, and audit records never hold content."""
-    return conversation_id if _CONVERSATION_ID.match(conversation_id) else None
 
 
 @dataclass(frozen=True)
@@ -76,6 +68,8 @@ async def owned_conversation(
     session: AsyncSession, principal: Principal, conversation_id: str, *, lock: bool = False
 ) -> Conversation:
     """The caller's conversation; another tenant's is indistinguishable from a missing one."""
+    if not is_conversation_id(conversation_id):
+        raise ConversationNotFound(conversation_id)
     query = select(Conversation).where(
         Conversation.id == conversation_id, Conversation.tenant_id == principal.tenant_id
     )

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+from urllib.parse import unquote
 
+import asyncpg
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -11,30 +16,86 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from .config import REPO_ROOT
-from .errors import SchemaBehindError
+from .config import MIGRATIONS_DIR
+from .errors import ConfigurationError, SchemaBehindError
 
 __all__ = [
-    "database_now",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "PostgresTarget",
     "alembic_config",
-    "async_url",
     "check_schema_current",
+    "database_now",
     "make_engine",
     "make_sessions",
     "migrate",
+    "parse_database_url",
 ]
 
+# asyncpg would wait a minute (and libpq forever) for a server that does not answer; a dead
+# database should stop startup or `custody migrate` within seconds. The URL may set its own.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+_SCHEMES = {"postgresql", "postgres"}
+# Only a scheme of this shape is echoed back in the error; anything else may be a mangled secret.
+_SCHEME_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,30}")
+_ACCEPTED = (
+    "a postgresql:// (or postgres://) URL in libpq's form, "
+    "e.g. postgresql://user:password@host:5432/dbname?sslmode=require"
+)
 
-def async_url(url: str) -> str:
-    """`postgresql://…` as the asyncpg dialect wants it."""
-    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix) :]
-    raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+@dataclass(frozen=True)
+class PostgresTarget:
+    """Where to connect: the DSN as asyncpg's own parser takes it, and the connect timeout."""
+
+    dsn: str = field(repr=False)  # it may hold the password
+    timeout: float | None  # seconds; None waits indefinitely (connect_timeout=0, as in libpq)
 
 
-def make_engine(url: str, **options: object) -> AsyncEngine:
-    return create_async_engine(async_url(url), pool_pre_ping=True, **options)
+def parse_database_url(url: str) -> PostgresTarget:
+    """DATABASE_URL in libpq's URL form, made ready for `asyncpg.connect`.
+
+    asyncpg's DSN parser understands libpq's parameters (sslmode, sslrootcert, sslcert, sslkey,
+    host naming a socket directory, port, options, application_name, target_session_attrs...),
+    whereas SQLAlchemy's asyncpg dialect would pass each one to connect() as a keyword argument and
+    fail. So the URL goes to asyncpg whole, less a `+asyncpg` driver marker and connect_timeout
+    (which asyncpg would send to the server as a setting it does not have).
+    """
+    scheme, separator, rest = url.strip().partition("://")
+    if not separator or scheme.lower().removesuffix("+asyncpg") not in _SCHEMES:
+        # The URL itself is never repeated: it may carry the password.
+        got = f", not {scheme}://" if separator and _SCHEME_SHAPE.fullmatch(scheme) else ""
+        raise ConfigurationError(f"DATABASE_URL must be {_ACCEPTED}{got}")
+    location, _, query = rest.partition("?")
+    timeout: float | None = DEFAULT_CONNECT_TIMEOUT
+    kept: list[str] = []
+    for item in query.split("&") if query else []:
+        name, _, value = item.partition("=")
+        if unquote(name) == "connect_timeout":
+            timeout = _connect_timeout(unquote(value))
+        elif item:
+            kept.append(item)
+    dsn = "postgresql://" + location + ("?" + "&".join(kept) if kept else "")
+    return PostgresTarget(dsn=dsn, timeout=timeout)
+
+
+def _connect_timeout(value: str) -> float | None:
+    """libpq's connect_timeout: whole seconds, at least 2; zero or negative waits indefinitely."""
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise ConfigurationError("DATABASE_URL: connect_timeout must be a whole number of seconds") from None
+    return None if seconds <= 0 else float(max(seconds, 2))
+
+
+def make_engine(url: str, **options: Any) -> AsyncEngine:
+    """An engine on DATABASE_URL; a URL that is not Postgres's is refused here, before any connect."""
+    target = parse_database_url(url)
+
+    async def connect() -> Any:
+        return await asyncpg.connect(target.dsn, timeout=target.timeout)
+
+    # The URL here only picks the dialect: every connection comes from `connect`.
+    return create_async_engine("postgresql+asyncpg://", async_creator=connect, pool_pre_ping=True, **options)
 
 
 def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -50,7 +111,7 @@ async def database_now(session: AsyncSession) -> datetime:
 
 def alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["database_url"] = url
     return config
 
@@ -59,6 +120,8 @@ def migrate(url: str) -> None:
     """Bring the database to the newest migration (`custody migrate`)."""
     from alembic import command
 
+    # Refuse a malformed URL with its message before Alembic gets to it.
+    parse_database_url(url)
     command.upgrade(alembic_config(url), "head")
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -36,6 +37,7 @@ __all__ = [
     "Conversation",
     "DataKey",
     "IdempotencyRecord",
+    "KeyringSentinel",
     "Step",
     "Tenant",
     "Turn",
@@ -84,6 +86,10 @@ class ApiKey(Base):
 
 class Conversation(Base):
     __tablename__ = "conversations"
+    __table_args__ = (
+        # The reaper looks for expired leases; only leased rows are indexed.
+        Index("ix_conversations_leased", "lease_expires_at", postgresql_where=text("lease_token IS NOT NULL")),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True, nullable=False)
@@ -99,7 +105,7 @@ class Conversation(Base):
     policy_version: Mapped[str] = mapped_column(String(80), nullable=False)
     step_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     turn_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    # The claim a turn holds while it waits for the model; see turns.py.
+    # The claim a turn holds while it waits for the model; see turn_leases.py.
     lease_token: Mapped[str | None] = mapped_column(String(40))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
@@ -145,6 +151,8 @@ class Turn(Base):
     upstream_status: Mapped[str | None] = mapped_column(String(40))
     upstream_latency_ms: Mapped[float | None] = mapped_column()
     upstream_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # The API key that started the turn, so that an abandoned turn's outcome names its actor.
+    key_id: Mapped[str | None] = mapped_column(String(40))
     error_code: Mapped[str | None] = mapped_column(String(80))
     started_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -164,7 +172,11 @@ class Step(Base):
 
 
 class IdempotencyRecord(Base):
-    """A turn request's Idempotency-Key, its body fingerprint and, once done, its response."""
+    """A turn request's Idempotency-Key, its body fingerprint and, once done, its response.
+
+    Key and fingerprint are HMACs keyed with the pepper (outside the database): a client's key or
+    input, a card number say, cannot be recovered from them by trying candidates.
+    """
 
     __tablename__ = "idempotency_records"
 
@@ -178,6 +190,17 @@ class IdempotencyRecord(Base):
     # The response body sealed under the conversation's data key: it holds model output.
     response: Mapped[bytes | None] = mapped_column(LargeBinary)
     response_key_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+
+
+class KeyringSentinel(Base):
+    """A random key wrapped under one KEK version: if the keyring cannot unwrap it, it cannot
+    unwrap the conversations' data keys either, and the service must not run (or be ready)."""
+
+    __tablename__ = "keyring_sentinels"
+
+    kek_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = _now()
 
 

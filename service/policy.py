@@ -18,6 +18,8 @@ import rfc8785
 import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
+from .config import SCHEMAS_DIR
+
 __all__ = [
     "POLICY_SCHEMA_PATH",
     "DataClass",
@@ -35,7 +37,7 @@ __all__ = [
     "parse_policy",
 ]
 
-POLICY_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "policy.schema.json"
+POLICY_SCHEMA_PATH = SCHEMAS_DIR / "policy.schema.json"
 
 # Largest integer every JSON implementation holds exactly; RFC 8785 refuses anything larger.
 _MAX_SAFE_INTEGER = 2**53 - 1

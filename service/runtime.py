@@ -1,40 +1,40 @@
 """Builds a running Custody from Settings: the database, keys, policy and Gemini client.
 
-Zero-config defaults, each announced loudly: no DATABASE_URL starts an embedded Postgres under the
-data dir (and migrates it); no API key starts the Gemini simulator in-process; no keyring
-generates one (mode 0600) in the data dir. A DATABASE_URL or API key that is set but does not
-work stops startup with a message saying so: there is never a silent fallback.
+Zero-config defaults, each announced loudly, only when DATABASE_URL is unset: an embedded
+Postgres under the data dir (migrated), the Gemini simulator in-process, and generated secrets
+(keyring, pepper, audit signing key; mode 0600) in the data dir. A deployment (DATABASE_URL set)
+must name every secret and real Gemini credentials (or ask for the simulator explicitly); a
+DATABASE_URL, key or keyring that is set but does not work stops startup with a message saying
+so: there is never a silent fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .audit import Auditor, checkpoint_all
-from .audit_chain import AuditSigner
 from .auth import ROLES
+from .auth_failures import AuthFailureLimits
 from .config import Settings
 from .context import ServiceContext
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
-from .key_rotation import FileKeyring
-from .keyring import KeyringError, LocalKeyring
+from .keyring_sentinels import verify_keyring
 from .models import Tenant
 from .policy import PolicyError, load_policy
+from .secret_files import load_keyring, load_pepper, load_signer
 from .telemetry import describe, tracer_provider_from_env
 from .tenants import audited_create_tenant, audited_issue_key
+from .turn_leases import reap_expired_leases
 from .upstream import Upstream
 
-__all__ = ["Runtime", "build_runtime", "load_pepper"]
+__all__ = ["Runtime", "build_runtime"]
 
 DEMO_TENANT = "demo"
 logger = logging.getLogger("custody.runtime")
@@ -66,47 +66,67 @@ class Runtime:
 
         self._tasks.append(asyncio.get_running_loop().create_task(loop()))
 
+    def start_reaper(self) -> None:
+        """Close abandoned turns (their holder died) about once a lease length, in every replica."""
+        every = self.ctx.turn_lease_seconds
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    if closed := await reap_expired_leases(self.ctx):
+                        logger.warning("closed %d abandoned turn(s)", closed)
+                except Exception as exc:  # noqa: BLE001 - a failed round is retried next time
+                    logger.error("reaping abandoned turns failed (%s); will retry", type(exc).__name__)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop()))
+
+    def start_auth_failure_accounting(self) -> None:
+        """Apply the settings' failed-authentication limits, and write the summary records of
+        failed authentications as their windows close (what is left is written by `aclose`)."""
+        failures = self.ctx.auth_failures
+        failures.limits = AuthFailureLimits(
+            per_source=self.settings.auth_failure_limit,
+            per_key=self.settings.auth_failure_key_limit,
+            window_seconds=self.settings.auth_failure_window_seconds,
+        )
+        # A summary is written within a few seconds of its window's end.
+        every = min(5.0, failures.limits.window_seconds)
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await failures.flush(self.ctx.auditor, self.ctx.sessions)
+                except Exception as exc:  # noqa: BLE001 - unwritten summaries are retried next time
+                    logger.error("failed-authentication summaries not written (%s); will retry", type(exc).__name__)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop()))
+
+    async def _flush_auth_failures(self) -> None:
+        """At shutdown: every open window's summary, so no failed attempt goes unaccounted."""
+        failures = self.ctx.auth_failures
+        try:
+            await failures.flush(self.ctx.auditor, self.ctx.sessions, final=True)
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway; say what was lost
+            logger.error(
+                "%d failed-authentication summaries could not be written at shutdown (%s)",
+                failures.pending(),
+                type(exc).__name__,
+            )
+
     async def aclose(self) -> None:
         for task in self._tasks:
             task.cancel()
+        # Wait for them, so no periodic flush is still writing when the final one runs.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_auth_failures()
+        # Replies the model already gave are stored (or their leases released) before we go.
+        await self.ctx.tasks.drain(timeout=self.settings.turn_store_wait_seconds)
         await self.ctx.upstream.aclose()
         await self.engine.dispose()
         for close in reversed(self._closers):
             close()
-
-
-def load_pepper(settings: Settings, announce: list[str]) -> bytes:
-    """The secret that keys API-key and subject HMACs; generated (0600) in the data dir if absent."""
-    path = Path(os.environ.get("CUSTODY_PEPPER_FILE", settings.data_dir / "api-key-pepper"))
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise ConfigurationError(f"{path} is readable by group or others: run chmod 600 {path}")
-        return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    announce.append(
-        f"generated the API-key pepper at {path} (keep it with the keyring; losing it invalidates every API key)"
-    )
-    return data
-
-
-def _load_keyring(settings: Settings, announce: list[str]) -> FileKeyring:
-    try:
-        if settings.keyring_path is not None:
-            return FileKeyring(settings.keyring_path)
-        path = settings.data_dir / "keyring.json"
-        if not path.exists():
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-            LocalKeyring.generate(path)
-            announce.append(
-                f"EMBEDDED DEFAULT: generated a local keyring at {path} (set CUSTODY_KEYRING for a managed one)"
-            )
-        return FileKeyring(path)
-    except KeyringError as exc:
-        raise ConfigurationError(str(exc)) from None
 
 
 async def _audit_role_warning(engine: AsyncEngine) -> str | None:
@@ -143,28 +163,25 @@ async def _connect(url: str) -> AsyncEngine:
     return engine
 
 
-def load_signer(settings: Settings, announce: list[str]) -> AuditSigner:
-    """The Ed25519 key that signs audit checkpoints; generated (0600) in the data dir if absent.
-
-    Keep it away from the database's host and backups: it is what proves the log was not
-    rewritten by someone who could write to the database.
-    """
-    path = Path(os.environ.get("CUSTODY_AUDIT_SIGNING_KEY", settings.data_dir / "audit-signing-key.pem"))
-    try:
-        signer, generated = AuditSigner.load_or_generate(path)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
-    if generated:
-        announce.append(f"generated the audit checkpoint signing key at {path} (key id {signer.key_id})")
-    return signer
-
-
 async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtime:
     settings.check()
     announce: list[str] = []
     closers: list[Any] = []
+    # The secrets first: a deployment missing one stops here, before anything is started.
+    keyring = load_keyring(settings, announce)
+    pepper = load_pepper(settings, announce)
+    signer = load_signer(settings, announce)
+    if not settings.upstream.configured and settings.deployment and not settings.use_simulator:
+        raise ConfigurationError(
+            "no Gemini credentials: set GEMINI_API_KEY (or GOOGLE_API_KEY, or the Vertex AI variables); "
+            "with DATABASE_URL set the simulator runs only when asked for with CUSTODY_USE_SIMULATOR=true"
+        )
+    try:
+        policy = load_policy(settings.policy_path)
+    except PolicyError as exc:
+        raise ConfigurationError(f"invalid policy: {exc}") from None
+
     url = settings.database_url
-    embedded = url is None
     if url is None:
         from .embedded_postgres import start_embedded_postgres
 
@@ -177,13 +194,8 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
     await check_schema_current(engine, url)
     if warning := await _audit_role_warning(engine):
         announce.append(warning)
-
-    keyring = _load_keyring(settings, announce)
-    pepper = load_pepper(settings, announce)
-    try:
-        policy = load_policy(settings.policy_path)
-    except PolicyError as exc:
-        raise ConfigurationError(f"invalid policy: {exc}") from None
+    sessions = make_sessions(engine)
+    await verify_keyring(sessions, keyring, source=str(keyring.path))
     announce.append(f"policy {settings.policy_path} ({policy.version}), routes: {', '.join(sorted(policy.routes))}")
 
     if settings.upstream.configured:
@@ -203,25 +215,25 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
             base_url=simulator.base_url,
             api_key="simulator",
         )
-        announce.append(
-            f"EMBEDDED DEFAULT: no GEMINI_API_KEY, calling the local Gemini SIMULATOR at {simulator.base_url}"
-        )
+        why = "CUSTODY_USE_SIMULATOR is set" if settings.use_simulator else "EMBEDDED DEFAULT: no GEMINI_API_KEY"
+        announce.append(f"{why}, calling the local Gemini SIMULATOR at {simulator.base_url}")
 
-    signer = load_signer(settings, announce)
     provider = tracer_provider_from_env()
     closers.append(provider.shutdown)
     announce.append(describe())
     ctx = ServiceContext(
-        sessions=make_sessions(engine),
+        sessions=sessions,
         keyring=keyring,
         policy=policy,
         upstream=upstream,
         auditor=Auditor(provider.get_tracer("custody"), signer),
         pepper=pepper,
         turn_lease_seconds=settings.turn_lease_seconds,
+        turn_store_retry_seconds=settings.turn_store_retry_seconds,
+        turn_store_wait_seconds=settings.turn_store_wait_seconds,
     )
     runtime = Runtime(settings, ctx, engine, announce, _closers=closers)
-    if embedded and demo_keys:
+    if not settings.deployment and demo_keys:
         runtime.demo_keys = await _issue_demo_keys(ctx)
     return runtime
 

@@ -2,58 +2,77 @@
 
 A turn is three units of work, and no database transaction stays open across the model call:
 
-1. claim (`turn.start`, one short transaction): lock the conversation row, check the
-   Idempotency-Key, refuse with 409 if another turn holds an unexpired lease, decrypt the
-   history, check the input against pending function calls, decide provider storage, take the
-   lease, record the turn. Its audit record is written here because this is where history is
-   read to be disclosed to the model;
+1. claim (`turn.start`, one short transaction): lock the conversation row, close a turn whose
+   holder died (its lease expired), check the Idempotency-Key, refuse with 409 if another turn
+   holds a live lease, decrypt the history, check the input against pending function calls,
+   decide provider storage, take the lease, record the turn. Its audit record is written here
+   because this is where history is read to be disclosed to the model;
 2. call the model with the whole history plus the new input as `input`, `store` as decided, and
-   the route's settings re-sent (design invariants 3 and 4); the provider's interaction id goes
-   into the ledger of provider copies at once, in a transaction of its own, so that no later
-   failure can lose track of a copy the provider keeps;
+   the route's settings re-sent (design invariants 3 and 4), while a background task renews the
+   lease; the provider's interaction id goes into the ledger of provider copies at once, in a
+   transaction of its own, so that no later failure can lose track of a copy the provider keeps;
 3. finish (`turn.create`, one transaction): if the lease is still ours, append the new input and
    the model's steps, sealed, at the next positions, record the outcome, release the lease.
 
-The lease is a row value, so it holds across any number of service processes; it expires so a
-crashed process cannot wedge a conversation. The input is stored with the reply, not at the
-claim: a failed model call leaves the history exactly as it was, never with an unanswered input.
+Once the model has answered, storing the reply runs as a background task: a caller who goes away
+does not stop it, and if the database is unreachable it keeps trying (the reply is in memory)
+while the lease is ours; the caller gets 503 after a while and, retrying with its Idempotency-Key,
+the stored turn. See turn_leases.py for the lease itself. The input is stored with the reply, not
+at the claim: a failed model call leaves the history exactly as it was, never with an unanswered
+input.
+
+Before any of that, the input is checked against the caller's own conversation and only then
+canonicalised (for the keyed request fingerprint) and scanned by the detectors; a large input is
+scanned in a worker thread so that it cannot stall the other requests of the process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
+import logging
 import re
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .audit import AuditEntry, RequestMeta, append, outcome_of
-from .auth import Principal, new_id
+from .auth import Principal
 from .client_input import check_function_results, normalize_client_input
 from .context import ServiceContext
-from .conversations import audited_id, owned_conversation
+from .conversations import owned_conversation
 from .database import database_now
+from .database_errors import database_unreachable
 from .detectors import detect_classes
 from .errors import (
     ConversationNotFound,
+    DatabaseUnavailable,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
     InvalidInput,
     TurnInProgress,
     UpstreamFailed,
 )
-from .history import ConversationCipher, append_steps, encode_json, load_cipher, read_steps
+from .history import ConversationCipher, append_steps, load_cipher, read_steps
+from .ids import audited_conversation_id, is_conversation_id, new_id
+from .keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
 from .models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
 from .policy import StorageDecision, UnknownRouteError, check_data_classes, decide_storage
 from .provider_copies import delete_provider_copies
+from .turn_leases import close_abandoned, renew_lease
 from .upstream import UpstreamReply
 
 __all__ = ["TurnEngine", "output_text"]
+
+T = TypeVar("T")
+logger = logging.getLogger("custody.turns")
 
 _RESPONSE = "response"
 # Only these statuses leave a history the model can continue from.
@@ -66,6 +85,17 @@ _USAGE_FIELDS = (
     "total_tool_use_tokens",
     "total_tokens",
 )
+# Inputs larger than this are canonicalised and scanned in a worker thread: a megabyte takes
+# tens of milliseconds of CPU, which on the event loop would stall every other request.
+_OFF_LOOP_BYTES = 64_000
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    """What the content of a turn's input told us, computed before the claim."""
+
+    fingerprint: str
+    detected: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -77,10 +107,25 @@ class _Claim:
     decision: StorageDecision
     policy_version: str
     data_classes: list[str]
-    idempotency_key: str | None
+    key_digest: str | None
     # Plaintext and keys: never in a repr, which tracebacks and debuggers print.
     cipher: ConversationCipher = field(repr=False)
     history: list[Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the model's reply means for the turn, before anything is stored."""
+
+    kept: bool
+    status: str
+    error_code: str | None
+    upstream_status: str
+    usage: dict[str, int]
+    reply: UpstreamReply = field(repr=False)
+    model_steps: list[Any] = field(repr=False)
+    # The answer to the caller, and what a repeated Idempotency-Key replays.
+    response: dict[str, Any] = field(repr=False)
 
 
 class TurnEngine:
@@ -94,44 +139,129 @@ class TurnEngine:
         conversation_id: str,
         raw_input: Any,
         idempotency_key: str | None,
+        *,
+        input_bytes: int = 0,
     ) -> dict[str, Any]:
         """Run one turn; returns the response body (replayed as first sent for a repeated key)."""
+        ctx = self._ctx
         new_steps = normalize_client_input(raw_input)
-        fingerprint = hashlib.sha256(encode_json([conversation_id, new_steps])).hexdigest()
-        detected = detect_classes(new_steps, self._ctx.policy.data_classes)
+        key_digest = (
+            idempotency_key_digest(ctx.pepper, principal.tenant_id, idempotency_key) if idempotency_key else None
+        )
+        inspected = await self._inspect(principal, meta, conversation_id, new_steps, input_bytes)
+        claim = await self._claim(principal, meta, conversation_id, new_steps, inspected, key_digest)
+        if isinstance(claim, dict):
+            return claim
+        heartbeat = ctx.tasks.spawn(renew_lease(ctx, conversation_id, claim.lease_token), name=f"lease:{claim.turn_id}")
+        try:
+            reply = await ctx.upstream.create(
+                settings=claim.settings,
+                steps=[*claim.history, *new_steps],
+                store=claim.decision.provider_storage,
+            )
+        except BaseException as exc:
+            # Failed, cancelled (the client went away) or a bug: give the conversation back.
+            code, attempts = (exc.code, exc.attempts) if isinstance(exc, UpstreamFailed) else ("turn_aborted", 0)
+            release = self._in_background(
+                self._stored(partial(self._release_failed, principal, meta, conversation_id, claim, code, attempts)),
+                heartbeat,
+                claim,
+            )
+            # The caller hears about the model's failure, not the database's: if the database is
+            # down, the release goes on in the background.
+            with contextlib.suppress(DatabaseUnavailable):
+                await self._wait_stored(release)
+            raise
+        # From here on the model has answered: the reply is stored even if the caller goes away.
+        settle = self._in_background(
+            self._settle(principal, meta, conversation_id, claim, new_steps, reply), heartbeat, claim
+        )
+        return await self._wait_stored(settle)
+
+    def _in_background(
+        self, work: Coroutine[Any, Any, T], heartbeat: asyncio.Task[None], claim: _Claim
+    ) -> asyncio.Task[T]:
+        """Run `work` past the request's life; the lease is renewed until it ends."""
+        task = self._ctx.tasks.spawn(work, name=f"settle:{claim.turn_id}")
+        task.add_done_callback(lambda _: heartbeat.cancel())
+        return task
+
+    async def _wait_stored(self, task: asyncio.Task[T]) -> T:
+        """The task's result; DatabaseUnavailable if the database keeps it waiting too long (it
+        goes on in the background, and a retry with the same Idempotency-Key finds the result)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout=self._ctx.turn_store_wait_seconds)
+        except TimeoutError:
+            raise DatabaseUnavailable(
+                "the database cannot be reached; the model's reply is kept and stored as soon as it is back: "
+                "retry with the same Idempotency-Key"
+            ) from None
+
+    async def _stored(self, work: Callable[[bool], Awaitable[T]]) -> T:
+        """Run one unit of work until it commits, retrying while the database is unreachable (for
+        up to `turn_store_retry_seconds`); `work(retry)` is told whether an earlier attempt ran."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ctx.turn_store_retry_seconds
+        delay, retry = 0.2, False
+        while True:
+            try:
+                return await work(retry)
+            except Exception as exc:
+                if not database_unreachable(exc) or loop.time() >= deadline:
+                    raise
+                logger.warning("database unreachable (%s) while storing a turn; retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay, retry = min(delay * 2, 2.0), True
+
+    async def _inspect(
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        new_steps: list[dict[str, Any]],
+        input_bytes: int,
+    ) -> _Inspected:
+        """Fingerprint and scan the input, but only for the caller's own conversation: nobody
+        gets to make the service canonicalise and scan a megabyte for a conversation they
+        cannot reach (the claim then refuses it, with its audit record)."""
+        ctx = self._ctx
+        if not await self._owns(principal, conversation_id):
+            return _Inspected("", frozenset())
+        work = partial(self._fingerprint_and_detect, conversation_id, new_steps)
+        fingerprint, detected = await asyncio.to_thread(work) if input_bytes > _OFF_LOOP_BYTES else work()
         if detected:
             # Recorded on its own, before the claim, so the hit stays on record even when the
             # turn is then refused because the route does not allow the class.
-            await self._ctx.auditor.record(
-                self._ctx.sessions,
+            await ctx.auditor.record(
+                ctx.sessions,
                 AuditEntry(
                     "detector.hit",
                     principal,
                     meta,
                     resource_type="conversation",
-                    resource_id=audited_id(conversation_id),
+                    resource_id=conversation_id,
                     data_classes=sorted(detected),
                     details={"classes": sorted(detected)},
                 ),
             )
-        claim = await self._claim(principal, meta, conversation_id, new_steps, fingerprint, idempotency_key, detected)
-        if isinstance(claim, dict):
-            return claim
-        try:
-            reply = await self._ctx.upstream.create(
-                settings=claim.settings,
-                steps=[*claim.history, *new_steps],
-                store=claim.decision.provider_storage,
+        return _Inspected(fingerprint, detected)
+
+    async def _owns(self, principal: Principal, conversation_id: str) -> bool:
+        if not is_conversation_id(conversation_id):
+            return False
+        async with self._ctx.sessions() as session:
+            found = await session.scalar(
+                select(Conversation.id).where(
+                    Conversation.id == conversation_id, Conversation.tenant_id == principal.tenant_id
+                )
             )
-        except UpstreamFailed as exc:
-            await asyncio.shield(self._release_failed(principal, meta, conversation_id, claim, exc.code))
-            raise
-        except BaseException:
-            # Cancelled (the client went away) or a bug: give the conversation back first.
-            await asyncio.shield(self._release_failed(principal, meta, conversation_id, claim, "turn_aborted"))
-            raise
-        # From here on the model has answered: finish even if the caller goes away.
-        return await asyncio.shield(self._settle(principal, meta, conversation_id, claim, new_steps, reply))
+        return found is not None
+
+    def _fingerprint_and_detect(
+        self, conversation_id: str, new_steps: list[dict[str, Any]]
+    ) -> tuple[str, frozenset[str]]:
+        fingerprint = request_fingerprint(self._ctx.pepper, canonical_json([conversation_id, new_steps]))
+        return fingerprint, frozenset(detect_classes(new_steps, self._ctx.policy.data_classes))
 
     async def _claim(
         self,
@@ -139,9 +269,8 @@ class TurnEngine:
         meta: RequestMeta,
         conversation_id: str,
         new_steps: list[dict[str, Any]],
-        fingerprint: str,
-        idempotency_key: str | None,
-        detected: set[str],
+        inspected: _Inspected,
+        key_digest: str | None,
     ) -> _Claim | dict[str, Any]:
         ctx = self._ctx
         entry = AuditEntry(
@@ -149,8 +278,8 @@ class TurnEngine:
             principal,
             meta,
             resource_type="conversation",
-            resource_id=audited_id(conversation_id),
-            details={"input_steps": len(new_steps), "idempotency_key": idempotency_key is not None},
+            resource_id=audited_conversation_id(conversation_id),
+            details={"input_steps": len(new_steps), "idempotency_key": key_digest is not None},
         )
         try:
             async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
@@ -160,10 +289,17 @@ class TurnEngine:
                 leased = bool(
                     conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
                 )
-                if idempotency_key is not None:
-                    earlier = await session.get(IdempotencyRecord, (principal.tenant_id, idempotency_key))
+                if conversation.lease_token and not leased:
+                    # The lease ran out: its holder died (or lost the database for longer than the
+                    # lease). Close its turn, with its outcome on record, before taking over.
+                    if closed := await close_abandoned(session, conversation, closed_by="takeover"):
+                        entry.details["abandoned_turns_closed"] = closed
+                if key_digest is not None:
+                    earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
                     if earlier is not None:
-                        replayed = await _replay(session, ctx, conversation, earlier, fingerprint, leased=leased)
+                        replayed = await _replay(
+                            session, ctx, conversation, earlier, inspected.fingerprint, leased=leased
+                        )
                         if replayed is not None:
                             entry.details["idempotent_replay"] = True
                             return replayed
@@ -173,7 +309,7 @@ class TurnEngine:
                     route = ctx.policy.route(conversation.route)
                 except UnknownRouteError:
                     raise InvalidInput("this conversation's route is no longer in the policy") from None
-                raised = detected - set(conversation.data_classes)
+                raised = inspected.detected - set(conversation.data_classes)
                 if raised:
                     # Classification only rises; a class the route does not allow refuses the turn.
                     check_data_classes(route, raised, ctx.policy.data_classes)
@@ -192,7 +328,7 @@ class TurnEngine:
                     decision=decision,
                     policy_version=ctx.policy.version,
                     data_classes=list(conversation.data_classes),
-                    idempotency_key=idempotency_key,
+                    key_digest=key_digest,
                     cipher=cipher,
                     history=history,
                 )
@@ -208,16 +344,17 @@ class TurnEngine:
                         provider_storage=decision.provider_storage,
                         storage_reason=decision.reason,
                         policy_version=claim.policy_version,
+                        key_id=principal.key_id,
                     )
                 )
                 await session.flush()
-                if idempotency_key is not None:
+                if key_digest is not None:
                     session.add(
                         IdempotencyRecord(
                             tenant_id=principal.tenant_id,
-                            key=idempotency_key,
+                            key=key_digest,
                             conversation_id=conversation.id,
-                            fingerprint=fingerprint,
+                            fingerprint=inspected.fingerprint,
                             turn_id=claim.turn_id,
                         )
                     )
@@ -245,38 +382,66 @@ class TurnEngine:
         reply: UpstreamReply,
     ) -> dict[str, Any]:
         finishing = False
+        outcome = _outcome(conversation_id, claim, new_steps, reply)
         try:
             interaction_id = _interaction_id(reply.body)
             if interaction_id is not None:
-                await self._ledger(principal, meta, conversation_id, claim, interaction_id)
+                await self._stored(partial(self._ledger, principal, meta, conversation_id, claim, interaction_id))
             finishing = True
-            return await self._finish(principal, meta, conversation_id, claim, new_steps, reply)
+            return await self._stored(
+                partial(self._finish, principal, meta, conversation_id, claim, new_steps, outcome)
+            )
         except BaseException as exc:
+            if database_unreachable(exc):
+                # Given up after turn_store_retry_seconds: once the database is back, the lease
+                # has run out and the reaper (or the next turn) closes the turn as abandoned.
+                raise
             # Free the turn row and the key. A failed finish was recorded by its audited action;
             # a failed ledger write was not, so it gets its record here.
             code = "lease_lost" if isinstance(exc, TurnInProgress) else outcome_of(exc)[1]
-            await self._release_failed(principal, meta, conversation_id, claim, code, audit=not finishing)
+            await self._stored(
+                partial(
+                    self._release_failed,
+                    principal,
+                    meta,
+                    conversation_id,
+                    claim,
+                    code,
+                    reply.attempts,
+                    audit=not finishing,
+                )
+            )
             if isinstance(exc, ConversationNotFound):
                 # Deleted while the model worked: the copy the provider kept must go too.
                 await self._delete_orphaned_copy(principal, meta, conversation_id, reply, claim)
             raise
 
     async def _ledger(
-        self, principal: Principal, meta: RequestMeta, conversation_id: str, claim: _Claim, interaction_id: str
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        claim: _Claim,
+        interaction_id: str,
+        retry: bool,
     ) -> None:
-        """Record the provider's interaction id before anything else can fail."""
+        """Record the provider's interaction id before anything else can fail. Written once even
+        when an earlier attempt committed but its acknowledgement was lost."""
         stored = claim.decision.provider_storage
         async with self._ctx.sessions.begin() as session:
-            session.add(
-                UpstreamInteraction(
+            inserted = await session.scalar(
+                insert(UpstreamInteraction)
+                .values(
                     id=interaction_id,
                     tenant_id=principal.tenant_id,
                     conversation_id=conversation_id,
                     turn_id=claim.turn_id,
                     stored=stored,
                 )
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(UpstreamInteraction.id)
             )
-            if stored:
+            if stored and inserted is not None:
                 await append(
                     session,
                     AuditEntry(
@@ -298,9 +463,14 @@ class TurnEngine:
         conversation_id: str,
         claim: _Claim,
         new_steps: list[dict[str, Any]],
-        reply: UpstreamReply,
+        outcome: _Outcome,
+        retry: bool,
     ) -> dict[str, Any]:
         ctx = self._ctx
+        if retry and await self._finished_earlier(claim, outcome):
+            # The commit of an earlier attempt went through but its acknowledgement was lost with
+            # the connection: the turn and its record are stored; writing again would duplicate.
+            return outcome.response
         entry = _turn_entry(principal, meta, conversation_id, claim)
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             conversation = await session.scalar(
@@ -313,13 +483,18 @@ class TurnEngine:
                 if conversation is None:
                     raise ConversationNotFound(conversation_id)
                 raise TurnInProgress(conversation_id)
-            response = await self._record(session, principal, conversation, claim, new_steps, reply)
+            await self._record(session, principal, conversation, claim, new_steps, outcome)
             entry.details |= {
-                "status": response["status"],
-                "steps": len(response["steps"]),
-                "upstream_interaction_id": _interaction_id(reply.body),
+                "status": outcome.status,
+                "steps": len(outcome.model_steps),
+                "upstream_interaction_id": _interaction_id(outcome.reply.body),
             }
-            return response
+            return outcome.response
+
+    async def _finished_earlier(self, claim: _Claim, outcome: _Outcome) -> bool:
+        async with self._ctx.sessions() as session:
+            turn = await session.get(Turn, claim.turn_id)
+        return turn is not None and turn.status == outcome.status and turn.error_code == outcome.error_code
 
     async def _delete_orphaned_copy(
         self, principal: Principal, meta: RequestMeta, conversation_id: str, reply: UpstreamReply, claim: _Claim
@@ -336,54 +511,30 @@ class TurnEngine:
         conversation: Conversation,
         claim: _Claim,
         new_steps: list[dict[str, Any]],
-        reply: UpstreamReply,
-    ) -> dict[str, Any]:
-        body = reply.body
-        upstream_status = str(body.get("status", ""))
-        kept = upstream_status in _KEPT
-        # A turn the model did not complete stores nothing, so it returns nothing either: showing
-        # output the next turn's model will never see would mislead the caller.
-        model_steps: list[Any] = (body.get("steps") or []) if kept else []
+        outcome: _Outcome,
+    ) -> None:
         turn = await session.get(Turn, claim.turn_id)
         assert turn is not None
-        if kept:
-            stored = [*new_steps, *model_steps]
+        if outcome.kept:
+            # A turn the model did not complete stores nothing: the history stays as it was.
+            stored = [*new_steps, *outcome.model_steps]
             append_steps(session, claim.cipher, claim.turn_id, conversation.step_count, stored)
             turn.first_position, turn.step_count = conversation.step_count, len(stored)
             conversation.step_count += len(stored)
-        usage = _usage(body.get("usage"))
-        error_code = None if kept else f"model_{upstream_status or 'no_status'}"[:80]
-        turn.status = upstream_status if kept else "failed"
-        turn.upstream_status, turn.usage = upstream_status[:40], usage
-        turn.upstream_latency_ms, turn.upstream_attempts = reply.latency_ms, reply.attempts
-        turn.error_code, turn.finished_at = error_code, func.now()
+        turn.status, turn.error_code = outcome.status, outcome.error_code
+        turn.upstream_status, turn.usage = outcome.upstream_status[:40], outcome.usage
+        turn.upstream_latency_ms, turn.upstream_attempts = outcome.reply.latency_ms, outcome.reply.attempts
+        turn.finished_at = func.now()
         conversation.lease_token = conversation.lease_expires_at = None
         conversation.updated_at = func.now()
-        response = {
-            "conversation_id": conversation.id,
-            "turn_id": claim.turn_id,
-            "turn_number": claim.turn_number,
-            "status": turn.status,
-            "error_code": error_code,
-            "steps": model_steps,
-            "output_text": output_text(model_steps),
-            "usage": usage,
-            "storage": {
-                "store": claim.decision.provider_storage,
-                "provider_storage": claim.decision.provider_storage,
-                "reason": claim.decision.reason,
-            },
-            "policy_version": claim.policy_version,
-        }
-        if claim.idempotency_key is not None:
-            record = await session.get(IdempotencyRecord, (principal.tenant_id, claim.idempotency_key))
-            if record is not None and kept:
-                record.response = claim.cipher.seal_record(_RESPONSE, claim.turn_number, response)
+        if claim.key_digest is not None:
+            record = await session.get(IdempotencyRecord, (principal.tenant_id, claim.key_digest))
+            if record is not None and outcome.kept:
+                record.response = claim.cipher.seal_record(_RESPONSE, claim.turn_number, outcome.response)
                 record.response_key_version = claim.cipher.key_version
             elif record is not None:
                 # Nothing was stored, so a retry with the same key may run the turn again.
                 await session.delete(record)
-        return response
 
     async def _release_failed(
         self,
@@ -392,35 +543,66 @@ class TurnEngine:
         conversation_id: str,
         claim: _Claim,
         code: str,
+        attempts: int,
+        retry: bool,
         *,
         audit: bool = True,
     ) -> None:
-        """Record the failed turn and give the conversation back; the history is untouched."""
+        """Record the failed turn and give the conversation back; the history is untouched.
+        Idempotent: a turn already closed (by an earlier attempt or a takeover) stays as it is."""
         async with self._ctx.sessions.begin() as session:
             conversation = await session.scalar(
                 select(Conversation).where(Conversation.id == conversation_id).with_for_update()
             )
             turn = await session.get(Turn, claim.turn_id)
-            if turn is not None and turn.status == "in_progress":
+            closing = turn is not None and turn.status == "in_progress"
+            if turn is not None and closing:
                 turn.status, turn.error_code, turn.finished_at = "failed", code[:80], func.now()
+                turn.upstream_attempts = attempts
             if conversation is not None and conversation.lease_token == claim.lease_token:
                 conversation.lease_token = conversation.lease_expires_at = None
-            if claim.idempotency_key is not None:
+            if claim.key_digest is not None:
                 await session.execute(
                     delete(IdempotencyRecord).where(
                         IdempotencyRecord.tenant_id == principal.tenant_id,
-                        IdempotencyRecord.key == claim.idempotency_key,
+                        IdempotencyRecord.key == claim.key_digest,
                         IdempotencyRecord.response.is_(None),
                     )
                 )
-            if not audit:
+            if not audit or not closing:
                 return
-            await append(
-                session,
-                _turn_entry(principal, meta, conversation_id, claim),
-                outcome="error",
-                reason=code[:80],
-            )
+            entry = _turn_entry(principal, meta, conversation_id, claim)
+            entry.details["upstream_attempts"] = attempts
+            await append(session, entry, outcome="error", reason=code[:80])
+
+
+def _outcome(conversation_id: str, claim: _Claim, new_steps: list[dict[str, Any]], reply: UpstreamReply) -> _Outcome:
+    body = reply.body
+    upstream_status = str(body.get("status", ""))
+    kept = upstream_status in _KEPT
+    # A turn the model did not complete stores nothing, so it returns nothing either: showing
+    # output the next turn's model will never see would mislead the caller.
+    model_steps: list[Any] = (body.get("steps") or []) if kept else []
+    usage = _usage(body.get("usage"))
+    error_code = None if kept else f"model_{upstream_status or 'no_status'}"[:80]
+    status = upstream_status if kept else "failed"
+    response = {
+        "conversation_id": conversation_id,
+        "turn_id": claim.turn_id,
+        "turn_number": claim.turn_number,
+        "status": status,
+        "error_code": error_code,
+        "steps": model_steps,
+        "output_text": output_text(model_steps),
+        "usage": usage,
+        "storage": {
+            "store": claim.decision.provider_storage,
+            "provider_storage": claim.decision.provider_storage,
+            "reason": claim.decision.reason,
+        },
+        "policy_version": claim.policy_version,
+    }
+    return _Outcome(kept, status, error_code, upstream_status, usage, reply, model_steps, response)
 
 
 async def _replay(
@@ -432,17 +614,13 @@ async def _replay(
     *,
     leased: bool,
 ) -> dict[str, Any] | None:
-    """The stored response for a repeated key; None when the first attempt was abandoned."""
+    """The stored response for a repeated key; None when the first attempt stored nothing."""
     if record.conversation_id != conversation.id or record.fingerprint != fingerprint:
         raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
     if record.response is None or record.response_key_version is None:
         if leased:
             raise IdempotencyKeyInFlight("the first request with this Idempotency-Key is still running")
-        # Its turn died without finishing (a crashed process, a lost lease): nothing was stored,
-        # so the key is free to run the turn again.
-        turn = await session.get(Turn, record.turn_id) if record.turn_id else None
-        if turn is not None and turn.status == "in_progress":
-            turn.status, turn.error_code, turn.finished_at = "failed", "abandoned", func.now()
+        # Its turn ended without storing anything: the key is free to run the turn again.
         await session.delete(record)
         await session.flush()
         return None
@@ -471,14 +649,14 @@ def _turn_entry(principal: Principal, meta: RequestMeta, conversation_id: str, c
     )
 
 
-_INTERACTION_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+_INTERACTION_ID = re.compile(r"[\x21-\x7e]{1,200}")
 
 
 def _interaction_id(body: dict[str, Any]) -> str | None:
     """The provider's interaction id, when it is a plausible one: it goes into the ledger and
     audit records, which must never hold arbitrary text from a response."""
     value = body.get("id")
-    return value if isinstance(value, str) and _INTERACTION_ID.match(value) else None
+    return value if isinstance(value, str) and _INTERACTION_ID.fullmatch(value) else None
 
 
 def _usage(raw: Any) -> dict[str, int]:

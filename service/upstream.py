@@ -89,7 +89,9 @@ class Upstream:
                 )
                 body = json.loads(await raw.read())
             except sdk_errors.APITimeoutError:
-                raise UpstreamFailed("upstream_timeout", "the model did not answer in time", timeout=True) from None
+                raise UpstreamFailed(
+                    "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
+                ) from None
             except sdk_errors.APIStatusError as exc:
                 retry = exc.status_code in _TRANSIENT and (not store or exc.status_code == 429)
                 if retry and attempt < self._attempts:
@@ -97,19 +99,25 @@ class Upstream:
                     continue
                 # The status only: upstream error bodies may quote the request's content.
                 raise UpstreamFailed(
-                    f"upstream_http_{exc.status_code}", f"the model call failed with HTTP {exc.status_code}"
+                    f"upstream_http_{exc.status_code}",
+                    f"the model call failed with HTTP {exc.status_code}",
+                    attempts=attempt,
                 ) from None
             except sdk_errors.APIConnectionError:
                 if not store and attempt < self._attempts:
                     await asyncio.sleep(_backoff(attempt, None))
                     continue
-                raise UpstreamFailed("upstream_unreachable", "the model service could not be reached") from None
-            except json.JSONDecodeError:
                 raise UpstreamFailed(
-                    "upstream_bad_response", "the model service sent a body that is not JSON"
+                    "upstream_unreachable", "the model service could not be reached", attempts=attempt
+                ) from None
+            except (json.JSONDecodeError, RecursionError):
+                raise UpstreamFailed(
+                    "upstream_bad_response", "the model service sent a body that is not JSON", attempts=attempt
                 ) from None
             if not isinstance(body, dict) or not isinstance(body.get("steps", []), list):
-                raise UpstreamFailed("upstream_bad_response", "the model service sent an unexpected body")
+                raise UpstreamFailed(
+                    "upstream_bad_response", "the model service sent an unexpected body", attempts=attempt
+                )
             return UpstreamReply(body, (time.perf_counter() - started) * 1000, attempt)
         raise AssertionError("unreachable")  # the loop always returns or raises
 

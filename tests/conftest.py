@@ -14,6 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.database import make_engine, migrate
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability",
+        choices=("short", "full"),
+        default="short",
+        help="size of the reliability scenarios (tests/reliability): short for CI, full for docs/reliability.md",
+    )
+
+
 ADMIN_URL = os.environ.get("CUSTODY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

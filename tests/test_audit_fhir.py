@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+import rfc8785
 from fhir.resources.R4B.auditevent import AuditEvent
 
 from service.audit import ACTIONS
@@ -208,6 +210,8 @@ def allowed_strings(record: dict[str, Any]) -> set[str]:
     for key, value in record["details"].items():
         allowed.add(f"details.{key}")
         allowed.add(json.dumps(value, sort_keys=True, separators=(",", ":")))
+    allowed.add("record")
+    allowed.add(base64.b64encode(rfc8785.dumps(record)).decode())
     return allowed
 
 
@@ -360,7 +364,7 @@ def test_details_carry_the_record_facts_as_strings() -> None:
         details={"route": "triage", "store": False, "n": 3, "empty": "", "none": None, "nested": {"b": 1, "a": 2}},
     )
     subject = to_fhir_audit_event(record)["entity"][0]
-    assert [(d["type"], d["valueString"]) for d in subject["detail"]] == [
+    assert [(d["type"], d.get("valueString")) for d in subject["detail"]] == [
         ("action", "conversation.create"),
         ("chain", TENANT),
         ("seq", "12"),
@@ -378,6 +382,7 @@ def test_details_carry_the_record_facts_as_strings() -> None:
         ("details.none", "null"),
         ("details.route", "triage"),
         ("details.store", "false"),
+        ("record", None),
     ]
 
 
@@ -411,3 +416,32 @@ def test_ndjson_is_one_compact_event_per_line() -> None:
         assert event == to_fhir_audit_event(record)
         assert line == json.dumps(event, separators=(",", ":"))
         AuditEvent.model_validate_json(line)
+
+
+def _carried(event: dict[str, Any]) -> Any:
+    """The record an event carries in its subject entity's `record` detail, decoded."""
+    [detail] = [d for d in event["entity"][0]["detail"] if d["type"] == "record"]
+    assert set(detail) == {"type", "valueBase64Binary"}
+    return json.loads(base64.b64decode(detail["valueBase64Binary"], validate=True))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"details": {"a": "3", "b": 3, "c": "null", "d": None, "e": "", "f": [1, "1"], "g": 1.5, "h": "true"}},
+        {"reason": "", "data_classes": ["PHI"], "policy_version": None, "trace_id": None, "span_id": None},
+        {
+            "actor": {"tenant_id": TENANT, "key_id": "key_ops1", "role": "ops"},
+            "resource": {"type": "tenant", "id": TENANT},
+        },
+        {"source": {"address": None, "request_id": "req_1"}, "details": {"note": "a\nb\u2028c é"}},
+    ],
+)
+def test_each_event_carries_its_record_losslessly(overrides: dict[str, Any]) -> None:
+    """Every event carries the exact native record (values the string details cannot tell apart included) and still validates as R4B."""
+    records = [record | overrides for record in all_records()]
+    for record in records:
+        event = to_fhir_audit_event(record)
+        assert _carried(event) == record
+        AuditEvent.model_validate(event)

@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from service.audit_chain import AuditSigner
 from service.config import Settings
 from service.errors import ConfigurationError, SchemaBehindError
 from service.runtime import build_runtime
@@ -19,28 +20,30 @@ from service.simulator import SimulatorConfig, start_simulator
 from .conftest import ADMIN_URL, TEST_PEPPER
 
 
-def _settings(tmp_path: Path, keyring_path: Path, **env: str) -> Settings:
+def _secrets(tmp_path: Path, keyring_path: Path) -> dict[str, str]:
+    """The three secret variables a deployment must set, pointing at files in `tmp_path`."""
     pepper = tmp_path / "pepper"
     if not pepper.exists():
         pepper.write_bytes(TEST_PEPPER)
         pepper.chmod(0o600)
-    os.environ["CUSTODY_PEPPER_FILE"] = str(pepper)
-    return Settings.from_env({"CUSTODY_DATA_DIR": str(tmp_path / "data"), "CUSTODY_KEYRING": str(keyring_path)} | env)
+    signing_key = tmp_path / "audit-signing-key.pem"
+    AuditSigner.load_or_generate(signing_key)
+    return {
+        "CUSTODY_KEYRING": str(keyring_path),
+        "CUSTODY_PEPPER_FILE": str(pepper),
+        "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key),
+    }
 
 
-@pytest.fixture(autouse=True)
-def _restore_env() -> object:
-    saved = os.environ.get("CUSTODY_PEPPER_FILE")
-    yield None
-    if saved is None:
-        os.environ.pop("CUSTODY_PEPPER_FILE", None)
-    else:
-        os.environ["CUSTODY_PEPPER_FILE"] = saved
+def _settings(tmp_path: Path, keyring_path: Path, **env: str) -> Settings:
+    return Settings.from_env({"CUSTODY_DATA_DIR": str(tmp_path / "data")} | _secrets(tmp_path, keyring_path) | env)
 
 
 async def test_unreachable_database_url_fails_clearly(tmp_path: Path, keyring_path: Path) -> None:
     """A DATABASE_URL nobody answers on is an error naming DATABASE_URL, not a fallback."""
-    settings = _settings(tmp_path, keyring_path, DATABASE_URL="postgresql://postgres:s3cret@127.0.0.1:1/custody")
+    settings = _settings(
+        tmp_path, keyring_path, DATABASE_URL="postgresql://postgres:s3cret@127.0.0.1:1/custody", GEMINI_API_KEY="k"
+    )
     with pytest.raises(ConfigurationError, match="cannot connect to the database at DATABASE_URL") as caught:
         await build_runtime(settings)
     assert "s3cret" not in str(caught.value)
@@ -54,7 +57,7 @@ async def test_database_behind_migrations_is_refused(tmp_path: Path, keyring_pat
     try:
         url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
         with pytest.raises(SchemaBehindError, match="run `custody migrate`"):
-            await build_runtime(_settings(tmp_path, keyring_path, DATABASE_URL=url))
+            await build_runtime(_settings(tmp_path, keyring_path, DATABASE_URL=url, GEMINI_API_KEY="k"))
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
@@ -116,11 +119,15 @@ async def test_invalid_policy_names_the_field(tmp_path: Path, keyring_path: Path
 
 def test_serve_exits_with_the_message(tmp_path: Path, keyring_path: Path) -> None:
     """`custody serve` with a dead DATABASE_URL exits non-zero and says why on stderr."""
-    env = os.environ | {
-        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody",
-        "CUSTODY_KEYRING": str(keyring_path),
-        "CUSTODY_DATA_DIR": str(tmp_path),
-    }
+    env = (
+        os.environ
+        | _secrets(tmp_path, keyring_path)
+        | {
+            "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody",
+            "GEMINI_API_KEY": "k",
+            "CUSTODY_DATA_DIR": str(tmp_path),
+        }
+    )
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve"], env=env, capture_output=True, text=True, timeout=60
     )

@@ -14,8 +14,9 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from ..audit import AuditEntry, RequestMeta
 from ..auth import Principal
 from ..context import ServiceContext
-from ..conversations import audited_id, delete_conversation, get_conversation, list_steps, open_conversation
+from ..conversations import delete_conversation, get_conversation, list_steps, open_conversation
 from ..errors import InvalidInput
+from ..ids import audited_conversation_id
 from ..provider_copies import delete_provider_copies
 from ..turns import TurnEngine
 from .security import MAX_CURSOR, provide_meta, require_role
@@ -76,7 +77,11 @@ class ConversationController(Controller):
         """A conversation's metadata (route, data classes, counts); never its content."""
         ctx = _ctx(request)
         entry = AuditEntry(
-            "conversation.read", principal, meta, resource_type="conversation", resource_id=audited_id(conversation_id)
+            "conversation.read",
+            principal,
+            meta,
+            resource_type="conversation",
+            resource_id=audited_conversation_id(conversation_id),
         )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             view = await get_conversation(session, ctx, principal, conversation_id)
@@ -96,7 +101,9 @@ class ConversationController(Controller):
         """Send the next input; the whole history is replayed to the model with store=false."""
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", pointer="Idempotency-Key")
-        result = await TurnEngine(_ctx(request)).run(principal, meta, conversation_id, data.input, idempotency_key)
+        result = await TurnEngine(_ctx(request)).run(
+            principal, meta, conversation_id, data.input, idempotency_key, input_bytes=len(await request.body())
+        )
         return msgspec.convert(result, TurnOut)
 
     @get("/{conversation_id:str}/steps", operation_id="ListSteps")
@@ -116,7 +123,7 @@ class ConversationController(Controller):
             principal,
             meta,
             resource_type="conversation",
-            resource_id=audited_id(conversation_id),
+            resource_id=audited_conversation_id(conversation_id),
             details={"cursor": cursor, "limit": limit},
         )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
@@ -144,7 +151,7 @@ class ConversationController(Controller):
             principal,
             meta,
             resource_type="conversation",
-            resource_id=audited_id(conversation_id),
+            resource_id=audited_conversation_id(conversation_id),
         )
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             deleted = await delete_conversation(session, principal, conversation_id)

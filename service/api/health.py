@@ -8,6 +8,7 @@ from litestar import Request, Response, get
 from sqlalchemy import text
 
 from ..context import ServiceContext
+from ..keyring_sentinels import unreadable_versions
 from .problems import problem
 
 __all__ = ["healthz", "readyz"]
@@ -21,11 +22,21 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", operation_id="Readyz", tags=["health"])
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """The database answers; the service can take traffic."""
+    """The database answers and the keyring unwraps what it holds; the service can take traffic."""
     ctx: ServiceContext = request.app.state.ctx
     try:
         async with ctx.sessions() as session:
             await session.execute(text("SELECT 1"))
+            unreadable = await unreadable_versions(session, ctx.keyring)
     except Exception:  # noqa: BLE001 - any failure means not ready
-        return problem(503, "not-ready", "Not ready", "the database is not reachable")
+        return problem(503, "not-ready", "Not ready", "the database is not reachable", retry_after=5)
+    if unreadable:
+        versions = ", ".join(str(v) for v in unreadable)
+        return problem(
+            503,
+            "not-ready",
+            "Not ready",
+            f"the keyring cannot unwrap data keys wrapped under KEK version(s) {versions}",
+            retry_after=5,
+        )
     return Response({"status": "ready"})

@@ -14,6 +14,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
 from .. import errors
+from ..database_errors import database_unreachable
+from ..envelope import DecryptionError
+from ..keyring import KeyringError
 from ..policy import DataClassNotAllowedError, PolicyViolation, UnknownDataClassError, UnknownRouteError
 from .security import operation_name
 
@@ -27,6 +30,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
     (errors.AuthenticationFailed, 401, "unauthenticated", "Authentication failed"),
     (errors.PermissionDenied, 403, "forbidden", "Not allowed for this role"),
     (errors.ConversationNotFound, 404, "conversation-not-found", "Conversation not found"),
+    (errors.MalformedRequest, 400, "malformed-request", "Malformed request"),
     (errors.FunctionResultMismatch, 422, "function-result-mismatch", "Function result answers no pending call"),
     (errors.InvalidInput, 422, "invalid-input", "Invalid input"),
     (errors.TurnInProgress, 409, "turn-in-progress", "Another turn is in progress"),
@@ -39,11 +43,15 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
 ]
 
 
-def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> Response[dict[str, Any]]:
+def problem(
+    status: int, slug: str, title: str, detail: str, *, retry_after: int | None = None, **extra: Any
+) -> Response[dict[str, Any]]:
     body = {"type": f"urn:custody:problem:{slug}", "title": title, "status": status, "detail": detail}
     body.update({k: v for k, v in extra.items() if v is not None})
-    headers = {"WWW-Authenticate": 'Bearer realm="custody"'} if status == 401 else None
-    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    headers = {"WWW-Authenticate": 'Bearer realm="custody"'} if status == 401 else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers or None)
 
 
 def _detail(request: Request[Any, Any, Any], exc: Exception) -> str:
@@ -64,7 +72,21 @@ def _custody_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     if isinstance(exc, errors.UpstreamFailed):
         status = 504 if exc.timeout else 502
         return problem(status, "upstream-failed", "The model call failed", str(exc), code=exc.code)
+    if isinstance(exc, errors.DatabaseUnavailable):
+        return _database_unavailable(str(exc), exc.retry_after)
+    if isinstance(exc, errors.TooManyAuthenticationFailures):
+        return problem(
+            429,
+            "too-many-authentication-failures",
+            "Too many failed authentications",
+            str(exc),
+            retry_after=exc.retry_after,
+        )
     return _internal(request, exc)
+
+
+def _database_unavailable(detail: str, retry_after: int) -> Response[dict[str, Any]]:
+    return problem(503, "database-unavailable", "Database unavailable", detail, retry_after=retry_after)
 
 
 def _validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
@@ -101,7 +123,24 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
     return problem(exc.status_code, "http-error", "Request failed", "the request could not be processed")
 
 
+def _unreadable(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    # A stored ciphertext or wrapped key failed its integrity check: altered, moved to another
+    # row, or under a key this keyring lacks. Nothing of it is returned; the audited action that
+    # met it recorded the failure.
+    logger.error("stored data unreadable (%s) in %s", type(exc).__name__, operation_name(request))
+    return problem(
+        500,
+        "stored-data-unreadable",
+        "Stored data failed its integrity check",
+        "a stored record of this conversation could not be decrypted (altered, moved, or under an unknown key); "
+        "nothing was returned and the failure is audited",
+    )
+
+
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if database_unreachable(exc):
+        logger.warning("database unreachable (%s) in %s", type(exc).__name__, operation_name(request))
+        return _database_unavailable("the database cannot be reached right now; retry shortly", 2)
     # The exception type only: messages of unexpected errors may carry anything.
     # The operation, not the path: a path holds whatever the caller typed.
     logger.error("unhandled %s in %s", type(exc).__name__, operation_name(request))
@@ -113,5 +152,7 @@ exception_handlers: ExceptionHandlersMap = {
     PolicyViolation: _custody_error,
     ValidationException: _validation,
     HTTPException: _http,
+    DecryptionError: _unreadable,
+    KeyringError: _unreadable,
     Exception: _internal,
 }

@@ -1,0 +1,146 @@
+"""The three secrets Custody keeps outside its database, and how they are found or made.
+
+- the keyring (`CUSTODY_KEYRING`): the key-encryption keys that wrap every conversation's data key;
+- the pepper (`CUSTODY_PEPPER_FILE`): keys the HMACs of API-key secrets, data-subject ids,
+  Idempotency-Keys and request fingerprints;
+- the audit signing key (`CUSTODY_AUDIT_SIGNING_KEY`): the Ed25519 key that signs audit checkpoints.
+
+Losing or swapping any of them locks data away for good (the keyring), invalidates every API key
+(the pepper), or makes old checkpoints unverifiable (the signing key). So they are generated only
+for the zero-config run, in its data dir, and said so at startup. A deployment (DATABASE_URL set)
+must name each one: a missing variable or file stops startup with a message naming it, and
+`custody secrets init DIR` makes all three for a first deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from .audit_chain import AuditSigner
+from .config import Settings
+from .errors import ConfigurationError
+from .key_rotation import FileKeyring
+from .keyring import KeyringError, LocalKeyring
+
+__all__ = ["SecretPaths", "init_secrets", "load_keyring", "load_pepper", "load_signer"]
+
+_PEPPER_BYTES = 32
+_INIT_HINT = "create them with `custody secrets init DIR` and set the variables it prints"
+
+
+@dataclass(frozen=True)
+class SecretPaths:
+    """Where `custody secrets init` put each secret, by the variable that names it."""
+
+    keyring: Path
+    pepper: Path
+    audit_signing_key: Path
+
+    def as_environment(self) -> list[str]:
+        return [
+            f"CUSTODY_KEYRING={self.keyring}",
+            f"CUSTODY_PEPPER_FILE={self.pepper}",
+            f"CUSTODY_AUDIT_SIGNING_KEY={self.audit_signing_key}",
+        ]
+
+
+def _locate(settings: Settings, given: Path | None, variable: str, default_name: str) -> tuple[Path, bool]:
+    """(path, may generate): a given path must exist; only the zero-config run generates."""
+    if given is not None:
+        if not given.exists():
+            raise ConfigurationError(f"{variable}={given} does not exist; {_INIT_HINT}")
+        return given, False
+    if settings.deployment:
+        raise ConfigurationError(
+            f"{variable} is not set: with DATABASE_URL set Custody never generates this secret; {_INIT_HINT}"
+        )
+    return settings.data_dir / default_name, True
+
+
+def load_keyring(settings: Settings, announce: list[str]) -> FileKeyring:
+    path, may_generate = _locate(settings, settings.keyring_path, "CUSTODY_KEYRING", "keyring.json")
+    try:
+        if may_generate and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            LocalKeyring.generate(path)
+            announce.append(
+                f"EMBEDDED DEFAULT: generated a local keyring at {path} (set CUSTODY_KEYRING for a managed one)"
+            )
+        return FileKeyring(path)
+    except KeyringError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def load_pepper(settings: Settings, announce: list[str]) -> bytes:
+    """The secret that keys Custody's HMACs; refuses a file others can read."""
+    path, may_generate = _locate(settings, settings.pepper_path, "CUSTODY_PEPPER_FILE", "api-key-pepper")
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise ConfigurationError(f"{path} is readable by group or others: run chmod 600 {path}")
+        data = path.read_bytes()
+        if len(data) < 16:
+            raise ConfigurationError(f"the pepper in {path} is shorter than 16 bytes")
+        return data
+    assert may_generate  # _locate refused a given path that does not exist
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _write_new_secret(path, secrets.token_bytes(_PEPPER_BYTES))
+    announce.append(
+        f"EMBEDDED DEFAULT: generated the API-key pepper at {path} "
+        "(keep it with the keyring; losing it invalidates every API key)"
+    )
+    return data
+
+
+def load_signer(settings: Settings, announce: list[str]) -> AuditSigner:
+    """The Ed25519 key that signs audit checkpoints.
+
+    Keep it away from the database's host and backups: it is what proves the log was not
+    rewritten by someone who could write to the database.
+    """
+    path, may_generate = _locate(
+        settings, settings.audit_signing_key_path, "CUSTODY_AUDIT_SIGNING_KEY", "audit-signing-key.pem"
+    )
+    try:
+        signer, generated = AuditSigner.load_or_generate(path)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if generated:
+        assert may_generate
+        announce.append(
+            f"EMBEDDED DEFAULT: generated the audit checkpoint signing key at {path} (key id {signer.key_id})"
+        )
+    return signer
+
+
+def init_secrets(directory: Path) -> SecretPaths:
+    """Create all three secrets in `directory` (mode 0600 files; the directory 0700 if new).
+
+    Refuses to overwrite anything: replacing a secret that is in use is how data is lost.
+    """
+    paths = SecretPaths(
+        keyring=(directory / "keyring.json").absolute(),
+        pepper=(directory / "pepper").absolute(),
+        audit_signing_key=(directory / "audit-signing-key.pem").absolute(),
+    )
+    existing = [str(p) for p in (paths.keyring, paths.pepper, paths.audit_signing_key) if os.path.lexists(p)]
+    if existing:
+        raise ConfigurationError(f"refusing to overwrite existing secrets: {', '.join(existing)}")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        LocalKeyring.generate(paths.keyring)
+    except KeyringError as exc:
+        raise ConfigurationError(str(exc)) from None
+    _write_new_secret(paths.pepper, secrets.token_bytes(_PEPPER_BYTES))
+    AuditSigner.load_or_generate(paths.audit_signing_key)
+    return paths
+
+
+def _write_new_secret(path: Path, data: bytes) -> bytes:
+    # O_EXCL and 0600 at creation: the secret never sits in a file others could open.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return data
