@@ -195,7 +195,7 @@ def to_fhir_audit_event(record: Mapping[str, Any]) -> dict[str, Any]:
         event["outcomeDesc"] = record["reason"]
     actor = record["actor"] or {}
     source = record["source"] or {}
-    event["agent"] = [_agent(actor, source)]
+    event["agent"] = [_agent(actor, source, remote=action == "auth.failure")]
     event["source"] = {"observer": {"display": "custody"}, "type": [_coding((_SOURCE_TYPE, "4"))]}
     event["entity"] = _entities(record, coded, actor, source)
     return event
@@ -241,13 +241,15 @@ def _instant(value: str | datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _agent(actor: Mapping[str, Any], source: Mapping[str, Any]) -> dict[str, Any]:
+def _agent(actor: Mapping[str, Any], source: Mapping[str, Any], *, remote: bool) -> dict[str, Any]:
     key_id, address = actor.get("key_id"), source.get("address")
     who: dict[str, Any]
     if key_id:
         who = {"identifier": {"system": "urn:custody:api-key", "value": key_id}}
     else:
-        who = {"display": _NO_KEY_REMOTE if address else _NO_KEY_LOCAL}
+        # A failed authentication always came over the network, even when its summary record
+        # (an overflow of many sources) names no address.
+        who = {"display": _NO_KEY_REMOTE if address or remote else _NO_KEY_LOCAL}
     agent: dict[str, Any] = {"type": {"coding": [_coding((_DCM, "110153"))]}, "who": who}
     if actor.get("role"):
         agent["role"] = [{"text": actor["role"]}]

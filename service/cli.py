@@ -487,6 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CustodyError as exc:
         _say(f"custody: {exc}")
         return 1
+    except Exception as exc:
+        from .database_errors import database_unreachable
+
+        if not database_unreachable(exc):
+            raise
+        # The type only: a driver's message can quote the URL, password included.
+        _say(f"custody: cannot reach the database at DATABASE_URL ({type(exc).__name__}); is it running?")
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
     ├── InvalidInput                 malformed or disallowed input                  (422)
     │   └── FunctionResultMismatch   a function_result that answers no pending call
     ├── TurnInProgress               another turn holds the conversation            (409)
+    │   └── LeaseLost                a turn's lease ran out and another took over
     ├── IdempotencyKeyReused         same Idempotency-Key, different request        (422)
     ├── IdempotencyKeyInFlight       same Idempotency-Key, first request running    (409)
     ├── UpstreamFailed               the model call failed after Custody's retries  (502/504)
@@ -34,6 +35,7 @@ __all__ = [
     "IdempotencyKeyInFlight",
     "IdempotencyKeyReused",
     "InvalidInput",
+    "LeaseLost",
     "MalformedRequest",
     "PermissionDenied",
     "SchemaBehindError",
@@ -104,6 +106,11 @@ class TurnInProgress(CustodyError):
         super().__init__(f"another turn on conversation {conversation_id} is in progress; retry when it ends")
 
 
+class LeaseLost(TurnInProgress):
+    """A turn came back to store its reply after its lease ran out and another turn took the
+    conversation over; appending now would fork the history, so the reply is dropped."""
+
+
 class IdempotencyKeyReused(CustodyError):
     pass
 
@@ -115,12 +122,23 @@ class IdempotencyKeyInFlight(CustodyError):
 class UpstreamFailed(CustodyError):
     """The model call failed. `code` is a short machine reason, never upstream content."""
 
-    def __init__(self, code: str, message: str, *, timeout: bool = False, attempts: int = 1) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        timeout: bool = False,
+        attempts: int = 1,
+        interaction_ids: list[str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.timeout = timeout
         # How many requests Custody sent before giving up; recorded on the failed turn.
         self.attempts = attempts
+        # Interactions of the turn that did succeed before it failed (a continued turn): the
+        # provider may keep copies of them, so they go into the ledger all the same.
+        self.interaction_ids = interaction_ids or []
 
 
 class DatabaseUnavailable(CustodyError):

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .audit import Auditor, checkpoint_all
 from .auth import ROLES
-from .auth_failures import AuthFailureLimits
+from .auth_failures import AuthFailureLimits, AuthFailures
 from .config import Settings
 from .context import ServiceContext
 from .database import check_schema_current, make_engine, make_sessions, migrate
@@ -82,14 +82,9 @@ class Runtime:
         self._tasks.append(asyncio.get_running_loop().create_task(loop()))
 
     def start_auth_failure_accounting(self) -> None:
-        """Apply the settings' failed-authentication limits, and write the summary records of
-        failed authentications as their windows close (what is left is written by `aclose`)."""
+        """Write the summary records of failed authentications as their windows close (what is
+        left is written by `aclose`)."""
         failures = self.ctx.auth_failures
-        failures.limits = AuthFailureLimits(
-            per_source=self.settings.auth_failure_limit,
-            per_key=self.settings.auth_failure_key_limit,
-            window_seconds=self.settings.auth_failure_window_seconds,
-        )
         # A summary is written within a few seconds of its window's end.
         every = min(5.0, failures.limits.window_seconds)
 
@@ -231,6 +226,13 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
         turn_lease_seconds=settings.turn_lease_seconds,
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
         turn_store_wait_seconds=settings.turn_store_wait_seconds,
+        auth_failures=AuthFailures(
+            AuthFailureLimits(
+                per_source=settings.auth_failure_limit,
+                per_key=settings.auth_failure_key_limit,
+                window_seconds=settings.auth_failure_window_seconds,
+            )
+        ),
     )
     runtime = Runtime(settings, ctx, engine, announce, _closers=closers)
     if not settings.deployment and demo_keys:

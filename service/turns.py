@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -57,6 +56,7 @@ from .errors import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
     InvalidInput,
+    LeaseLost,
     TurnInProgress,
     UpstreamFailed,
 )
@@ -162,8 +162,9 @@ class TurnEngine:
         except BaseException as exc:
             # Failed, cancelled (the client went away) or a bug: give the conversation back.
             code, attempts = (exc.code, exc.attempts) if isinstance(exc, UpstreamFailed) else ("turn_aborted", 0)
+            partial_hops = exc.interaction_ids if isinstance(exc, UpstreamFailed) else []
             release = self._in_background(
-                self._stored(partial(self._release_failed, principal, meta, conversation_id, claim, code, attempts)),
+                self._give_back(principal, meta, conversation_id, claim, code, attempts, partial_hops),
                 heartbeat,
                 claim,
             )
@@ -177,6 +178,22 @@ class TurnEngine:
             self._settle(principal, meta, conversation_id, claim, new_steps, reply), heartbeat, claim
         )
         return await self._wait_stored(settle)
+
+    async def _give_back(
+        self,
+        principal: Principal,
+        meta: RequestMeta,
+        conversation_id: str,
+        claim: _Claim,
+        code: str,
+        attempts: int,
+        interaction_ids: list[str],
+    ) -> None:
+        """Release a turn whose model call failed; interactions it did get (hops of a continued
+        turn) still go into the ledger, since the provider may keep them."""
+        if interaction_ids:
+            await self._stored(partial(self._ledger, principal, meta, conversation_id, claim, interaction_ids))
+        await self._stored(partial(self._release_failed, principal, meta, conversation_id, claim, code, attempts))
 
     def _in_background(
         self, work: Coroutine[Any, Any, T], heartbeat: asyncio.Task[None], claim: _Claim
@@ -384,9 +401,10 @@ class TurnEngine:
         finishing = False
         outcome = _outcome(conversation_id, claim, new_steps, reply)
         try:
-            interaction_id = _interaction_id(reply.body)
-            if interaction_id is not None:
-                await self._stored(partial(self._ledger, principal, meta, conversation_id, claim, interaction_id))
+            if reply.interaction_ids:
+                await self._stored(
+                    partial(self._ledger, principal, meta, conversation_id, claim, reply.interaction_ids)
+                )
             finishing = True
             return await self._stored(
                 partial(self._finish, principal, meta, conversation_id, claim, new_steps, outcome)
@@ -398,7 +416,7 @@ class TurnEngine:
                 raise
             # Free the turn row and the key. A failed finish was recorded by its audited action;
             # a failed ledger write was not, so it gets its record here.
-            code = "lease_lost" if isinstance(exc, TurnInProgress) else outcome_of(exc)[1]
+            code = outcome_of(exc)[1]
             await self._stored(
                 partial(
                     self._release_failed,
@@ -422,26 +440,32 @@ class TurnEngine:
         meta: RequestMeta,
         conversation_id: str,
         claim: _Claim,
-        interaction_id: str,
+        interaction_ids: list[str],
         retry: bool,
     ) -> None:
-        """Record the provider's interaction id before anything else can fail. Written once even
-        when an earlier attempt committed but its acknowledgement was lost."""
+        """Record the provider's interaction ids (one per hop of the turn) before anything else
+        can fail. Each is written once even when an earlier attempt committed but its
+        acknowledgement was lost."""
         stored = claim.decision.provider_storage
         async with self._ctx.sessions.begin() as session:
-            inserted = await session.scalar(
+            inserted = await session.scalars(
                 insert(UpstreamInteraction)
                 .values(
-                    id=interaction_id,
-                    tenant_id=principal.tenant_id,
-                    conversation_id=conversation_id,
-                    turn_id=claim.turn_id,
-                    stored=stored,
+                    [
+                        {
+                            "id": interaction_id,
+                            "tenant_id": principal.tenant_id,
+                            "conversation_id": conversation_id,
+                            "turn_id": claim.turn_id,
+                            "stored": stored,
+                        }
+                        for interaction_id in interaction_ids
+                    ]
                 )
                 .on_conflict_do_nothing(index_elements=["id"])
                 .returning(UpstreamInteraction.id)
             )
-            if stored and inserted is not None:
+            for interaction_id in inserted.all() if stored else []:
                 await append(
                     session,
                     AuditEntry(
@@ -482,12 +506,12 @@ class TurnEngine:
                 # `_settle` then releases the turn row and the key.)
                 if conversation is None:
                     raise ConversationNotFound(conversation_id)
-                raise TurnInProgress(conversation_id)
+                raise LeaseLost(conversation_id)
             await self._record(session, principal, conversation, claim, new_steps, outcome)
             entry.details |= {
                 "status": outcome.status,
                 "steps": len(outcome.model_steps),
-                "upstream_interaction_id": _interaction_id(outcome.reply.body),
+                "upstream_interaction_id": _last_interaction(outcome.reply),
             }
             return outcome.response
 
@@ -499,10 +523,9 @@ class TurnEngine:
     async def _delete_orphaned_copy(
         self, principal: Principal, meta: RequestMeta, conversation_id: str, reply: UpstreamReply, claim: _Claim
     ) -> None:
-        """The conversation was deleted while the model worked: its provider copy goes too."""
-        interaction_id = _interaction_id(reply.body)
-        if claim.decision.provider_storage and interaction_id is not None:
-            await delete_provider_copies(self._ctx, principal, meta, conversation_id, [interaction_id])
+        """The conversation was deleted while the model worked: its provider copies go too."""
+        if claim.decision.provider_storage and reply.interaction_ids:
+            await delete_provider_copies(self._ctx, principal, meta, conversation_id, reply.interaction_ids)
 
     async def _record(
         self,
@@ -529,6 +552,8 @@ class TurnEngine:
         conversation.updated_at = func.now()
         if claim.key_digest is not None:
             record = await session.get(IdempotencyRecord, (principal.tenant_id, claim.key_digest))
+            if record is not None and record.turn_id != claim.turn_id:
+                record = None  # the key now names another turn's record (a takeover): not ours to touch
             if record is not None and outcome.kept:
                 record.response = claim.cipher.seal_record(_RESPONSE, claim.turn_number, outcome.response)
                 record.response_key_version = claim.cipher.key_version
@@ -562,10 +587,13 @@ class TurnEngine:
             if conversation is not None and conversation.lease_token == claim.lease_token:
                 conversation.lease_token = conversation.lease_expires_at = None
             if claim.key_digest is not None:
+                # Only this turn's record: after a takeover the same key names the new turn's
+                # record, which must survive this (late) release or a replay would run it again.
                 await session.execute(
                     delete(IdempotencyRecord).where(
                         IdempotencyRecord.tenant_id == principal.tenant_id,
                         IdempotencyRecord.key == claim.key_digest,
+                        IdempotencyRecord.turn_id == claim.turn_id,
                         IdempotencyRecord.response.is_(None),
                     )
                 )
@@ -649,14 +677,8 @@ def _turn_entry(principal: Principal, meta: RequestMeta, conversation_id: str, c
     )
 
 
-_INTERACTION_ID = re.compile(r"[\x21-\x7e]{1,200}")
-
-
-def _interaction_id(body: dict[str, Any]) -> str | None:
-    """The provider's interaction id, when it is a plausible one: it goes into the ledger and
-    audit records, which must never hold arbitrary text from a response."""
-    value = body.get("id")
-    return value if isinstance(value, str) and _INTERACTION_ID.fullmatch(value) else None
+def _last_interaction(reply: UpstreamReply) -> str | None:
+    return reply.interaction_ids[-1] if reply.interaction_ids else None
 
 
 def _usage(raw: Any) -> dict[str, int]:

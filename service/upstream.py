@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google import genai
@@ -28,17 +29,22 @@ from .errors import ConfigurationError, UpstreamFailed
 __all__ = ["Upstream", "UpstreamReply"]
 
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
+# A turn continued over more interactions than this is refused rather than followed forever.
+_MAX_HOPS = 16
+_INTERACTION_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _MAX_RETRY_AFTER = 10.0
 _PROBE_ID = "custody-startup-probe"
 
 
 @dataclass(frozen=True)
 class UpstreamReply:
-    """The raw JSON of one interaction, and what it took to get it."""
+    """The raw JSON of one turn (its hops merged), and what it took to get it."""
 
     body: dict[str, Any]
     latency_ms: float
     attempts: int
+    # Every interaction the turn took, in order: each may be a copy the provider keeps.
+    interaction_ids: list[str] = field(default_factory=list)
 
 
 class Upstream:
@@ -75,17 +81,56 @@ class Upstream:
         self._attempts = max(1, attempts)
 
     async def create(self, *, settings: dict[str, Any], steps: list[Any], store: bool) -> UpstreamReply:
-        """One interaction with `steps` as its whole input; the reply's raw JSON.
+        """One turn with `steps` as its whole input; the reply's raw JSON.
 
         The history goes in `extra_body`, which the SDK sends untouched: passed as `input=` it
-        would be re-validated and re-serialized, dropping nulls on fields it knows (reference
-        §3), and invariant 3 asks for the same JSON values back.
+        would be re-validated and re-serialized, dropping nulls on fields it knows, and replay
+        must send the same JSON values back.
+
+        A turn the model answers over several interactions (`requires_continuation`) is continued
+        here, as the SDK's own (switched off) automatic continuation would: each hop re-sends the
+        route's settings and, with `store=false`, the whole input again, or with provider
+        storage the previous hop's id. The hops are merged into one reply, and every hop's id is
+        kept (each may be a copy the provider holds); a failure part-way names the ids so far.
         """
         started = time.perf_counter()
+        hops: list[dict[str, Any]] = []
+        attempts = 0
+        extra: dict[str, Any] = {"input": steps}
+        while True:
+            try:
+                body, used = await self._create_one(settings, store, extra)
+            except UpstreamFailed as exc:
+                exc.attempts += attempts
+                exc.interaction_ids = _hop_ids(hops)
+                raise
+            hops.append(body)
+            attempts += used
+            token = body.get("continuation_token")
+            if body.get("status") != "requires_continuation" or not isinstance(token, str) or not token:
+                break
+            if len(hops) >= _MAX_HOPS:
+                raise UpstreamFailed(
+                    "upstream_continuation_limit",
+                    f"the model asked to continue past {_MAX_HOPS} interactions",
+                    attempts=attempts,
+                    interaction_ids=_hop_ids(hops),
+                )
+            extra = {"continuation_token": token}
+            if store:
+                extra["previous_interaction_id"] = body.get("id")
+            else:
+                extra["input"] = steps
+        return UpstreamReply(_merge(hops), (time.perf_counter() - started) * 1000, attempts, _hop_ids(hops))
+
+    async def _create_one(
+        self, settings: dict[str, Any], store: bool, extra: dict[str, Any]
+    ) -> tuple[dict[str, Any], int]:
+        """One interaction, with Custody's retries; (raw JSON body, requests sent)."""
         for attempt in range(1, self._attempts + 1):
             try:
                 raw = await self._client.aio.interactions.with_raw_response.create(
-                    **settings, store=store, extra_body={"input": steps}
+                    **settings, store=store, extra_body=extra
                 )
                 body = json.loads(await raw.read())
             except sdk_errors.APITimeoutError:
@@ -118,7 +163,7 @@ class Upstream:
                 raise UpstreamFailed(
                     "upstream_bad_response", "the model service sent an unexpected body", attempts=attempt
                 )
-            return UpstreamReply(body, (time.perf_counter() - started) * 1000, attempt)
+            return body, attempt
         raise AssertionError("unreachable")  # the loop always returns or raises
 
     async def delete(self, interaction_id: str) -> bool:
@@ -151,6 +196,34 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
+
+
+def _hop_ids(hops: list[dict[str, Any]]) -> list[str]:
+    """The interaction ids of the hops, when they are plausible ids: they go into the ledger and
+    audit records, which must never hold arbitrary text from a response."""
+    return [hop["id"] for hop in hops if isinstance(hop.get("id"), str) and _INTERACTION_ID.fullmatch(hop["id"])]
+
+
+def _merge(hops: list[dict[str, Any]]) -> dict[str, Any]:
+    """One reply from a turn's hops, as the SDK merges them: steps in order (a continuation's
+    leading user_input, the turn's input again, dropped), usage summed, the rest from the last."""
+    if len(hops) == 1:
+        return hops[0]
+    merged = dict(hops[-1])
+    steps: list[Any] = list(hops[0].get("steps") or [])
+    usage: dict[str, int] = {}
+    for index, hop in enumerate(hops):
+        hop_steps = list(hop.get("steps") or [])
+        if index and hop_steps and isinstance(hop_steps[0], dict) and hop_steps[0].get("type") == "user_input":
+            hop_steps = hop_steps[1:]
+        if index:
+            steps.extend(hop_steps)
+        for name, value in (hop.get("usage") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                usage[name] = usage.get(name, 0) + value
+    merged["steps"] = steps
+    merged["usage"] = usage
+    return merged
 
 
 def _backoff(attempt: int, retry_after: str | None) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -94,6 +95,7 @@ from service.api import create_app  # noqa: E402
 from service.audit import Auditor  # noqa: E402
 from service.audit_chain import AuditSigner  # noqa: E402
 from service.auth import create_tenant, issue_key  # noqa: E402
+from service.auth_failures import AuthFailures  # noqa: E402
 from service.config import REPO_ROOT, UpstreamSettings  # noqa: E402
 from service.context import ServiceContext  # noqa: E402
 from service.database import make_sessions  # noqa: E402
@@ -173,7 +175,9 @@ async def ctx(
 async def api(ctx: ServiceContext, gemini: RunningSimulator) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for the app, in this event loop (the app's engine is bound to it)."""
     gemini.app.reset()
-    transport = httpx.ASGITransport(app=create_app(ctx, max_body_bytes=64_000))
+    # A limiter of the test's own: failed authentications of other tests must not count here.
+    own = dataclasses.replace(ctx, auth_failures=AuthFailures())
+    transport = httpx.ASGITransport(app=create_app(own, max_body_bytes=64_000))
     async with httpx.AsyncClient(transport=transport, base_url="http://custody.test") as client:
         yield client
 

@@ -307,13 +307,15 @@ def test_authenticated_agent_names_the_key_role_and_address() -> None:
 
 
 def test_unauthenticated_and_local_agents_are_told_apart() -> None:
-    """With no key, a network caller reads as unauthenticated and a CLI action as local."""
+    """With no key, a network caller reads as unauthenticated (even a summary of many sources) and a CLI action as local."""
     remote = to_fhir_audit_event(make_record("auth.failure", "denied"))["agent"][0]
     assert remote["who"] == {"display": "unauthenticated"}
     assert "role" not in remote and remote["network"]["address"] == "10.2.3.4"
     local = to_fhir_audit_event(make_record("keyring.rotate"))["agent"][0]
     assert local["who"] == {"display": "local process (no API key)"}
     assert "network" not in local
+    overflow = make_record("auth.failure", "denied", source={"address": None, "request_id": None})
+    assert to_fhir_audit_event(overflow)["agent"][0]["who"] == {"display": "unauthenticated"}
 
 
 def test_the_actor_tenant_is_a_customer_entity_once() -> None:

@@ -42,3 +42,14 @@ def test_simulator_runs_standalone() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_unreachable_database_is_one_line_without_the_password() -> None:
+    """`custody migrate` against a database nobody answers on exits 2 with one line, no traceback, no password."""
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/custody"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "cannot reach the database at DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.routes import HTTPRoute
 from litestar.types import Message, Scope
 
 from ..context import ServiceContext
@@ -14,6 +16,7 @@ from .health import healthz, readyz
 from .problems import exception_handlers
 from .request_guards import check_request, refuse_encoded_slashes
 from .security import REQUEST_ID_REPLACED, assign_request_id, request_id_replaced
+from .wire import StructSchemas
 
 __all__ = ["create_app", "openapi_document"]
 
@@ -31,17 +34,80 @@ async def _echo_request_id(message: Message, scope: Scope) -> None:
     message["headers"] = headers
 
 
+async def _allow_every_method(message: Message, scope: Scope) -> None:
+    """List every method of the path in an OPTIONS answer's `Allow`.
+
+    Litestar 2 builds a path's OPTIONS handler when the path's first handler is registered, and
+    its `Allow` then leaves out the methods registered after it (`/v1/conversations/{id}` said
+    `GET, OPTIONS`, without DELETE; litestar-org/litestar#4169, fixed only in Litestar 3).
+    """
+    if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS":
+        return
+    headers = list(message.get("headers", []))
+    if not any(name.lower() == b"allow" for name, _ in headers):
+        return
+    template = scope.get("path_template")
+    route = next((route for route in scope["app"].routes if route.path_format == template), None)
+    if isinstance(route, HTTPRoute):
+        allow = ", ".join(sorted(route.methods)).encode()
+        message["headers"] = [(name, value) for name, value in headers if name.lower() != b"allow"] + [
+            (b"allow", allow)
+        ]
+
+
 def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
     return Litestar(
-        before_send=[_echo_request_id],
+        before_send=[_echo_request_id, _allow_every_method],
         before_request=check_request,
         middleware=[refuse_encoded_slashes],
         route_handlers=[ConversationController, AuditController, healthz, readyz],
         state=State({"ctx": ctx}),
         exception_handlers=exception_handlers,
         request_max_body_size=max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Custody", version="0.1.0", path="/schema"),
+        openapi_config=_openapi_config(),
+        plugins=[StructSchemas()],
         debug=False,
+    )
+
+
+_API_DESCRIPTION = """\
+Custody keeps the history of Gemini conversations encrypted in its own database and replays it to
+the model on every turn (store=false), under a route policy that says which data classes each route
+may carry.
+
+Every `/v1` operation needs an API key: `Authorization: Bearer cust_…`. Backends (role `backend`)
+use `/v1/conversations`; auditors (role `auditor`) use `/v1/audit`.
+
+Every error is an RFC 9457 problem (`application/problem+json`, the `Problem` schema): branch on
+its `type`, and honour `Retry-After` on 429 and 503. A method a path does not support is answered
+405 with an `Allow` header. Every response carries the request's `X-Request-Id`.
+"""
+
+
+def _openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Custody",
+        version="0.1.0",
+        path="/schema",
+        description=_API_DESCRIPTION,
+        # An operation's description is its handler's docstring: one text for readers of the code
+        # and of the document.
+        use_handler_docstrings=True,
+        components=Components(
+            security_schemes={
+                "bearerAuth": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    bearer_format="cust_<key id>_<secret>",
+                    description="An API key issued with `custody keys issue`; its role decides what it may call.",
+                )
+            }
+        ),
+        tags=[
+            Tag(name="conversations", description="Conversations and their turns (role `backend`)."),
+            Tag(name="audit", description="The tenant's audit chain: query, export, verify (role `auditor`)."),
+            Tag(name="health", description="Probes for the orchestrator; no API key."),
+        ],
     )
 
 

@@ -19,13 +19,26 @@ from ..errors import InvalidInput
 from ..ids import audited_conversation_id
 from ..provider_copies import delete_provider_copies
 from ..turns import TurnEngine
-from .security import MAX_CURSOR, provide_meta, require_role
-from .wire import ConversationCreate, ConversationOut, HistoryOut, HistoryStep, TurnCreate, TurnOut
+from .security import provide_meta, require_role
+from .wire import (
+    AUTHENTICATED,
+    ApiOperation,
+    ConversationCreate,
+    ConversationOut,
+    HistoryOut,
+    HistoryStep,
+    TurnCreate,
+    TurnOut,
+    problem_responses,
+)
 
 __all__ = ["ConversationController"]
 
 logger = logging.getLogger("custody.api")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# A step's position is a Postgres `integer`: a cursor past it names no step, and the driver
+# refuses to send it (that was a 500), so it is refused as malformed like any cursor out of range.
+MAX_STEP_POSITION = 2**31 - 1
 
 
 def _ctx(request: Request[Any, Any, Any]) -> ServiceContext:
@@ -37,8 +50,24 @@ class ConversationController(Controller):
     path = "/v1/conversations"
     tags = ["conversations"]
     dependencies = {"principal": Provide(require_role("backend")), "meta": Provide(provide_meta)}
+    security = [{"bearerAuth": []}]
 
-    @post("/", operation_id="CreateConversation", status_code=201)
+    @post(
+        "/",
+        operation_id="CreateConversation",
+        status_code=201,
+        summary="Open a conversation",
+        operation_class=ApiOperation,
+        responses=problem_responses(
+            400,
+            413,
+            *AUTHENTICATED,
+            notes={
+                422: "The route or a data class is not in the policy, the route does not allow a declared class, "
+                "or no class is declared (`detail` lists the known names).",
+            },
+        ),
+    )
     async def create(
         self,
         request: Request[Any, Any, Any],
@@ -46,7 +75,11 @@ class ConversationController(Controller):
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
     ) -> ConversationOut:
-        """Open a conversation on a policy route, declaring the data classes it carries."""
+        """Open a conversation on a route of the policy, declaring the data classes it will carry.
+
+        The subject (the data subject's identifier, such as a patient id) and the metadata are
+        stored encrypted; the subject also gets a keyed digest, for retention and erasure requests.
+        """
         ctx = _ctx(request)
         entry = AuditEntry(
             "conversation.create", principal, meta, resource_type="conversation", policy_version=ctx.policy.version
@@ -66,7 +99,13 @@ class ConversationController(Controller):
             entry.details["route"] = view.route
         return msgspec.convert(view, ConversationOut, from_attributes=True)
 
-    @get("/{conversation_id:str}", operation_id="GetConversation")
+    @get(
+        "/{conversation_id:str}",
+        operation_id="GetConversation",
+        summary="Read a conversation's metadata",
+        operation_class=ApiOperation,
+        responses=problem_responses(404, *AUTHENTICATED),
+    )
     async def read(
         self,
         request: Request[Any, Any, Any],
@@ -74,7 +113,7 @@ class ConversationController(Controller):
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
     ) -> ConversationOut:
-        """A conversation's metadata (route, data classes, counts); never its content."""
+        """A conversation's metadata (route, data classes, subject, metadata, counts); never its content."""
         ctx = _ctx(request)
         entry = AuditEntry(
             "conversation.read",
@@ -88,7 +127,31 @@ class ConversationController(Controller):
             entry.data_classes, entry.policy_version = view.data_classes, view.policy_version
         return msgspec.convert(view, ConversationOut, from_attributes=True)
 
-    @post("/{conversation_id:str}/turns", operation_id="CreateTurn", status_code=200)
+    @post(
+        "/{conversation_id:str}/turns",
+        operation_id="CreateTurn",
+        status_code=200,
+        summary="Take a turn",
+        operation_class=ApiOperation,
+        responses=problem_responses(
+            400,
+            404,
+            413,
+            502,
+            504,
+            *AUTHENTICATED,
+            notes={
+                409: "Another turn holds the conversation, or the first request with this Idempotency-Key is still "
+                "running; retry when it ends.",
+                422: "The input is empty or in a shape a client may not send, a function result answers no pending "
+                "call, the Idempotency-Key is malformed or was used with a different request, the input "
+                "carries a data class the route does not allow, or the conversation's route has left the policy "
+                "(`pointer` says where).",
+                503: "The database cannot be reached right now; a model reply already received is stored as soon "
+                "as it is back: retry after `Retry-After` seconds with the same Idempotency-Key.",
+            },
+        ),
+    )
     async def turn(
         self,
         request: Request[Any, Any, Any],
@@ -96,9 +159,23 @@ class ConversationController(Controller):
         data: JSONBody[TurnCreate],
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
-        idempotency_key: Annotated[str | None, HeaderParameter(name="Idempotency-Key", required=False)] = None,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Idempotency-Key",
+                required=False,
+                description="Resending with the same key returns the first answer instead of taking a second turn.",
+                # Documentation only: the handler checks it, and answers 422 (not 400) when it is wrong.
+                schema_extra={"pattern": _IDEMPOTENCY_KEY.pattern},
+            ),
+        ] = None,
     ) -> TurnOut:
-        """Send the next input; the whole history is replayed to the model with store=false."""
+        """Send the next input; the whole history is replayed to the model with store=false.
+
+        A reply the model did not complete answers 200 with `status: failed` and stores nothing; a
+        model call that still fails after Custody's retries answers 502 (504 when it timed out).
+        Resend with the same Idempotency-Key to get the first answer again, not a second turn.
+        """
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", pointer="Idempotency-Key")
         result = await TurnEngine(_ctx(request)).run(
@@ -106,17 +183,26 @@ class ConversationController(Controller):
         )
         return msgspec.convert(result, TurnOut)
 
-    @get("/{conversation_id:str}/steps", operation_id="ListSteps")
+    @get(
+        "/{conversation_id:str}/steps",
+        operation_id="ListSteps",
+        summary="Read the history",
+        operation_class=ApiOperation,
+        responses=problem_responses(400, 404, *AUTHENTICATED),
+    )
     async def steps(
         self,
         request: Request[Any, Any, Any],
         conversation_id: FromPath[str],
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
-        cursor: Annotated[int, QueryParameter(ge=0, le=MAX_CURSOR)] = 0,
+        cursor: Annotated[int, QueryParameter(ge=0, le=MAX_STEP_POSITION)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
     ) -> HistoryOut:
-        """The decrypted history in order, `limit` steps from position `cursor`."""
+        """The decrypted history in order, `limit` steps from position `cursor`.
+
+        `next_cursor` is the `cursor` of the next page, or null after the last step.
+        """
         ctx = _ctx(request)
         entry = AuditEntry(
             "history.read",
@@ -136,7 +222,18 @@ class ConversationController(Controller):
             steps=[HistoryStep(position=p, turn_id=t, step=s) for p, t, s in page.steps],
         )
 
-    @delete("/{conversation_id:str}", operation_id="DeleteConversation", status_code=204)
+    @delete(
+        "/{conversation_id:str}",
+        operation_id="DeleteConversation",
+        status_code=204,
+        summary="Delete a conversation",
+        operation_class=ApiOperation,
+        responses=problem_responses(
+            404,
+            *AUTHENTICATED,
+            notes={409: "A turn is waiting for the model; retry when it ends."},
+        ),
+    )
     async def remove(
         self,
         request: Request[Any, Any, Any],
@@ -144,7 +241,11 @@ class ConversationController(Controller):
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
     ) -> None:
-        """Crypto-shred the conversation, delete its rows, then delete any provider copies."""
+        """Crypto-shred the conversation, delete its rows, then delete any provider copies.
+
+        The data key is destroyed first, so copies of the rows in backups cannot be read either.
+        A provider copy that cannot be deleted now is retried later, and audited either way.
+        """
         ctx = _ctx(request)
         entry = AuditEntry(
             "conversation.delete",

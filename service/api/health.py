@@ -10,17 +10,30 @@ from sqlalchemy import text
 from ..context import ServiceContext
 from ..keyring_sentinels import unreadable_versions
 from .problems import problem
+from .wire import ApiOperation, problem_responses
 
 __all__ = ["healthz", "readyz"]
 
 
-@get("/healthz", operation_id="Healthz", tags=["health"])
+@get("/healthz", operation_id="Healthz", tags=["health"], summary="Liveness", operation_class=ApiOperation)
 async def healthz() -> dict[str, str]:
-    """The process is up."""
+    """The process is up; it asks nothing of the database."""
     return {"status": "ok"}
 
 
-@get("/readyz", operation_id="Readyz", tags=["health"])
+@get(
+    "/readyz",
+    operation_id="Readyz",
+    tags=["health"],
+    summary="Readiness",
+    operation_class=ApiOperation,
+    responses=problem_responses(
+        notes={
+            503: "Not ready: the database does not answer, or the keyring cannot unwrap some of the data keys it "
+            "holds; retry after `Retry-After` seconds."
+        }
+    ),
+)
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """The database answers and the keyring unwraps what it holds; the service can take traffic."""
     ctx: ServiceContext = request.app.state.ctx

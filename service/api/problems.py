@@ -119,7 +119,12 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
     if exc.status_code == 404:
         return problem(404, "not-found", "Not found", "no such endpoint")
     if exc.status_code == 405:
-        return problem(405, "method-not-allowed", "Method not allowed", "this endpoint does not support the method")
+        response = problem(405, "method-not-allowed", "Method not allowed", "this endpoint does not support the method")
+        # RFC 9110 requires the methods the path does support; the router names them on the exception.
+        allow = next((value for name, value in (exc.headers or {}).items() if name.lower() == "allow"), None)
+        if allow:
+            response.headers["Allow"] = allow
+        return response
     return problem(exc.status_code, "http-error", "Request failed", "the request could not be processed")
 
 

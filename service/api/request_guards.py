@@ -2,15 +2,16 @@
 
 Hostile input must be refused with a clear 4xx and in bounded time, before it can reach a query
 or a recursive function: an encoded slash that would change the route after decoding, a JSON body
-nested deep enough to exhaust the interpreter's stack, and integer parameters spelled the way only
-a lenient parser accepts (`1e3`).
+nested deep enough to exhaust the interpreter's stack, and integer or date-time parameters spelled
+the way only a lenient parser accepts (`1e3` for 1000, `0.5` for a Unix time).
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import Any, get_args
 
 from litestar import Request
 from litestar.enums import ScopeType
@@ -29,6 +30,11 @@ __all__ = ["MAX_JSON_DEPTH", "check_request", "json_depth_exceeds", "refuse_enco
 MAX_JSON_DEPTH = 64
 # A plain decimal integer: `1e3`, `1.0`, `+1` and `0x10` are refused rather than guessed at.
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")
+# An RFC 3339 date-time (the zone may be missing here; the handler then says it needs one): a
+# bare number would otherwise be taken for a Unix time.
+_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?([Zz]|[+-][0-9]{2}:?[0-9]{2})?"
+)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -50,8 +56,9 @@ def refuse_encoded_slashes(app: ASGIApp) -> ASGIApp:
 
 
 async def check_request(request: Request[Any, Any, Any]) -> None:
-    """`before_request` hook: strict integer query parameters, then a bounded JSON body."""
-    _check_integer_parameters(request)
+    """`before_request` hook: strict integer and date-time query parameters, then a bounded JSON
+    body."""
+    _check_typed_parameters(request)
     if request.method in _BODY_METHODS and await request.body():
         try:
             # Decoded once here; Litestar keeps the value and parses the handler's body from it.
@@ -78,23 +85,27 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _check_integer_parameters(request: Request[Any, Any, Any]) -> None:
-    names = _integer_query_parameters(request.route_handler)
-    if not names:
-        return
+def _check_typed_parameters(request: Request[Any, Any, Any]) -> None:
+    integers, times = _typed_query_parameters(request.route_handler)
     for name, value in request.query_params.items():
-        if name in names and not _DECIMAL.fullmatch(value):
+        if name in integers and not _DECIMAL.fullmatch(value):
             raise MalformedRequest(f"query parameter `{name}` must be a plain decimal integer")
+        if name in times and not _DATE_TIME.fullmatch(value):
+            raise MalformedRequest(f"query parameter `{name}` must be an RFC 3339 date-time")
 
 
 @cache
-def _integer_query_parameters(handler: HTTPRouteHandler) -> frozenset[str]:
-    """The handler's integer query parameters, by their name in the query string."""
-    names = set()
+def _typed_query_parameters(handler: HTTPRouteHandler) -> tuple[frozenset[str], frozenset[str]]:
+    """The handler's integer and date-time query parameters, by their names in the query string."""
+    integers, times = set(), set()
     for name, field in handler.parsed_fn_signature.parameters.items():
         kwarg = field.kwarg_definition
-        if field.annotation is int and (kwarg is None or isinstance(kwarg, ParameterKwarg)):
-            if kwarg is not None and (kwarg.header or kwarg.cookie):
-                continue
-            names.add(kwarg.query if kwarg is not None and kwarg.query else name)
-    return frozenset(names)
+        if kwarg is not None and (not isinstance(kwarg, ParameterKwarg) or kwarg.header or kwarg.cookie):
+            continue
+        query_name = kwarg.query if kwarg is not None and kwarg.query else name
+        types = {field.annotation, *get_args(field.annotation)}
+        if int in types:
+            integers.add(query_name)
+        elif datetime in types:
+            times.add(query_name)
+    return frozenset(integers), frozenset(times)

@@ -1,30 +1,59 @@
-"""The request and response bodies of the REST API (msgspec structs)."""
+"""The request and response bodies of the REST API (msgspec structs), and how its errors are
+documented: the problem+json body, which statuses mean what, and the headers that come with them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.plugins import OpenAPISchemaPlugin
+from litestar.typing import FieldDefinition
+
+from .problems import PROBLEM_JSON
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
 
 __all__ = [
+    "AUTHENTICATED",
+    "ApiOperation",
     "AuditEventsOut",
     "AuditVerifyOut",
     "ConversationCreate",
     "ConversationOut",
     "HistoryOut",
     "HistoryStep",
+    "Problem",
     "StorageOut",
+    "StructSchemas",
     "TurnCreate",
     "TurnOut",
+    "problem_responses",
 ]
 
 
 class ConversationCreate(msgspec.Struct, forbid_unknown_fields=True):
     """Open a conversation on a route, declaring the data classes it will carry."""
 
-    route: str
-    data_classes: list[str]
+    # The names come from the deployment's policy, so the document gives examples (those of the
+    # example policy), not an enum: a client generated from it works with any policy.
+    route: Annotated[
+        str,
+        msgspec.Meta(description="A route of the deployment's policy.", examples=["patient-intake", "billing-support"]),
+    ]
+    data_classes: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="The data classes the conversation will carry (names from the policy); at least one.",
+            examples=[["phi"], ["pan", "pii"]],
+        ),
+    ]
     # An identifier of the data subject (e.g. a patient or card holder id); stored encrypted,
     # with a keyed digest for retention and erasure requests.
     subject: str | None = None
@@ -48,7 +77,16 @@ class TurnCreate(msgspec.Struct, forbid_unknown_fields=True):
     """A turn's input: a string, a list of content blocks, or `user_input` / `function_result`
     steps."""
 
-    input: str | list[dict[str, Any]] | dict[str, Any]
+    input: Annotated[
+        str | list[dict[str, Any]] | dict[str, Any],
+        msgspec.Meta(
+            description="Text, a list of content blocks, or `user_input` / `function_result` steps.",
+            examples=[
+                "I have had a headache for two days.",
+                [{"type": "text", "text": "Which slots are free next week?"}],
+            ],
+        ),
+    ]
 
 
 class StorageOut(msgspec.Struct):
@@ -101,3 +139,165 @@ class AuditVerifyOut(msgspec.Struct):
     first_bad_seq: int | None
     reason: str | None
     checkpoint_seq: int | None
+
+
+# --- errors, as the document describes them ------------------------------------------------------
+
+
+class Problem(msgspec.Struct):
+    """An RFC 9457 problem: the body of every error response (`application/problem+json`), as
+    `service.api.problems` writes it."""
+
+    type: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^urn:custody:problem:[a-z-]+$",
+            description="What went wrong, as a stable URN for programs to branch on.",
+            examples=["urn:custody:problem:conversation-not-found"],
+        ),
+    ]
+    title: Annotated[str, msgspec.Meta(description="A short summary of the problem type.")]
+    status: Annotated[int, msgspec.Meta(ge=400, le=599, description="The HTTP status code.")]
+    detail: Annotated[
+        str, msgspec.Meta(description="What to do about this occurrence; never a copy of the request's content.")
+    ]
+    pointer: Annotated[
+        str | msgspec.UnsetType,
+        msgspec.Meta(description="Where in the request: a JSON pointer into the body (`/input/0`) or a parameter."),
+    ] = msgspec.UNSET
+    fields: Annotated[
+        list[str] | msgspec.UnsetType,
+        msgspec.Meta(description="The body members or parameters that do not match this document (400 only)."),
+    ] = msgspec.UNSET
+    code: Annotated[
+        str | msgspec.UnsetType,
+        msgspec.Meta(description="Why the model call failed, as a short machine reason (502 and 504 only)."),
+    ] = msgspec.UNSET
+
+
+# What each status means, whichever operation answers it; an operation may say more (`notes`).
+_PROBLEMS: dict[int, str] = {
+    400: "Malformed request: the body is not JSON or nests deeper than 64 levels, an integer parameter is not a "
+    "plain decimal, or the body or a parameter does not match this document (`fields` names which).",
+    401: "No API key, or a malformed, unknown or revoked one.",
+    403: "The key's role may not call this operation.",
+    404: "No such conversation for this tenant (another tenant's conversation looks the same).",
+    409: "Another turn holds the conversation; retry when it ends.",
+    413: "The request body is larger than the configured limit.",
+    422: "The request is well formed but refused (`pointer` says where).",
+    429: "Too many failed authentications from this source or on this key id; retry after `Retry-After` seconds.",
+    500: "The service failed, or a stored record failed its integrity check; nothing of it is returned.",
+    502: "The model call failed after Custody's retries (`code` says why); the turn stored nothing.",
+    503: "The database cannot be reached right now; retry after `Retry-After` seconds.",
+    504: "The model call timed out after Custody's retries; the turn stored nothing.",
+}
+
+# Every /v1 operation can answer these: authentication and roles are checked against the
+# database (401, 403, 503), failed authentications are rate limited (429), and anything
+# unexpected is a 500.
+AUTHENTICATED = (401, 403, 429, 500, 503)
+
+
+def problem_responses(*statuses: int, notes: Mapping[int, str] | None = None) -> dict[int, ResponseSpec]:
+    """The `responses=` of a route: a problem+json body for each status, described by `_PROBLEMS`
+    or by the operation's own `notes`."""
+    notes = notes or {}
+    return {
+        status: ResponseSpec(
+            Problem, media_type=PROBLEM_JSON, description=notes.get(status, _PROBLEMS[status]), generate_examples=False
+        )
+        for status in sorted(set(statuses) | set(notes))
+    }
+
+
+def _header(description: str, schema: Schema, *, required: bool = True) -> OpenAPIHeader:
+    return OpenAPIHeader(description=description, schema=schema, required=required)
+
+
+def _response_headers(status: int) -> dict[str, OpenAPIHeader]:
+    """The headers every response with this status carries (see `problems.problem` and
+    `app._echo_request_id`)."""
+    headers = {
+        "X-Request-Id": _header(
+            "The request's id, as the audit trail records it: the caller's own X-Request-Id when it has a safe "
+            "shape, else one assigned (`req_…`).",
+            Schema(type=OpenAPIType.STRING),
+        ),
+        "X-Custody-Request-Id-Replaced": _header(
+            "Present when the caller's X-Request-Id was refused (it could carry personal data) and replaced.",
+            Schema(type=OpenAPIType.STRING, enum=["malformed"]),
+            required=False,
+        ),
+    }
+    if status == 401:
+        headers["WWW-Authenticate"] = _header(
+            "The scheme to authenticate with.", Schema(type=OpenAPIType.STRING, examples=['Bearer realm="custody"'])
+        )
+    if status in (429, 503):
+        headers["Retry-After"] = _header(
+            "Seconds to wait before retrying.", Schema(type=OpenAPIType.INTEGER, minimum=0)
+        )
+    return headers
+
+
+# A dataclass again, so that its `__init__` calls `__post_init__` (Operation has none to call).
+@dataclasses.dataclass
+class ApiOperation(Operation):
+    """An operation as Custody answers it; use as the `operation_class` of every route.
+
+    A `ResponseSpec` cannot carry headers, so the ones the service always sends are added here.
+    """
+
+    def __post_init__(self) -> None:
+        responses = self.responses or {}
+        for status, response in list(responses.items()):
+            if not isinstance(response, OpenAPIResponse):
+                continue
+            if int(status) >= 400 and PROBLEM_JSON not in (response.content or {}):
+                # Litestar's guess of a 400 for any operation with parameters, in its own error
+                # shape; an operation that can answer 400 says so with `problem_responses`.
+                del responses[status]
+                continue
+            response.headers = {**(response.headers or {}), **_response_headers(int(status))}
+
+
+class StructSchemas(OpenAPISchemaPlugin):
+    """The schemas of the wire structs, as Litestar makes them but truer in two ways it leaves out:
+
+    - a struct that refuses unknown members (`forbid_unknown_fields`: the request is answered 400)
+      says so, with `additionalProperties: false`;
+    - a member that may be absent (`X | UnsetType`, as in `Problem`) is plainly an X, not a
+      one-armed `oneOf` (which client generators turn into a wrapper type).
+    """
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        return not field_definition.is_union and field_definition.is_subclass_of(msgspec.Struct)
+
+    def to_openapi_schema(self, field_definition: FieldDefinition, schema_creator: SchemaCreator) -> Schema:
+        # The schema Litestar's own plugin for structs makes, then amended.
+        builtin = next(
+            plugin
+            for plugin in schema_creator.plugins
+            if plugin is not self and schema_creator.plugin_supports_field(plugin, field_definition)
+        )
+        schema = builtin.to_openapi_schema(field_definition, schema_creator)
+        if field_definition.type_.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
+        for name, member in (schema.properties or {}).items():
+            if isinstance(member, Schema) and member.one_of and len(member.one_of) == 1:
+                assert schema.properties is not None
+                schema.properties[name] = _one_arm(member)
+        return schema
+
+
+def _one_arm(member: Schema) -> Schema:
+    """`{"oneOf": [X], "description": …}` as X with the description."""
+    (arm,) = member.one_of or ()
+    if not isinstance(arm, Schema):
+        return member
+    merged = dataclasses.replace(arm)
+    for field in dataclasses.fields(member):
+        value = getattr(member, field.name)
+        if field.name != "one_of" and value is not None:
+            setattr(merged, field.name, value)
+    return merged

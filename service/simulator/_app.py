@@ -14,11 +14,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ._config import SimulatorConfig
+from ._continuation import Continuations, requested_hops, split_into_hops
 from ._errors import ApiError, failed_precondition, invalid
 from ._faults import FaultPlan, FaultSpec
-from ._model import SimulatedModel
+from ._model import ModelTurn, SimulatedModel
 from ._sse import DONE, encode_event, stream_events
-from ._steps import Ledger, normalize_input
+from ._steps import Ledger, normalize_input, user_text
 from ._store import Clock, InteractionStore, StoredInteraction
 
 __all__ = ["DroppedConnection", "RecordedRequest", "Simulator"]
@@ -88,6 +89,7 @@ class Simulator:
         self.clock = Clock()
         self.store = InteractionStore(self.clock)
         self.ledger = Ledger()
+        self.continuations = Continuations()
         self.model = SimulatedModel(emit_unknown=self.config.emit_unknown)
         self.faults = FaultPlan()
         self.closing = threading.Event()
@@ -126,6 +128,7 @@ class Simulator:
         if state:
             self.store.clear()
             self.ledger.clear()
+            self.continuations.clear()
 
     # --- ASGI ---------------------------------------------------------------------------------
 
@@ -217,6 +220,8 @@ class Simulator:
 
     def _create(self, body: dict[str, Any]) -> Any:
         _validate_create(body)
+        if "continuation_token" in body:
+            return self._continue(body)
         store = body.get("store", True)  # the real API stores unless told not to
         background = body.get("background", False)
         if background and not store:
@@ -235,6 +240,10 @@ class Simulator:
 
         interaction_id = "int_" + secrets.token_hex(12)
         turn = self.model.reply(interaction_id, history + input_steps, body)
+        last = input_steps[-1]
+        if last["type"] == "user_input" and not background and not body.get("stream"):
+            if extra_hops := requested_hops(user_text(last)):
+                return self._first_hop(interaction_id, body, history, input_steps, turn, extra_hops)
         self.ledger.record(turn.steps)
         now = self.clock.now()
         item = StoredInteraction(
@@ -261,6 +270,72 @@ class Simulator:
         if store:
             self.store.put(item)
         return item.events if body.get("stream") else self._render(item, include_input=False)
+
+    def _first_hop(
+        self,
+        interaction_id: str,
+        body: dict[str, Any],
+        history: list[dict[str, Any]],
+        input_steps: list[dict[str, Any]],
+        turn: ModelTurn,
+        extra_hops: int,
+    ) -> dict[str, Any]:
+        """The first interaction of a turn the model answers over several (see _continuation)."""
+        store = body.get("store", True)
+        hops = split_into_hops(turn.steps, input_steps[-1], extra_hops)
+        first = hops.pop(0)
+        token = self.continuations.open(
+            hops,
+            store=store,
+            original_input=body["input"],
+            hop_id=interaction_id,
+            final_status=turn.status,
+            usage=turn.usage,
+        )
+        item = self._hop_item(interaction_id, body, history, input_steps, first.steps, "requires_continuation")
+        if store:
+            self.store.put(item)
+        return self._render(item, include_input=False) | {"continuation_token": token}
+
+    def _continue(self, body: dict[str, Any]) -> dict[str, Any]:
+        hop, pending = self.continuations.take(body)
+        interaction_id = "int_" + secrets.token_hex(12)
+        history = self.store.get(pending.previous_id).transcript if pending.store else []
+        status = pending.final_status if hop.last else "requires_continuation"
+        item = self._hop_item(interaction_id, body, history, [], hop.steps, status)
+        if hop.last:
+            item.usage = pending.usage
+        if pending.store:
+            self.store.put(item)
+        rendered = self._render(item, include_input=False)
+        if not hop.last:
+            rendered["continuation_token"] = self.continuations.reopen(pending, interaction_id)
+        return rendered
+
+    def _hop_item(
+        self,
+        interaction_id: str,
+        body: dict[str, Any],
+        history: list[dict[str, Any]],
+        input_steps: list[dict[str, Any]],
+        steps: list[dict[str, Any]],
+        status: str,
+    ) -> StoredInteraction:
+        self.ledger.record(steps)
+        now = self.clock.now()
+        # A hop on its way to the answer costs little; the last one carries the turn's usage.
+        usage = {"total_input_tokens": 0, "total_output_tokens": 1, "total_tokens": 1}
+        return StoredInteraction(
+            id=interaction_id,
+            body=body,
+            history=history,
+            input_steps=input_steps,
+            steps=steps,
+            final_status=status,
+            usage=usage,
+            created=now,
+            expires=now + self.config.retention_seconds,
+        )
 
     def _get(self, interaction_id: str, query: dict[str, str]) -> Any:
         item = self.store.get(interaction_id)
@@ -358,9 +433,9 @@ def _validate_create(body: dict[str, Any]) -> None:
     target = body.get("model", body.get("agent"))
     if not isinstance(target, str) or not target:
         raise invalid("model/agent must be a non-empty string")
-    if "continuation_token" in body:
-        raise invalid("the simulator does not simulate continuation")
-    if "input" not in body:
+    if "continuation_token" in body and not isinstance(body["continuation_token"], str):
+        raise invalid("continuation_token must be a string")
+    if "input" not in body and "continuation_token" not in body:
         raise invalid("input is required")
     for flag in ("store", "background", "stream"):
         if flag in body and not isinstance(body[flag], bool):

@@ -8,6 +8,7 @@ Triggers (matched case-insensitively in the newest user text):
   client that replayed (or chained) its history can get right;
 - ``how many messages``: counts the user inputs in the history;
 - ``sim:fail``: the interaction ends ``failed`` with an error on its model_output;
+- ``sim:continue N`` (1 to 5): the answer comes over N + 1 interactions (see _continuation);
 - otherwise, with a ``response_format`` schema: JSON that validates against it;
 - otherwise an echo that names the turn number and a digest of the whole input.
 

@@ -10,14 +10,19 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from service.database import migrate
+from service.simulator import FaultSpec, RunningSimulator
 
+from ..conftest import TEST_PEPPER
 from .cluster import ThrowawayCluster, postgres_bin
+from .evidence import Evidence
+from .figures import Figures, recorded
+from .replicas import ReplicaSet
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -64,3 +69,80 @@ async def cluster_database(cluster: ThrowawayCluster) -> AsyncIterator[str]:
     url = cluster.url("custody")
     await asyncio.to_thread(migrate, url)
     yield url
+
+
+# --- added for the scenarios: evidence for the canary sweep, figures, replicas, model latency ----
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Every scenario's figures at the end of the run, whether or not its assertions held."""
+    if not recorded:
+        return
+    terminalreporter.section("reliability figures")
+    for line in recorded:
+        figures = ", ".join(f"{name}={value}" for name, value in line["figures"].items())
+        terminalreporter.write_line(f"{line['scenario']} [{line['size']}]: {figures}")
+
+
+@pytest.fixture(scope="session")
+def evidence(tmp_path_factory: pytest.TempPathFactory) -> Evidence:
+    """What every scenario leaves for the canary sweep (test_s5_canary_sweep.py) to search."""
+    return Evidence(tmp_path_factory.mktemp("reliability-evidence"))
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest, full: bool) -> Figures:
+    """Records this test's figures (printed, summarised, and appended to CUSTODY_RELIABILITY_REPORT)."""
+    return Figures(request.node.nodeid, "full" if full else "short")
+
+
+@pytest.fixture(scope="session")
+def pepper_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' pepper as a file (mode 0600), so that replicas accept the keys `make_tenant` issues."""
+    path = tmp_path_factory.mktemp("pepper") / "pepper"
+    path.write_bytes(TEST_PEPPER)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def replica_set(
+    gemini: RunningSimulator,
+    keyring_path: Path,
+    signing_key_path: Path,
+    pepper_path: Path,
+    evidence: Evidence,
+    tmp_path: Path,
+) -> Iterator[ReplicaSet]:
+    """Starts `custody serve` processes with the session's keyring, pepper and audit key, calling
+    the test simulator; their logs go to the evidence directory; all are stopped at teardown."""
+    replicas = ReplicaSet(
+        base_env={
+            "GEMINI_API_KEY": "test-key",
+            "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
+            "CUSTODY_KEYRING": str(keyring_path),
+            "CUSTODY_PEPPER_FILE": str(pepper_path),
+            "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
+        },
+        log_dir=evidence.logs,
+        data_root=tmp_path,
+    )
+    try:
+        yield replicas
+    finally:
+        replicas.stop_all()
+
+
+@pytest.fixture
+def model_latency(gemini: RunningSimulator) -> Iterator[Callable[[float], None]]:
+    """`model_latency(ms)` slows every later model call of the shared simulator; cleared at teardown."""
+
+    def slow(milliseconds: float) -> None:
+        gemini.app.faults.clear()
+        gemini.app.inject(FaultSpec(latency_ms=milliseconds, count=10**9))
+
+    gemini.app.reset()
+    try:
+        yield slow
+    finally:
+        gemini.app.reset()
