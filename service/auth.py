@@ -7,18 +7,15 @@ database) is stored, so a database dump yields no usable key.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .errors import AuthenticationFailed, InvalidInput
-from .ids import new_id
-from .models import ApiKey, Tenant
+from .errors import AuthenticationFailed
+from .keyed_digests import api_key_digest
+from .models import ApiKey
 
 __all__ = [
     "KEY_PREFIX",
@@ -26,9 +23,6 @@ __all__ = [
     "Principal",
     "Role",
     "authenticate",
-    "create_tenant",
-    "issue_key",
-    "revoke_key",
 ]
 
 KEY_PREFIX = "cust_"
@@ -45,51 +39,6 @@ class Principal:
     tenant_id: str
     key_id: str
     role: str
-
-
-def _hash_secret(pepper: bytes, secret: str) -> bytes:
-    return hmac.new(pepper, secret.encode(), hashlib.sha256).digest()
-
-
-async def create_tenant(session: AsyncSession, name: str) -> Tenant:
-    name = name.strip()
-    if not name:
-        raise InvalidInput("a tenant needs a name")
-    existing = await session.scalar(select(Tenant).where(Tenant.name == name))
-    if existing is not None:
-        raise InvalidInput(f"tenant {name!r} already exists")
-    tenant = Tenant(id=new_id("ten"), name=name)
-    session.add(tenant)
-    await session.flush()
-    return tenant
-
-
-async def issue_key(session: AsyncSession, pepper: bytes, tenant_name: str, role: str) -> tuple[ApiKey, str]:
-    """Create a key; returns its row and the full key, which is never shown again."""
-    if role not in ROLES:
-        raise InvalidInput(f"role must be one of {', '.join(ROLES)}")
-    tenant = await session.scalar(select(Tenant).where(Tenant.name == tenant_name))
-    if tenant is None:
-        raise InvalidInput(f"no tenant named {tenant_name!r}")
-    key_id = secrets.token_hex(8)
-    secret = secrets.token_urlsafe(32)
-    row = ApiKey(id=f"key_{key_id}", tenant_id=tenant.id, role=role, secret_hash=_hash_secret(pepper, secret))
-    session.add(row)
-    await session.flush()
-    return row, f"{KEY_PREFIX}{key_id}_{secret}"
-
-
-async def revoke_key(session: AsyncSession, key_id: str) -> str:
-    """Revoke a key at once; returns its tenant id."""
-    tenant_id = await session.scalar(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=func.now())
-        .returning(ApiKey.tenant_id)
-    )
-    if tenant_id is None:
-        raise InvalidInput(f"no active key {key_id!r}")
-    return str(tenant_id)
 
 
 def parse_bearer(header: str | None) -> tuple[str, str]:
@@ -111,7 +60,7 @@ async def authenticate(session: AsyncSession, pepper: bytes, header: str | None)
     key_id, secret = parse_bearer(header)
     row = await session.get(ApiKey, f"key_{key_id}")
     expected = row.secret_hash if row is not None else _DUMMY_HASH
-    matches = hmac.compare_digest(_hash_secret(pepper, secret), expected)
+    matches = hmac.compare_digest(api_key_digest(pepper, secret), expected)
     if row is None or not matches or row.revoked_at is not None:
         # One message for every cause: the caller learns nothing about which keys exist.
         raise AuthenticationFailed("invalid or revoked API key")

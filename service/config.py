@@ -116,18 +116,18 @@ class Settings:
             policy_path=Path(policy) if policy else EXAMPLE_POLICY,
             keyring_path=Path(keyring) if keyring else None,
             host=env.get("CUSTODY_HOST", "127.0.0.1"),
-            port=int(env.get("CUSTODY_PORT", "8000")),
+            port=_port(env, "CUSTODY_PORT", 8000),
             upstream=upstream,
-            max_body_bytes=int(env.get("CUSTODY_MAX_BODY_BYTES", "1000000")),
-            upstream_attempts=int(env.get("CUSTODY_UPSTREAM_ATTEMPTS", "3")),
-            upstream_timeout_seconds=float(env.get("CUSTODY_UPSTREAM_TIMEOUT_SECONDS", "120")),
+            max_body_bytes=_count(env, "CUSTODY_MAX_BODY_BYTES", 1_000_000),
+            upstream_attempts=_count(env, "CUSTODY_UPSTREAM_ATTEMPTS", 3),
+            upstream_timeout_seconds=_positive(env, "CUSTODY_UPSTREAM_TIMEOUT_SECONDS", 120.0),
             turn_lease_seconds=_number(env, "CUSTODY_TURN_LEASE_SECONDS", 10.0),
             turn_store_retry_seconds=_number(env, "CUSTODY_TURN_STORE_RETRY_SECONDS", 300.0),
             turn_store_wait_seconds=_number(env, "CUSTODY_TURN_STORE_WAIT_SECONDS", 10.0),
             use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),
             pepper_path=_path(env, "CUSTODY_PEPPER_FILE"),
             audit_signing_key_path=_path(env, "CUSTODY_AUDIT_SIGNING_KEY"),
-            audit_checkpoint_seconds=float(env.get("CUSTODY_AUDIT_CHECKPOINT_SECONDS", "300")),
+            audit_checkpoint_seconds=_number(env, "CUSTODY_AUDIT_CHECKPOINT_SECONDS", 300.0),
             auth_failure_limit=_count(env, "CUSTODY_AUTH_FAILURE_LIMIT", 20),
             auth_failure_key_limit=_count(env, "CUSTODY_AUTH_FAILURE_KEY_LIMIT", 50),
             auth_failure_window_seconds=_positive(env, "CUSTODY_AUTH_FAILURE_WINDOW_SECONDS", 60.0),
@@ -188,7 +188,13 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(raw) if raw else None
 
 
-# --- parsing of the failed-authentication and proxy settings ---------------------------------
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    from .errors import ConfigurationError
+
+    port = _count(env, name, default)
+    if port > 65535:
+        raise ConfigurationError(f"{name} must be a port number (1 to 65535)")
+    return port
 
 
 def _count(env: Mapping[str, str], name: str, default: int) -> int:

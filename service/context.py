@@ -10,7 +10,7 @@ from . import keyed_digests
 from .audit import Auditor
 from .auth_failures import AuthFailures
 from .background import BackgroundTasks
-from .keyring import Keyring
+from .crypto import Keyring
 from .policy import Policy
 from .upstream import Upstream
 

@@ -1,56 +1,95 @@
-"""Every error Custody raises on purpose.
+"""Every error Custody raises on purpose, in one tree.
 
-    CustodyError
-    ├── ConfigurationError           the service cannot start as configured
-    │   └── SchemaBehindError        the database needs `custody migrate`
-    ├── AuthenticationFailed         no key, an unknown key, or a revoked key       (401)
-    ├── TooManyAuthenticationFailures  a source or key id over its failure limit   (429)
-    ├── PermissionDenied             the key's role may not do this                 (403)
-    ├── ConversationNotFound         no such conversation for this tenant           (404)
-    ├── MalformedRequest             a body or parameter no valid request has       (400)
-    ├── InvalidInput                 malformed or disallowed input                  (422)
-    │   └── FunctionResultMismatch   a function_result that answers no pending call
-    ├── TurnInProgress               another turn holds the conversation            (409)
-    │   └── LeaseLost                a turn's lease ran out and another took over
-    ├── IdempotencyKeyReused         same Idempotency-Key, different request        (422)
-    ├── IdempotencyKeyInFlight       same Idempotency-Key, first request running    (409)
-    ├── UpstreamFailed               the model call failed after Custody's retries  (502/504)
-    └── DatabaseUnavailable          the database cannot be reached right now        (503)
+    CustodyError                           outcome in audit records: denied, unless marked error
+    ├── ConfigurationError                 the service cannot start as configured (error)
+    │   ├── SchemaBehindError              the database needs `custody migrate`
+    │   └── PolicyError                    the policy file is unreadable or invalid
+    ├── AuthenticationFailed               no key, an unknown key, or a revoked key        (401)
+    ├── TooManyAuthenticationFailures      a source or key id over its failure limit       (429)
+    ├── PermissionDenied                   the key's role may not do this                  (403)
+    ├── ConversationNotFound               no such conversation for this tenant            (404)
+    ├── MalformedRequest                   a body or parameter no valid request has        (400)
+    ├── InvalidInput                       malformed or disallowed input                   (422)
+    │   └── FunctionResultMismatch         a function_result that answers no pending call
+    ├── PolicyViolation                    the request does not fit the route policy       (422)
+    │   ├── UnknownRouteError
+    │   ├── UnknownDataClassError
+    │   └── DataClassNotAllowedError
+    ├── TurnInProgress                     another turn holds the conversation             (409)
+    │   └── LeaseLost                      a turn's lease ran out and another took over
+    ├── IdempotencyKeyReused               same Idempotency-Key, different request         (422)
+    ├── IdempotencyKeyInFlight             same Idempotency-Key, first request running     (409)
+    ├── UpstreamFailed                     the model call failed after Custody's retries (error, 502/504)
+    ├── DatabaseUnavailable                the database cannot be reached right now      (error, 503)
+    ├── KeyringError                       the keyring is unusable or a key operation failed (error)
+    │   └── KeyUnwrapError                 a wrapped data key failed its check            (error, 500)
+    └── DecryptionError                    a sealed record failed its check               (error, 500)
 
-Policy violations (unknown route or data class, a class the route does not allow) are raised
-by `service.policy` as `PolicyViolation` subclasses, and an over-long body is refused by
-Litestar itself (`request_max_body_size`). The HTTP layer maps all of these to problem+json in
-one place (`service.api.problems`). Messages never contain content.
+An over-long body is refused by Litestar itself (`request_max_body_size`). The HTTP layer maps
+all of these to problem+json in one place (`service.api.problems`), and the CLI to one line and
+an exit code (`service.cli`). Messages never contain content: they name fields, files, versions
+and codes, never what a client sent or what a key holds.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import ClassVar
 
 __all__ = [
     "AuthenticationFailed",
     "ConfigurationError",
     "ConversationNotFound",
-    "DatabaseUnavailable",
     "CustodyError",
+    "DataClassNotAllowedError",
+    "DatabaseUnavailable",
+    "DecryptionError",
     "FunctionResultMismatch",
     "IdempotencyKeyInFlight",
     "IdempotencyKeyReused",
     "InvalidInput",
+    "KeyUnwrapError",
+    "KeyringError",
     "LeaseLost",
     "MalformedRequest",
     "PermissionDenied",
+    "PolicyError",
+    "PolicyViolation",
     "SchemaBehindError",
     "TooManyAuthenticationFailures",
     "TurnInProgress",
+    "UnknownDataClassError",
+    "UnknownRouteError",
     "UpstreamFailed",
+    "snake_name",
 ]
 
 
+def snake_name(name: str) -> str:
+    """`KeyUnwrapError` -> `key_unwrap`: the reason code audit records give an error."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().removesuffix("_error")
+
+
 class CustodyError(Exception):
-    """Base of Custody's own errors."""
+    """Base of Custody's own errors.
+
+    `outcome` says how an audit record reports it: `denied` for a refusal (the caller asked for
+    something it may not have), `error` for a failure (something on our side broke).
+    """
+
+    outcome: ClassVar[str] = "denied"
+
+    @property
+    def reason_code(self) -> str:
+        """The short machine reason audit records and spans carry; never content."""
+        return snake_name(type(self).__name__)
 
 
 class ConfigurationError(CustodyError):
     """The service cannot start as configured; the message says what to fix."""
+
+    outcome = "error"
 
 
 class SchemaBehindError(ConfigurationError):
@@ -60,6 +99,16 @@ class SchemaBehindError(ConfigurationError):
             "run `custody migrate` (with the same DATABASE_URL) and start again"
         )
         self.current, self.head = current, head
+
+
+class PolicyError(ConfigurationError):
+    """The policy file is unreadable or invalid; `path` locates the bad field ("" for the file)."""
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        super().__init__(f"{source}: {path}: {problem}" if path else f"{source}: {problem}")
+        self.source = source
+        self.path = path
+        self.problem = problem
 
 
 class AuthenticationFailed(CustodyError):
@@ -111,6 +160,35 @@ class LeaseLost(TurnInProgress):
     conversation over; appending now would fork the history, so the reply is dropped."""
 
 
+class PolicyViolation(CustodyError):
+    """A request does not fit the route policy: the caller's mistake, not the file's."""
+
+
+class UnknownRouteError(PolicyViolation):
+    """The requested route is not declared in the policy."""
+
+    def __init__(self, route: str) -> None:
+        super().__init__(f"unknown route {route!r}")
+        self.route = route
+
+
+class UnknownDataClassError(PolicyViolation):
+    """The request names data classes that the catalogue does not declare."""
+
+    def __init__(self, classes: Iterable[str]) -> None:
+        self.classes = tuple(sorted(set(classes)))
+        super().__init__("undeclared data classes: " + ", ".join(self.classes))
+
+
+class DataClassNotAllowedError(PolicyViolation):
+    """The request carries data classes that the route does not allow."""
+
+    def __init__(self, route: str, classes: Iterable[str]) -> None:
+        self.route = route
+        self.classes = tuple(sorted(set(classes)))
+        super().__init__(f"route {route} does not allow data classes: " + ", ".join(self.classes))
+
+
 class IdempotencyKeyReused(CustodyError):
     pass
 
@@ -121,6 +199,8 @@ class IdempotencyKeyInFlight(CustodyError):
 
 class UpstreamFailed(CustodyError):
     """The model call failed. `code` is a short machine reason, never upstream content."""
+
+    outcome = "error"
 
     def __init__(
         self,
@@ -140,6 +220,10 @@ class UpstreamFailed(CustodyError):
         # provider may keep copies of them, so they go into the ledger all the same.
         self.interaction_ids = interaction_ids or []
 
+    @property
+    def reason_code(self) -> str:
+        return self.code
+
 
 class DatabaseUnavailable(CustodyError):
     """The database cannot be reached (down, restarting, failing over): retry after a moment.
@@ -148,6 +232,31 @@ class DatabaseUnavailable(CustodyError):
     from the driver's connection errors at the HTTP boundary.
     """
 
+    outcome = "error"
+
     def __init__(self, message: str = "the database cannot be reached right now", *, retry_after: int = 2) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class KeyringError(CustodyError):
+    """The keyring is missing, unreadable, unsafe or malformed, or a key operation failed.
+
+    Messages name files and versions, never key bytes.
+    """
+
+    outcome = "error"
+
+
+class KeyUnwrapError(KeyringError):
+    """A wrapped key failed its integrity check or names a KEK version the keyring lacks."""
+
+
+class DecryptionError(CustodyError):
+    """A sealed blob could not be opened: wrong key, wrong associated data, or corrupted bytes.
+
+    Messages describe only sizes and causes, never key or plaintext bytes, because these
+    errors can end up in logs and problem+json bodies.
+    """
+
+    outcome = "error"

@@ -19,6 +19,7 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from .config import SCHEMAS_DIR
+from .errors import DataClassNotAllowedError, PolicyError, PolicyViolation, UnknownDataClassError, UnknownRouteError
 
 __all__ = [
     "POLICY_SCHEMA_PATH",
@@ -49,45 +50,6 @@ _UPSTREAM_OPTIONAL = (
     "generation_config",
     "response_format",
 )
-
-
-class PolicyError(Exception):
-    """The policy file is unreadable or invalid; `path` locates the bad field ("" for the file)."""
-
-    def __init__(self, source: str, path: str, problem: str) -> None:
-        super().__init__(f"{source}: {path}: {problem}" if path else f"{source}: {problem}")
-        self.source = source
-        self.path = path
-        self.problem = problem
-
-
-class PolicyViolation(Exception):
-    """A request does not fit the route policy: the caller's mistake, not the file's."""
-
-
-class UnknownRouteError(PolicyViolation):
-    """The requested route is not declared in the policy."""
-
-    def __init__(self, route: str) -> None:
-        super().__init__(f"unknown route {route!r}")
-        self.route = route
-
-
-class UnknownDataClassError(PolicyViolation):
-    """The request names data classes that the catalogue does not declare."""
-
-    def __init__(self, classes: Iterable[str]) -> None:
-        self.classes = tuple(sorted(set(classes)))
-        super().__init__("undeclared data classes: " + ", ".join(self.classes))
-
-
-class DataClassNotAllowedError(PolicyViolation):
-    """The request carries data classes that the route does not allow."""
-
-    def __init__(self, route: str, classes: Iterable[str]) -> None:
-        self.route = route
-        self.classes = tuple(sorted(set(classes)))
-        super().__init__(f"route {route} does not allow data classes: " + ", ".join(self.classes))
 
 
 @dataclass(frozen=True)

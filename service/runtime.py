@@ -23,15 +23,15 @@ from .auth import ROLES
 from .auth_failures import AuthFailureLimits, AuthFailures
 from .config import Settings
 from .context import ServiceContext
+from .crypto import verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
-from .keyring_sentinels import verify_keyring
 from .models import Tenant
 from .policy import PolicyError, load_policy
 from .secret_files import load_keyring, load_pepper, load_signer
 from .telemetry import describe, tracer_provider_from_env
-from .tenants import audited_create_tenant, audited_issue_key
-from .turn_leases import reap_expired_leases
+from .tenants import create_tenant, issue_key
+from .turns import reap_expired_leases
 from .upstream import Upstream
 
 __all__ = ["Runtime", "build_runtime"]
@@ -52,15 +52,14 @@ class Runtime:
 
     def start_checkpoints(self, every_seconds: float) -> None:
         """Sign the audit chains' heads every `every_seconds` while the service runs."""
-        signer = self.ctx.auditor.signer
-        if every_seconds <= 0 or signer is None:
+        if every_seconds <= 0 or self.ctx.auditor.signer is None:
             return
 
         async def loop() -> None:
             while True:
                 await asyncio.sleep(every_seconds)
                 try:
-                    await checkpoint_all(self.ctx.sessions, signer)
+                    await checkpoint_all(self.ctx.auditor, self.ctx.sessions)
                 except Exception as exc:  # noqa: BLE001 - a failed round is retried next time
                     logger.error("audit checkpoint failed (%s); will retry", type(exc).__name__)
 
@@ -158,7 +157,9 @@ async def _connect(url: str) -> AsyncEngine:
     return engine
 
 
-async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtime:
+async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_upstream: bool = True) -> Runtime:
+    """The whole service from its settings; the CLI builds its runtime here too (without the demo
+    keys, and without asking Gemini whether the key works: a CLI command does not call the model)."""
     settings.check()
     announce: list[str] = []
     closers: list[Any] = []
@@ -197,7 +198,8 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True) -> Runtim
         upstream = Upstream(
             settings.upstream, attempts=settings.upstream_attempts, timeout_seconds=settings.upstream_timeout_seconds
         )
-        await upstream.verify()
+        if verify_upstream:
+            await upstream.verify()
     else:
         from .simulator import start_simulator
 
@@ -245,7 +247,9 @@ async def _issue_demo_keys(ctx: ServiceContext) -> dict[str, str]:
     keys: dict[str, str] = {}
     async with ctx.sessions.begin() as session:
         if await session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT)) is None:
-            await audited_create_tenant(session, DEMO_TENANT, via="zero-config")
+            await create_tenant(ctx.auditor, session, DEMO_TENANT, operator=None, via="zero-config")
         for role in ROLES:
-            _, keys[role] = await audited_issue_key(session, ctx.pepper, DEMO_TENANT, role, via="zero-config")
+            _, keys[role] = await issue_key(
+                ctx.auditor, session, ctx.pepper, DEMO_TENANT, role, operator=None, via="zero-config"
+            )
     return keys

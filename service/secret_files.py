@@ -19,11 +19,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audit_chain import AuditSigner
+from .audit import AuditSigner
 from .config import Settings
+from .crypto import FileKeyring, KeyringError, LocalKeyring
 from .errors import ConfigurationError
-from .key_rotation import FileKeyring
-from .keyring import KeyringError, LocalKeyring
 
 __all__ = ["SecretPaths", "init_secrets", "load_keyring", "load_pepper", "load_signer"]
 

@@ -8,12 +8,28 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.database import make_engine, migrate
+from service.api import create_app
+from service.audit import Auditor, AuditSigner
+from service.auth_failures import AuthFailures
+from service.config import REPO_ROOT, UpstreamSettings
+from service.context import ServiceContext
+from service.crypto import LocalKeyring
+from service.database import make_engine, make_sessions, migrate
+from service.policy import load_policy
+from service.simulator import RunningSimulator, SimulatorConfig, start_simulator
+from service.tenants import create_tenant, issue_key
+from service.upstream import Upstream
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -83,27 +99,6 @@ def unique() -> Iterator[str]:
 
 # --- the service, wired to the test database and an embedded simulator -------------------------
 
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import httpx  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-
-from service.api import create_app  # noqa: E402
-from service.audit import Auditor  # noqa: E402
-from service.audit_chain import AuditSigner  # noqa: E402
-from service.auth import create_tenant, issue_key  # noqa: E402
-from service.auth_failures import AuthFailures  # noqa: E402
-from service.config import REPO_ROOT, UpstreamSettings  # noqa: E402
-from service.context import ServiceContext  # noqa: E402
-from service.database import make_sessions  # noqa: E402
-from service.keyring import LocalKeyring  # noqa: E402
-from service.policy import load_policy  # noqa: E402
-from service.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
-from service.upstream import Upstream  # noqa: E402
-
 CANARY = "CANARY-d41d8cd98f00b204-NEVER-AT-REST"
 TEST_PEPPER = b"test-pepper-" + bytes(20)
 
@@ -132,6 +127,28 @@ def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
         api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None
     )
     return Upstream(settings, **options)
+
+
+@pytest.fixture(scope="session")
+def pepper_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' pepper as a file (mode 0600), so that processes accept the keys `make_tenant` issues."""
+    path = tmp_path_factory.mktemp("pepper") / "pepper"
+    path.write_bytes(TEST_PEPPER)
+    path.chmod(0o600)
+    return path
+
+
+def deployment_env(database_url: str, keyring: Path, signing_key: Path, pepper: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `custody` process run as a deployment: DATABASE_URL and the three
+    secrets it must name, and the simulator asked for explicitly (no Gemini key in tests)."""
+    return {
+        "DATABASE_URL": database_url,
+        "CUSTODY_KEYRING": str(keyring),
+        "CUSTODY_PEPPER_FILE": str(pepper),
+        "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key),
+        "CUSTODY_USE_SIMULATOR": "true",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -197,8 +214,11 @@ async def make_tenant(ctx: ServiceContext) -> Tenant:
     """A tenant with one key of each role, in the database `ctx` points at."""
     name = f"tenant-{secrets.token_hex(4)}"
     async with ctx.sessions.begin() as session:
-        await create_tenant(session, name)
-        keys = {role: (await issue_key(session, ctx.pepper, name, role))[1] for role in ("backend", "auditor", "ops")}
+        await create_tenant(ctx.auditor, session, name, operator="test-suite", via="test")
+        keys = {
+            role: (await issue_key(ctx.auditor, session, ctx.pepper, name, role, operator="test-suite", via="test"))[1]
+            for role in ("backend", "auditor", "ops")
+        }
     return Tenant(name, keys)
 
 

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from service.audit import AuditEntry, append, sign_checkpoint, verify_chain
-from service.audit_chain import AuditSigner, ChainVerdict, record_hash
+from service.audit import AuditEntry, Auditor, AuditSigner, ChainVerdict, record_hash, sign_checkpoint, verify_chain
 from service.auth import Principal
 from service.database import make_engine, make_sessions
 
@@ -22,6 +22,9 @@ from .conftest import migrated_database
 CHAIN = "ten_" + "a" * 30
 RECORDS = 30
 CHECKPOINT_AT = 20
+
+# The one writer, with a tracer of its own (not the global one).
+AUDITOR = Auditor(TracerProvider().get_tracer("test"))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[A
         sessions = make_sessions(engine)
         for index in range(RECORDS):
             async with sessions.begin() as session:
-                await append(
+                await AUDITOR.append(
                     session,
                     AuditEntry(
                         "conversation.read",
@@ -260,7 +263,7 @@ async def test_huge_numbers_and_nul_characters_cannot_break_the_chain(lab: tuple
     engine, signer = lab
     chain = "ten_" + "d" * 30
     async with make_sessions(engine).begin() as session:
-        await append(
+        await AUDITOR.append(
             session,
             AuditEntry(
                 "history.read", None, chain=chain, details={"big": 2**63, "float": 1e16, "nul": "a\x00b", "ok": 0.5}
@@ -292,7 +295,7 @@ async def test_concurrent_writers_keep_one_chain(lab: tuple[AsyncEngine, AuditSi
 
     async def write(index: int) -> None:
         async with sessions.begin() as session:
-            await append(session, AuditEntry("history.read", None, chain=other, details={"n": index}))
+            await AUDITOR.append(session, AuditEntry("history.read", None, chain=other, details={"n": index}))
 
     await asyncio.gather(*(write(i) for i in range(40)))
     async with sessions() as session:

@@ -14,8 +14,7 @@ import pytest
 import rfc8785
 from fhir.resources.R4B.auditevent import AuditEvent
 
-from service.audit import ACTIONS
-from service.audit_fhir import FHIR_NDJSON, to_fhir_audit_event, to_fhir_ndjson
+from service.audit import ACTIONS, FHIR_NDJSON, to_fhir_audit_event, to_fhir_ndjson
 
 HL7 = "http://terminology.hl7.org/CodeSystem/"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -45,7 +44,9 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
     "legal_hold.place": ((DCM, "110113"), (DCM, "110135"), "C", "1"),
     "legal_hold.release": ((DCM, "110113"), (DCM, "110135"), "U", None),
     "tenant.create": ((DCM, "110113"), (DCM, "110129"), "C", "1"),
+    "tenant.list": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
     "api_key.issue": ((DCM, "110113"), (DCM, "110137"), "C", "1"),
+    "api_key.list": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
     "api_key.revoke": ((DCM, "110113"), (DCM, "110137"), "U", None),
     "keyring.rotate": ((DCM, "110113"), (DCM, "110129"), "E", None),
     "audit.query": ((DCM, "110101"), None, "R", "6"),
@@ -71,7 +72,15 @@ RESOURCE_TYPES = {
     "audit": "audit_log",
 }
 # Actions run from the CLI or a local job: no key, no address, the system chain.
-LOCAL_ACTIONS = {"tenant.create", "api_key.issue", "api_key.revoke", "keyring.rotate", "retention.run"}
+LOCAL_ACTIONS = {
+    "tenant.create",
+    "tenant.list",
+    "api_key.issue",
+    "api_key.list",
+    "api_key.revoke",
+    "keyring.rotate",
+    "retention.run",
+}
 
 # Every string the converter may write that does not come from the record.
 FIXED_STRINGS = {
@@ -88,6 +97,7 @@ FIXED_STRINGS = {
     "create",
     "read",
     "delete",
+    "search-type",
     "110100",
     "110101",
     "110106",
@@ -122,6 +132,7 @@ FIXED_STRINGS = {
     "unauthenticated",
     "local process (no API key)",
     "urn:custody:api-key",
+    "urn:custody:operator",
     "urn:custody:tenant",
     "action",
     "chain",
@@ -307,7 +318,7 @@ def test_authenticated_agent_names_the_key_role_and_address() -> None:
 
 
 def test_unauthenticated_and_local_agents_are_told_apart() -> None:
-    """With no key, a network caller reads as unauthenticated (even a summary of many sources) and a CLI action as local."""
+    """With no key, a network caller reads as unauthenticated (even a summary of many sources), a CLI action names its operator, and one without reads as local."""
     remote = to_fhir_audit_event(make_record("auth.failure", "denied"))["agent"][0]
     assert remote["who"] == {"display": "unauthenticated"}
     assert "role" not in remote and remote["network"]["address"] == "10.2.3.4"
@@ -316,6 +327,9 @@ def test_unauthenticated_and_local_agents_are_told_apart() -> None:
     assert "network" not in local
     overflow = make_record("auth.failure", "denied", source={"address": None, "request_id": None})
     assert to_fhir_audit_event(overflow)["agent"][0]["who"] == {"display": "unauthenticated"}
+    operator = {"tenant_id": None, "key_id": None, "role": None, "operator": "alice.ops"}
+    named = to_fhir_audit_event(make_record("keyring.rotate", actor=operator))["agent"][0]
+    assert named["who"] == {"identifier": {"system": "urn:custody:operator", "value": "alice.ops"}}
 
 
 def test_the_actor_tenant_is_a_customer_entity_once() -> None:

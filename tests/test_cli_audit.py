@@ -13,40 +13,43 @@ from typing import Any
 import httpx
 import pytest
 
-from service.audit_export import header_token_in
+from service.audit import header_token_in
 from service.cli import main
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import Tenant
+from .conftest import TEST_PEPPER, Tenant, deployment_env
 
 
-def _custody(*args: str, database_url: str, key: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    # With DATABASE_URL set the CLI runs as a deployment, which must name its secrets; the audit
-    # commands need only the signing key, but every database command loads the pepper.
+def _custody(
+    *args: str, database_url: str, key: Path, keyring: Path, data_dir: Path
+) -> subprocess.CompletedProcess[str]:
+    # The CLI runs as a deployment (DATABASE_URL set), which names all its secrets.
     pepper = data_dir / "pepper"
     if not pepper.exists():
-        pepper.touch(mode=0o600)
-        pepper.write_bytes(os.urandom(32))
-    env = os.environ | {
-        "DATABASE_URL": database_url,
-        "CUSTODY_AUDIT_SIGNING_KEY": str(key),
-        "CUSTODY_PEPPER_FILE": str(pepper),
-        "CUSTODY_DATA_DIR": str(data_dir),
-    }
+        pepper.write_bytes(TEST_PEPPER)
+        pepper.chmod(0o600)
+    env = os.environ | deployment_env(database_url, keyring, key, pepper, CUSTODY_DATA_DIR=str(data_dir))
     return subprocess.run(
         [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=120
     )
 
 
 async def test_checkpoint_export_and_offline_verify(
-    api: httpx.AsyncClient, tenant: Tenant, database_url: str, signing_key_path: Path, tmp_path: Path, ctx: Any
+    api: httpx.AsyncClient,
+    tenant: Tenant,
+    database_url: str,
+    signing_key_path: Path,
+    keyring_path: Path,
+    tmp_path: Path,
+    ctx: Any,
 ) -> None:
     """Checkpoints are signed, every chain verifies, and an export verifies offline until a line is edited."""
     conversation = await open_conversation(api, tenant.headers())
     await take_turn(api, tenant.headers(), conversation, "hello")
     kept = tmp_path / "checkpoints.ndjson"
     signed = _custody(
-        "audit", "checkpoint", "--out", str(kept), database_url=database_url, key=signing_key_path, data_dir=tmp_path
+        "audit", "checkpoint", "--out", str(kept), database_url=database_url, key=signing_key_path,
+        keyring=keyring_path, data_dir=tmp_path
     )
     assert signed.returncode == 0, signed.stderr
     assert kept.read_text().strip(), "the checkpoints were not copied out"
@@ -57,6 +60,7 @@ async def test_checkpoint_export_and_offline_verify(
         str(kept),
         database_url=database_url,
         key=signing_key_path,
+        keyring=keyring_path,
         data_dir=tmp_path,
     )
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -64,7 +68,8 @@ async def test_checkpoint_export_and_offline_verify(
 
     chain = (await api.get("/v1/audit/verify", headers=tenant.headers("auditor"))).json()["chain"]
     exported = _custody(
-        "audit", "export", "--chain", chain, database_url=database_url, key=signing_key_path, data_dir=tmp_path
+        "audit", "export", "--chain", chain, database_url=database_url, key=signing_key_path,
+        keyring=keyring_path, data_dir=tmp_path
     )
     assert exported.returncode == 0, exported.stderr
     export = tmp_path / "export.ndjson"
@@ -83,6 +88,7 @@ async def test_checkpoint_export_and_offline_verify(
             str(public),
             database_url="postgresql://nobody@127.0.0.1:1/none",
             key=signing_key_path,
+        keyring=keyring_path,
             data_dir=tmp_path,
         )
 
@@ -100,7 +106,13 @@ async def test_checkpoint_export_and_offline_verify(
 
 
 async def test_fhir_export_verifies_offline_from_the_cli(
-    api: httpx.AsyncClient, tenant: Tenant, database_url: str, signing_key_path: Path, tmp_path: Path, ctx: Any
+    api: httpx.AsyncClient,
+    tenant: Tenant,
+    database_url: str,
+    signing_key_path: Path,
+    keyring_path: Path,
+    tmp_path: Path,
+    ctx: Any,
 ) -> None:
     """`audit verify --file` with the header given by `--header` or `--header-file` checks a FHIR export, and names an edited event or refuses a restated header."""
     conversation = await open_conversation(api, tenant.headers())
@@ -115,6 +127,7 @@ async def test_fhir_export_verifies_offline_from_the_cli(
         "fhir",
         database_url=database_url,
         key=signing_key_path,
+        keyring=keyring_path,
         data_dir=tmp_path,
     )
     assert exported.returncode == 0, exported.stderr
@@ -139,6 +152,7 @@ async def test_fhir_export_verifies_offline_from_the_cli(
             str(public),
             database_url="postgresql://nobody@127.0.0.1:1/none",
             key=signing_key_path,
+        keyring=keyring_path,
             data_dir=tmp_path,
         )
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.envelope import (
+from service.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
     TAG_SIZE,

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
-from service.envelope import DecryptionError
-from service.history import load_cipher, read_steps
+from service.conversations import load_cipher, read_steps
+from service.crypto import DecryptionError
 from service.models import Conversation
 
 from .api.helpers import open_conversation, take_turn

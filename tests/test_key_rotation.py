@@ -16,11 +16,11 @@ from sqlalchemy import text
 
 from service.api import create_app
 from service.context import ServiceContext
+from service.crypto import FileKeyring, rewrap_data_keys
 from service.database import make_engine, make_sessions
-from service.key_rotation import FileKeyring, rewrap_data_keys
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import make_tenant
+from .conftest import deployment_env, make_tenant
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ async def replica(
 
 
 async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
-    replica: ServiceContext, fresh_database: str
+    replica: ServiceContext, fresh_database: str, signing_key_path: Path, pepper_path: Path
 ) -> None:
     """After `custody keyring rotate`, every data key is under the new KEK, steps are untouched, and a replica that loaded the old keyring still reads and writes."""
     assert isinstance(replica.keyring, FileKeyring)
@@ -58,7 +58,7 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
                 .all()
             )
 
-        env = os.environ | {"DATABASE_URL": fresh_database, "CUSTODY_KEYRING": str(replica.keyring.path)}
+        env = os.environ | deployment_env(fresh_database, replica.keyring.path, signing_key_path, pepper_path)
         rotated = subprocess.run(
             [sys.executable, "-m", "service", "keyring", "rotate"], env=env, capture_output=True, text=True, timeout=120
         )
@@ -101,7 +101,7 @@ async def test_rewrap_is_resumable(replica: ServiceContext) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(replica)), base_url="http://r") as api:
         await open_conversation(api, tenant.headers())
     replica.keyring.rotate()
-    first = await rewrap_data_keys(replica.sessions, replica.keyring)
-    again = await rewrap_data_keys(replica.sessions, replica.keyring)
+    first = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring)
+    again = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring)
     assert (first.rewrapped, again.rewrapped) == (1, 0)
     assert first.version == again.version == 2

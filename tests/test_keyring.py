@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from service.keyring import (
+from service.crypto import (
     FORMAT,
     KeyringError,
     KeyUnwrapError,
     LocalKeyring,
     WrappedKey,
-    _write_private,
     aes_kw_unwrap,
     aes_kw_wrap,
 )
+from service.crypto._keyring import _write_private
 
 WYCHEPROOF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "wycheproof"
 

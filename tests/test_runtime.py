@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from service.audit_chain import AuditSigner
+from service.audit import AuditSigner
 from service.config import Settings
 from service.errors import ConfigurationError, SchemaBehindError
 from service.runtime import build_runtime

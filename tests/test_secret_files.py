@@ -16,9 +16,8 @@ from sqlalchemy import delete
 from service.api import create_app
 from service.config import Settings
 from service.context import ServiceContext
+from service.crypto import LocalKeyring, ensure_current_sentinel
 from service.errors import ConfigurationError
-from service.keyring import LocalKeyring
-from service.keyring_sentinels import ensure_current_sentinel
 from service.models import KeyringSentinel
 from service.runtime import build_runtime
 from service.secret_files import init_secrets, load_keyring, load_pepper, load_signer
@@ -166,18 +165,22 @@ async def test_readyz_fails_when_the_keyring_cannot_unwrap(ctx: ServiceContext, 
     assert response.headers["retry-after"]
 
 
-def test_cli_with_database_url_and_no_signing_key_stops_without_a_traceback(tmp_path: Path, database_url: str) -> None:
+def test_cli_with_database_url_and_no_signing_key_stops_without_a_traceback(
+    tmp_path: Path, database_url: str, keyring_path: Path, pepper_path: Path
+) -> None:
     """`custody audit checkpoint` in a deployment without CUSTODY_AUDIT_SIGNING_KEY exits 2 naming it, generating nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODY_")} | {
         "DATABASE_URL": database_url,
-        "CUSTODY_DATA_DIR": str(tmp_path),
+        "CUSTODY_KEYRING": str(keyring_path),
+        "CUSTODY_PEPPER_FILE": str(pepper_path),
+        "CUSTODY_DATA_DIR": str(tmp_path / "data"),
     }
     result = subprocess.run(
         [sys.executable, "-m", "service", "audit", "checkpoint"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2, result.stderr
     assert "CUSTODY_AUDIT_SIGNING_KEY" in result.stderr and "Traceback" not in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "data").exists()
 
 
 async def test_sentinels_are_left_for_the_current_version_only_once(ctx: ServiceContext) -> None:

@@ -20,8 +20,8 @@ import asyncpg
 import httpx
 import pytest
 
-from service.audit_chain import AuditSigner
-from service.keyring import LocalKeyring
+from service.audit import AuditSigner
+from service.crypto import LocalKeyring
 from service.simulator import RunningSimulator
 
 from .conftest import ADMIN_URL

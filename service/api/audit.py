@@ -19,9 +19,19 @@ from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIRespon
 from litestar.params import FromQuery, QueryParameter
 from litestar.response import Stream
 
-from ..audit import ACTIONS, AuditEntry, RequestMeta, query_events, utc_instant, verify_chain
-from ..audit_export import export_header, export_lines, export_range, header_token
-from ..audit_fhir import FHIR_NDJSON
+from ..audit import (
+    ACTIONS,
+    FHIR_NDJSON,
+    AuditEntry,
+    RequestMeta,
+    export_header,
+    export_lines,
+    export_range,
+    header_token,
+    query_events,
+    utc_instant,
+    verify_chain,
+)
 from ..auth import Principal
 from ..context import ServiceContext
 from ..errors import InvalidInput

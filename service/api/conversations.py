@@ -14,10 +14,9 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from ..audit import AuditEntry, RequestMeta
 from ..auth import Principal
 from ..context import ServiceContext
-from ..conversations import delete_conversation, get_conversation, list_steps, open_conversation
+from ..conversations import delete_conversation, delete_provider_copies, get_conversation, list_steps, open_conversation
 from ..errors import InvalidInput
 from ..ids import audited_conversation_id
-from ..provider_copies import delete_provider_copies
 from ..turns import TurnEngine
 from .security import provide_meta, require_role
 from .wire import (

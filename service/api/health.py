@@ -8,7 +8,7 @@ from litestar import Request, Response, get
 from sqlalchemy import text
 
 from ..context import ServiceContext
-from ..keyring_sentinels import unreadable_versions
+from ..crypto import unreadable_versions
 from .problems import problem
 from .wire import ApiOperation, problem_responses
 

@@ -14,9 +14,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
 from .. import errors
+from ..crypto import DecryptionError, KeyringError
 from ..database_errors import database_unreachable
-from ..envelope import DecryptionError
-from ..keyring import KeyringError
 from ..policy import DataClassNotAllowedError, PolicyViolation, UnknownDataClassError, UnknownRouteError
 from .security import operation_name
 

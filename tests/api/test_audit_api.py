@@ -14,10 +14,17 @@ from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from service.audit import AuditEntry, append, checkpoint_all, sign_checkpoint
-from service.audit_chain import record_hash
-from service.audit_export import export_header, export_lines, export_range, verify_export
-from service.audit_fhir import to_fhir_audit_event
+from service.audit import (
+    AuditEntry,
+    checkpoint_all,
+    export_header,
+    export_lines,
+    export_range,
+    record_hash,
+    sign_checkpoint,
+    to_fhir_audit_event,
+    verify_export,
+)
 
 from ..conftest import CANARY, Tenant
 from .helpers import assert_problem, open_conversation, take_turn
@@ -73,7 +80,7 @@ async def test_auditors_reads_are_audited(api: httpx.AsyncClient, tenant: Tenant
 async def test_export_verifies_offline_and_tampering_is_named(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
     """A native export carries range, head and signed checkpoint; it verifies offline, and an edited line is named."""
     await _activity(api, tenant)
-    await checkpoint_all(ctx.sessions, ctx.auditor.signer)
+    await checkpoint_all(ctx.auditor, ctx.sessions)
     await _activity(api, tenant)
     export = await api.get("/v1/audit/export", headers=tenant.headers("auditor"))
     assert export.status_code == 200 and export.headers["content-type"].startswith("application/x-ndjson")
@@ -108,7 +115,7 @@ async def test_forged_and_truncated_exports_fail_with_the_pinned_key(
     api: httpx.AsyncClient, tenant: Tenant, ctx: Any
 ) -> None:
     """An export re-hashed after an edit and deletions, or cut short, no longer matches its signed attestation."""
-    from service.audit_chain import record_hash
+    from service.audit import record_hash
 
     await _activity(api, tenant)
     await _activity(api, tenant)
@@ -161,7 +168,8 @@ async def test_verify_endpoint_reports_an_intact_chain(api: httpx.AsyncClient, t
     """GET /v1/audit/verify recomputes the tenant's chain."""
     await _activity(api, tenant)
     verdict = (await api.get("/v1/audit/verify", headers=tenant.headers("auditor"))).json()
-    assert verdict["ok"] is True and verdict["first_bad_seq"] is None and verdict["checked"] == 4
+    # The tenant's creation and its three keys, then four accesses.
+    assert verdict["ok"] is True and verdict["first_bad_seq"] is None and verdict["checked"] == 8
 
 
 async def test_auditors_see_only_their_tenant(api: httpx.AsyncClient, new_tenant: Any) -> None:
@@ -191,7 +199,7 @@ async def _signed_records(ctx: Any, chain: str, count: int, *, every: int = 1) -
     async with ctx.sessions.begin() as session:
         for n in range(1, count + 1):
             entry = AuditEntry("audit.query", None, resource_type="audit_log", resource_id=chain, chain=chain)
-            await append(session, entry)
+            await ctx.auditor.append(session, entry)
             if n % every == 0:
                 checkpoint = await sign_checkpoint(session, ctx.auditor.signer, chain)
                 assert checkpoint is not None
@@ -316,7 +324,7 @@ EVENT_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
 async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
     """A FHIR export verifies offline with its header; an edited event, a dropped or reordered line, or another export's or an edited header fails."""
     await _activity(api, tenant)
-    await checkpoint_all(ctx.sessions, ctx.auditor.signer)
+    await checkpoint_all(ctx.auditor, ctx.sessions)
     await _activity(api, tenant)
     auditor = tenant.headers("auditor")
     export = await api.get("/v1/audit/export", params={"format": "fhir"}, headers=auditor)
@@ -333,7 +341,7 @@ async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClie
     for resource in map(json.loads, lines):
         FhirAuditEvent.model_validate(resource)
 
-    target = 2
+    target = 6  # after the tenant's creation and its three keys: a record of the first activity
     seq = int(json.loads(lines[target])["id"].rsplit("-", 1)[1])
     for name, edit in EVENT_EDITS.items():
         event = json.loads(lines[target])

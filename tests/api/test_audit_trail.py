@@ -183,7 +183,7 @@ async def test_audit_rows_cannot_be_changed(
     from service.audit import checkpoint_all
 
     await open_conversation(api, tenant.headers())
-    await checkpoint_all(ctx.sessions, ctx.auditor.signer)
+    await checkpoint_all(ctx.auditor, ctx.sessions)
     async with engine.connect() as connection:
         with pytest.raises(Exception, match="append-only"):
             await connection.execute(text(statement))

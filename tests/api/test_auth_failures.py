@@ -16,11 +16,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import create_app
-from service.audit_fhir import to_fhir_audit_event
-from service.auth import parse_bearer, revoke_key
+from service.audit import to_fhir_audit_event
+from service.auth import parse_bearer
 from service.auth_failures import AuthFailureLimits, AuthFailures
 from service.config import REPO_ROOT
 from service.context import ServiceContext
+from service.tenants import revoke_key
 
 from ..conftest import Tenant
 from .helpers import assert_problem
@@ -209,7 +210,7 @@ async def test_a_revoked_keys_attempts_reach_its_tenant(
     """A revoked key still in use is recorded in its tenant's chain with the reason revoked_key."""
     svc = service()
     async with ctx.sessions.begin() as session:
-        await revoke_key(session, key_id_of(tenant))
+        await revoke_key(ctx.auditor, session, key_id_of(tenant), operator="test-suite", via="test")
     client = svc.client("198.51.100.30")
     for _ in range(3):
         assert (await client.get("/v1/conversations/conv_x", headers=tenant.headers())).status_code == 401

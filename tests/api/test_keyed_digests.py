@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.history import encode_json
+from service.conversations import encode_json
 from service.keyed_digests import canonical_json
 
 from ..conftest import Tenant

@@ -152,11 +152,12 @@ async def test_missing_or_bad_keys_are_401(api: httpx.AsyncClient, header: str |
 
 async def test_revoked_key_is_401(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
     """A revoked key stops working at once."""
-    from service.auth import parse_bearer, revoke_key
+    from service.auth import parse_bearer
+    from service.tenants import revoke_key
 
     key_id, _ = parse_bearer(tenant.headers()["Authorization"])
     async with ctx.sessions.begin() as session:
-        await revoke_key(session, f"key_{key_id}")
+        await revoke_key(ctx.auditor, session, f"key_{key_id}", operator="test-suite", via="test")
     assert_problem(
         await api.post(
             "/v1/conversations", json={"route": "public-faq", "data_classes": ["public"]}, headers=tenant.headers()

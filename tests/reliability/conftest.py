@@ -18,7 +18,6 @@ import pytest
 from service.database import migrate
 from service.simulator import FaultSpec, RunningSimulator
 
-from ..conftest import TEST_PEPPER
 from .cluster import ThrowawayCluster, postgres_bin
 from .evidence import Evidence
 from .figures import Figures, recorded
@@ -94,15 +93,6 @@ def evidence(tmp_path_factory: pytest.TempPathFactory) -> Evidence:
 def figures(request: pytest.FixtureRequest, full: bool) -> Figures:
     """Records this test's figures (printed, summarised, and appended to CUSTODY_RELIABILITY_REPORT)."""
     return Figures(request.node.nodeid, "full" if full else "short")
-
-
-@pytest.fixture(scope="session")
-def pepper_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tests' pepper as a file (mode 0600), so that replicas accept the keys `make_tenant` issues."""
-    path = tmp_path_factory.mktemp("pepper") / "pepper"
-    path.write_bytes(TEST_PEPPER)
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import func, update
 
-from .audit import AuditEntry, RequestMeta, append
-from .auth import Principal
-from .context import ServiceContext
-from .models import UpstreamInteraction
+from ..audit import AuditEntry, RequestMeta
+from ..auth import Principal
+from ..context import ServiceContext
+from ..models import UpstreamInteraction
 
 __all__ = ["delete_provider_copies"]
 
@@ -68,7 +68,7 @@ async def _delete_all(
             await session.execute(
                 update(UpstreamInteraction).where(UpstreamInteraction.id == interaction_id).values(**values)
             )
-            await append(
+            await ctx.auditor.append(
                 session,
                 entry,
                 outcome="success" if error is None else "error",

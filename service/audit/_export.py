@@ -33,10 +33,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .audit import iso_now, stream_records
-from .audit_chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint, attestation_valid, load_public_key
-from .audit_fhir import carried_record, to_fhir_audit_event
-from .models import AuditChainHead, AuditCheckpoint, AuditEvent
+from ..models import AuditChainHead, AuditCheckpoint, AuditEvent
+from ._chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint, attestation_valid, load_public_key
+from ._fhir import carried_record, to_fhir_audit_event
+from ._queries import stream_records
+from ._writer import iso_now
 
 __all__ = [
     "EXPORT_FORMAT",

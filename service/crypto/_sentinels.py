@@ -14,9 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from .errors import ConfigurationError
-from .keyring import Keyring, KeyringError, WrappedKey
-from .models import KeyringSentinel
+from ..errors import ConfigurationError
+from ..models import KeyringSentinel
+from ._keyring import Keyring, KeyringError, WrappedKey
 
 __all__ = ["ensure_current_sentinel", "unreadable_versions", "verify_keyring"]
 

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
+from ..errors import KeyringError, KeyUnwrapError
+
 __all__ = [
     "FORMAT",
+    "FileKeyring",
     "KEK_SIZE",
     "KeyUnwrapError",
     "Keyring",
@@ -40,17 +44,6 @@ _AES_KEY_SIZES: Final = frozenset({16, 24, 32})
 # KEK over many conversations could approach. KW still authenticates (a tampered or mis-keyed
 # blob fails unwrap); what it lacks is associated data, so the KEK version travels beside the
 # wrapped key in WrappedKey.
-
-
-class KeyringError(Exception):
-    """The keyring is missing, unreadable, unsafe or malformed, or a key operation failed.
-
-    Messages name files and versions, never key bytes.
-    """
-
-
-class KeyUnwrapError(KeyringError):
-    """A wrapped key failed its integrity check or names a KEK version the keyring lacks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +71,12 @@ class Keyring(Protocol):
 
     def versions(self) -> list[int]:
         """All KEK versions that can still unwrap, ascending."""
+
+    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
+        """The same data key wrapped under the current KEK (rotation), never exposed outside."""
+
+    def rotate(self) -> int:
+        """Add a new KEK version, make it current, persist it; return it."""
 
 
 def _check_kek(kek: bytes) -> None:
@@ -281,7 +280,46 @@ def _write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class FileKeyring:
+    """A `Keyring` backed by a LocalKeyring file, reloaded when it meets a newer KEK version."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._keyring = LocalKeyring.load(path)
+
+    def __repr__(self) -> str:
+        return f"FileKeyring({self.path}, {self._keyring!r})"
+
+    @property
+    def current_version(self) -> int:
+        return self._keyring.current_version
+
+    def versions(self) -> list[int]:
+        return self._keyring.versions()
+
+    def wrap(self, data_key: bytes) -> WrappedKey:
+        return self._keyring.wrap(data_key)
+
+    def unwrap(self, wrapped: WrappedKey) -> bytes:
+        if wrapped.kek_version not in self._keyring.versions():
+            # Another process rotated; read the file again (it only ever gains versions).
+            with self._lock:
+                if wrapped.kek_version not in self._keyring.versions():
+                    self._keyring = LocalKeyring.load(self.path)
+        return self._keyring.unwrap(wrapped)
+
+    def rotate(self) -> int:
+        """Add a new current KEK version to the file; returns it."""
+        with self._lock:
+            self._keyring = LocalKeyring.load(self.path)
+            return self._keyring.rotate(self.path)
+
+    def rewrap(self, wrapped: WrappedKey) -> WrappedKey:
+        return self.wrap(self.unwrap(wrapped))
+
+
 if TYPE_CHECKING:
-    # Static proof that LocalKeyring satisfies the Keyring protocol.
-    def _is_keyring(keyring: LocalKeyring) -> Keyring:
+    # Static proof that FileKeyring satisfies the Keyring protocol.
+    def _is_keyring(keyring: FileKeyring) -> Keyring:
         return keyring

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import FunctionResultMismatch, InvalidInput
+from ..errors import FunctionResultMismatch, InvalidInput
 
 __all__ = ["normalize_client_input", "pending_calls", "check_function_results"]
 

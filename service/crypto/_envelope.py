@@ -8,6 +8,8 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..errors import DecryptionError
+
 __all__ = [
     "KEY_SIZE",
     "NONCE_SIZE",
@@ -33,14 +35,6 @@ _AES_KEY_SIZES: Final = frozenset({16, 24, 32})
 # Versioned label so a future AAD layout can never collide with this one.
 _STEP_AAD_LABEL: Final = b"custody.step.v1"
 _UINT64_MAX: Final = 2**64 - 1
-
-
-class DecryptionError(Exception):
-    """A sealed blob could not be opened: wrong key, wrong associated data, or corrupted bytes.
-
-    Messages describe only sizes and causes, never key or plaintext bytes, because these
-    errors can end up in logs and problem+json bodies.
-    """
 
 
 def new_data_key() -> bytes:

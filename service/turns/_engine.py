@@ -42,15 +42,21 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .audit import AuditEntry, RequestMeta, append, outcome_of
-from .auth import Principal
-from .client_input import check_function_results, normalize_client_input
-from .context import ServiceContext
-from .conversations import owned_conversation
-from .database import database_now
-from .database_errors import database_unreachable
-from .detectors import detect_classes
-from .errors import (
+from ..audit import AuditEntry, RequestMeta, outcome_of
+from ..auth import Principal
+from ..context import ServiceContext
+from ..conversations import (
+    ConversationCipher,
+    append_steps,
+    delete_provider_copies,
+    load_cipher,
+    owned_conversation,
+    read_steps,
+)
+from ..database import database_now
+from ..database_errors import database_unreachable
+from ..detectors import detect_classes
+from ..errors import (
     ConversationNotFound,
     DatabaseUnavailable,
     IdempotencyKeyInFlight,
@@ -60,14 +66,13 @@ from .errors import (
     TurnInProgress,
     UpstreamFailed,
 )
-from .history import ConversationCipher, append_steps, load_cipher, read_steps
-from .ids import audited_conversation_id, is_conversation_id, new_id
-from .keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
-from .models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
-from .policy import StorageDecision, UnknownRouteError, check_data_classes, decide_storage
-from .provider_copies import delete_provider_copies
-from .turn_leases import close_abandoned, renew_lease
-from .upstream import UpstreamReply
+from ..ids import audited_conversation_id, is_conversation_id, new_id
+from ..keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
+from ..models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
+from ..policy import StorageDecision, UnknownRouteError, check_data_classes, decide_storage
+from ..upstream import UpstreamReply
+from ._input import check_function_results, normalize_client_input
+from ._leases import close_abandoned, renew_lease
 
 __all__ = ["TurnEngine", "output_text"]
 
@@ -309,7 +314,7 @@ class TurnEngine:
                 if conversation.lease_token and not leased:
                     # The lease ran out: its holder died (or lost the database for longer than the
                     # lease). Close its turn, with its outcome on record, before taking over.
-                    if closed := await close_abandoned(session, conversation, closed_by="takeover"):
+                    if closed := await close_abandoned(ctx.auditor, session, conversation, closed_by="takeover"):
                         entry.details["abandoned_turns_closed"] = closed
                 if key_digest is not None:
                     earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
@@ -466,7 +471,7 @@ class TurnEngine:
                 .returning(UpstreamInteraction.id)
             )
             for interaction_id in inserted.all() if stored else []:
-                await append(
+                await self._ctx.auditor.append(
                     session,
                     AuditEntry(
                         "upstream.store",
@@ -601,7 +606,7 @@ class TurnEngine:
                 return
             entry = _turn_entry(principal, meta, conversation_id, claim)
             entry.details["upstream_attempts"] = attempts
-            await append(session, entry, outcome="error", reason=code[:80])
+            await self._ctx.auditor.append(session, entry, outcome="error", reason=code[:80])
 
 
 def _outcome(conversation_id: str, claim: _Claim, new_steps: list[dict[str, Any]], reply: UpstreamReply) -> _Outcome:

@@ -39,10 +39,12 @@
 # tenant.create       110113 / 110129 Security     C   1   a tenant is a new isolation boundary;
 #                     Configuration                        110136 Security Roles Changed does
 #                                                          not fit: no role definition changes
+# tenant.list         rest / search-type           R   6   an operator lists tenants (metadata)
 # api_key.issue       110113 / 110137 User         C   1   a key is a principal's credential
 #                     security Attributes Changed          and carries its role
-# api_key.revoke      110113 / 110137              U   -   auth.revoke_key sets revoked_at; the
-#                                                          key row stays
+# api_key.revoke      110113 / 110137              U   -   revoking sets revoked_at; the key
+#                                                          row stays
+# api_key.list        rest / search-type           R   6   an operator lists keys (never secrets)
 # keyring.rotate      110113 / 110129              E   -   a KEK change is a security
 #                                                          configuration change
 # audit.query         110101 Audit Log Used        R   6   in-app audit reads (the reference)
@@ -134,7 +136,9 @@ _ACTIONS: Final[Mapping[str, _Coded]] = {
     "legal_hold.place": _alert("110135", "C", "1"),
     "legal_hold.release": _alert("110135", "U"),
     "tenant.create": _alert("110129", "C", "1"),
+    "tenant.list": _rest("search-type", "R", "6"),
     "api_key.issue": _alert("110137", "C", "1"),
+    "api_key.list": _rest("search-type", "R", "6"),
     "api_key.revoke": _alert("110137", "U"),
     "keyring.rotate": _alert("110129", "E"),
     "audit.query": _Coded(_AUDIT_LOG_USED, None, "R", "6"),
@@ -246,6 +250,9 @@ def _agent(actor: Mapping[str, Any], source: Mapping[str, Any], *, remote: bool)
     who: dict[str, Any]
     if key_id:
         who = {"identifier": {"system": "urn:custody:api-key", "value": key_id}}
+    elif actor.get("operator"):
+        # A person at the console (the CLI): named by the operator identity Custody recorded.
+        who = {"identifier": {"system": "urn:custody:operator", "value": actor["operator"]}}
     else:
         # A failed authentication always came over the network, even when its summary record
         # (an overflow of many sources) names no address.

@@ -9,9 +9,8 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .envelope import new_data_key, open_sealed, record_aad, seal, step_aad
-from .keyring import Keyring, WrappedKey
-from .models import Conversation, DataKey, Step
+from ..crypto import Keyring, WrappedKey, new_data_key, open_sealed, record_aad, seal, step_aad
+from ..models import Conversation, DataKey, Step
 
 __all__ = [
     "ConversationCipher",

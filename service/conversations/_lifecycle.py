@@ -13,14 +13,14 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .auth import Principal
-from .context import ServiceContext
-from .database import database_now
-from .errors import ConversationNotFound, InvalidInput, TurnInProgress
-from .history import create_cipher, load_cipher, read_steps, shred_data_key
-from .ids import is_conversation_id, new_id
-from .models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
-from .policy import check_data_classes
+from ..auth import Principal
+from ..context import ServiceContext
+from ..database import database_now
+from ..errors import ConversationNotFound, InvalidInput, TurnInProgress
+from ..ids import is_conversation_id, new_id
+from ..models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
+from ..policy import check_data_classes
+from ._history import create_cipher, load_cipher, read_steps, shred_data_key
 
 __all__ = [
     "ConversationView",
@@ -30,6 +30,7 @@ __all__ = [
     "get_conversation",
     "list_steps",
     "open_conversation",
+    "owned_conversation",
 ]
 
 _PROFILE = "profile"

@@ -19,11 +19,11 @@ from datetime import timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .audit import AuditEntry, append
-from .auth import Principal
-from .context import ServiceContext
-from .database_errors import database_unreachable
-from .models import Conversation, IdempotencyRecord, Turn
+from ..audit import AuditEntry, Auditor
+from ..auth import Principal
+from ..context import ServiceContext
+from ..database_errors import database_unreachable
+from ..models import Conversation, IdempotencyRecord, Turn
 
 __all__ = ["close_abandoned", "reap_expired_leases", "renew_lease"]
 
@@ -57,7 +57,9 @@ async def renew_lease(ctx: ServiceContext, conversation_id: str, lease_token: st
         interval = ctx.turn_lease_seconds / 3
 
 
-async def close_abandoned(session: AsyncSession, conversation: Conversation, *, closed_by: str) -> int:
+async def close_abandoned(
+    auditor: Auditor, session: AsyncSession, conversation: Conversation, *, closed_by: str
+) -> int:
     """Close the turns of `conversation` whose holder is gone, in the caller's transaction (which
     holds the conversation row locked); returns how many were closed."""
     abandoned = (
@@ -74,7 +76,7 @@ async def close_abandoned(session: AsyncSession, conversation: Conversation, *, 
             delete(IdempotencyRecord).where(IdempotencyRecord.turn_id == turn.id, IdempotencyRecord.response.is_(None))
         )
         actor = Principal(conversation.tenant_id, turn.key_id, "backend") if turn.key_id else None
-        await append(
+        await auditor.append(
             session,
             AuditEntry(
                 "turn.create",
@@ -121,6 +123,6 @@ async def reap_expired_leases(ctx: ServiceContext, *, grace_seconds: float | Non
                 )
             ).all()
             for conversation in conversations:
-                closed += await close_abandoned(session, conversation, closed_by="reaper")
+                closed += await close_abandoned(ctx.auditor, session, conversation, closed_by="reaper")
         if len(conversations) < _REAP_BATCH:
             return closed

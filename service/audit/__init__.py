@@ -1,0 +1,72 @@
+"""Audit trail: the one writer of audit records, their queries, hash chains, checkpoints and exports."""
+
+from ._chain import (
+    GENESIS,
+    AuditSigner,
+    ChainVerdict,
+    ChainWalk,
+    Checkpoint,
+    load_public_key,
+    public_key_id,
+    record_hash,
+    verify_chain_records,
+)
+from ._checkpoints import checkpoint_all, sign_at, sign_checkpoint
+from ._export import (
+    EXPORT_FORMAT,
+    ExportRange,
+    ExportUnreadable,
+    export_header,
+    export_lines,
+    export_range,
+    header_token,
+    header_token_in,
+    read_header_token,
+    verify_export,
+)
+from ._fhir import FHIR_NDJSON, RECORD_DETAIL, carried_record, to_fhir_audit_event, to_fhir_ndjson
+from ._queries import chains, query_events, read_checkpoints, stream_records, verify_chain
+from ._writer import ACTIONS, SYSTEM_CHAIN, AuditEntry, Auditor, RequestMeta, iso_now, outcome_of, utc_instant
+
+__all__ = [
+    "ACTIONS",
+    "AuditEntry",
+    "AuditSigner",
+    "Auditor",
+    "ChainVerdict",
+    "ChainWalk",
+    "Checkpoint",
+    "EXPORT_FORMAT",
+    "ExportRange",
+    "ExportUnreadable",
+    "FHIR_NDJSON",
+    "GENESIS",
+    "RECORD_DETAIL",
+    "RequestMeta",
+    "SYSTEM_CHAIN",
+    "carried_record",
+    "chains",
+    "checkpoint_all",
+    "export_header",
+    "export_lines",
+    "export_range",
+    "header_token",
+    "header_token_in",
+    "iso_now",
+    "load_public_key",
+    "outcome_of",
+    "public_key_id",
+    "query_events",
+    "read_checkpoints",
+    "read_header_token",
+    "record_hash",
+    "sign_at",
+    "sign_checkpoint",
+    "stream_records",
+    "to_fhir_audit_event",
+    "to_fhir_ndjson",
+    "utc_instant",
+    "verify_chain",
+    "verify_chain_records",
+    "verify_export",
+]

@@ -1,0 +1,320 @@
+"""The one writer of audit records: every record is hash-chained, in a transaction, under a span.
+
+`Auditor` is the only way to write a record, in one of three shapes:
+
+- `action(...)`, an audited unit of work: a span and a database transaction; the action runs
+  inside, and its success record is appended in that same transaction, so if the audit write
+  fails the action fails with it (fail closed). If the action fails, the transaction rolls back
+  and a record of the failure (denied or error, with a reason code) is written on its own;
+- `append(session, ...)`, a record inside a transaction the caller already holds (the ledger of
+  provider copies, tenant administration, key rotation batches), under a span of its own;
+- `record(...)`, a record with no other work attached (an authentication failure, a detector hit).
+
+Every record carries the trace and span ids of the span it was written under, so an auditor can
+follow a record to its trace. Records never hold content: ids, codes, counts.
+
+Each tenant has its own chain (and `system` has one for actions with no tenant), so that a
+tenant's auditors can export and verify their whole chain offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ..auth import Principal
+from ..errors import CustodyError, snake_name
+from ..models import AuditChainHead, AuditEvent
+from ..telemetry import safe_attributes
+from ._chain import GENESIS, AuditSigner, record_hash
+
+__all__ = [
+    "ACTIONS",
+    "SYSTEM_CHAIN",
+    "AuditEntry",
+    "Auditor",
+    "RequestMeta",
+    "iso_now",
+    "outcome_of",
+    "utc_instant",
+]
+
+SYSTEM_CHAIN = "system"
+logger = logging.getLogger("custody.audit")
+ACTIONS = frozenset(
+    {
+        "conversation.create",
+        "conversation.read",
+        "conversation.delete",
+        "turn.start",
+        "turn.create",
+        "history.read",
+        "auth.failure",
+        "access.denied",
+        "detector.hit",
+        "upstream.store",
+        "upstream.delete",
+        "retention.run",
+        "retention.purge",
+        "legal_hold.place",
+        "legal_hold.release",
+        "tenant.create",
+        "tenant.list",
+        "api_key.issue",
+        "api_key.list",
+        "api_key.revoke",
+        "keyring.rotate",
+        "audit.query",
+        "audit.export",
+        "audit.verify",
+        "audit.checkpoint",
+    }
+)
+
+
+def utc_instant(value: datetime) -> str:
+    """A time in the records' own fixed-width UTC form, so that comparing strings compares times."""
+    if value.tzinfo is None:
+        raise ValueError("a time needs a timezone (e.g. 2026-11-24T10:00:00Z)")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def iso_now() -> str:
+    """UTC, fixed width, so that records' times also sort as strings."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    """Where a request came from: client address and request id (None for the CLI)."""
+
+    address: str | None
+    request_id: str | None
+
+
+@dataclass
+class AuditEntry:
+    """What an action says about itself; filled in as the action learns it."""
+
+    action: str
+    actor: Principal | None
+    meta: RequestMeta | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    data_classes: list[str] = field(default_factory=list)
+    policy_version: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    chain: str | None = None  # defaults to the actor's tenant, or the system chain
+    # Who acted at the console, for actions with no API key (the CLI): the OS user, or the name
+    # given with `--as`, in the documented safe shape (see service.operators).
+    operator: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown audit action {self.action!r}")
+
+    def resolved_chain(self) -> str:
+        return self.chain or (self.actor.tenant_id if self.actor else SYSTEM_CHAIN)
+
+
+def outcome_of(exc: BaseException) -> tuple[str, str]:
+    """(outcome, reason code) for a failed action: Custody's own errors say whether they are a
+    refusal (`denied`) or a failure (`error`); anything else is an `error` named by its type."""
+    if isinstance(exc, CustodyError):
+        return exc.outcome, exc.reason_code
+    return "error", snake_name(type(exc).__name__)
+
+
+async def _append(
+    session: AsyncSession, entry: AuditEntry, span: Span, outcome: str, reason: str | None
+) -> dict[str, Any]:
+    """Append one record to its chain, inside the caller's transaction, naming `span`.
+
+    The chain head row is locked FOR UPDATE (READ COMMITTED), so concurrent writers from any
+    number of processes queue on it and seq stays gapless; the lock ends with the transaction.
+    """
+    chain = entry.resolved_chain()
+    head, recorded_at = await lock_head(session, chain)
+    context = span.get_span_context()
+    actor = entry.actor
+    who: dict[str, Any] = {
+        "tenant_id": actor.tenant_id if actor else None,
+        "key_id": actor.key_id if actor else None,
+        "role": actor.role if actor else None,
+    }
+    if entry.operator is not None:
+        who["operator"] = entry.operator
+    record: dict[str, Any] = {
+        "seq": head.seq + 1,
+        "chain": chain,
+        "recorded_at": recorded_at,
+        "action": entry.action,
+        "outcome": outcome,
+        "reason": reason,
+        "actor": who,
+        "resource": {"type": entry.resource_type, "id": entry.resource_id},
+        "source": {
+            "address": entry.meta.address if entry.meta else None,
+            "request_id": entry.meta.request_id if entry.meta else None,
+        },
+        "data_classes": sorted(entry.data_classes),
+        "policy_version": entry.policy_version,
+        "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
+        "span_id": format(context.span_id, "016x") if context.is_valid else None,
+        "details": dict(entry.details),
+        "prev_hash": head.head_hash,
+    }
+    record = _storable(record)
+    record["hash"] = record_hash(head.head_hash, record)
+    session.add(AuditEvent(chain=chain, seq=record["seq"], record=record))
+    head.seq, head.head_hash = record["seq"], record["hash"]
+    await session.flush()
+    span.set_attribute("custody.audit_seq", record["seq"])
+    return record
+
+
+async def lock_head(session: AsyncSession, chain: str) -> tuple[AuditChainHead, str]:
+    """The chain's head row, locked FOR UPDATE, read fresh (never a stale object from the
+    session's identity map), with the database's clock, so times within a chain never go back."""
+    await session.execute(
+        insert(AuditChainHead)
+        .values(chain=chain, seq=0, head_hash=GENESIS)
+        .on_conflict_do_nothing(index_elements=["chain"])
+    )
+    row = (
+        await session.execute(
+            select(AuditChainHead, func.clock_timestamp())
+            .where(AuditChainHead.chain == chain)
+            .with_for_update(of=AuditChainHead)
+            .execution_options(populate_existing=True)
+        )
+    ).one()
+    head, clock = row
+    return head, clock.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_SAFE_INT = 2**53 - 1
+
+
+def _storable(value: Any) -> Any:
+    """A value that survives JSONB and RFC 8785 unchanged, so an honest chain always verifies:
+    integers past 2**53 and non-finite or huge floats become strings, NUL characters (which
+    JSONB refuses) are dropped, and anything else that is not JSON becomes its string."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -_SAFE_INT <= value <= _SAFE_INT else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) and abs(value) < _SAFE_INT else repr(value)
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {str(k).replace("\x00", ""): _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(v) for v in value]
+    return str(value).replace("\x00", "")
+
+
+class Auditor:
+    """The one writer of audit records; holds the tracer (passed in, never the global one) and
+    the signer of checkpoints and export attestations."""
+
+    def __init__(self, tracer: Tracer, signer: AuditSigner | None = None) -> None:
+        self.tracer = tracer
+        self.signer = signer
+
+    @asynccontextmanager
+    async def action(
+        self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry
+    ) -> AsyncIterator[tuple[AsyncSession, AuditEntry]]:
+        """An audited unit of work: the caller's work and its success record in one transaction,
+        or a failure record on its own."""
+        with self._span(entry) as span:
+            try:
+                async with sessions.begin() as session:
+                    yield session, entry
+                    await _append(session, entry, span, "success", None)
+                self._annotate(span, entry, "success", None)
+            except BaseException as exc:
+                outcome, reason = outcome_of(exc)
+                self._annotate(span, entry, outcome, reason)
+                try:
+                    # Shielded: a second cancellation must not lose the record of the failure.
+                    await asyncio.shield(self._record_failure(sessions, entry, outcome, reason, span))
+                except Exception as audit_error:  # noqa: BLE001 - the action's own error is the one to raise
+                    # The audit log itself is failing: a critical control (PCI DSS 10.7.2), so
+                    # say so loudly; the action has failed already, so nothing went unrecorded.
+                    logger.error(
+                        "audit: the failure record of %s could not be written (%s)",
+                        entry.action,
+                        type(audit_error).__name__,
+                    )
+                raise
+
+    async def append(
+        self, session: AsyncSession, entry: AuditEntry, *, outcome: str = "success", reason: str | None = None
+    ) -> dict[str, Any]:
+        """A record inside the caller's transaction (it commits or rolls back with it)."""
+        with self._span(entry) as span:
+            self._annotate(span, entry, outcome, reason)
+            return await _append(session, entry, span, outcome, reason)
+
+    async def record(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        entry: AuditEntry,
+        *,
+        outcome: str = "success",
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        """A record with no other work attached (an authentication failure, a denial)."""
+        with self._span(entry) as span:
+            self._annotate(span, entry, outcome, reason)
+            async with sessions.begin() as session:
+                return await _append(session, entry, span, outcome, reason)
+
+    async def _record_failure(
+        self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry, outcome: str, reason: str, span: Span
+    ) -> None:
+        async with sessions.begin() as session:
+            await _append(session, entry, span, outcome, reason)
+
+    def _span(self, entry: AuditEntry) -> AbstractContextManager[Span]:
+        return self.tracer.start_as_current_span(
+            f"custody.{entry.action}", record_exception=False, set_status_on_exception=False
+        )
+
+    def _annotate(self, span: Span, entry: AuditEntry, outcome: str, reason: str | None) -> None:
+        actor = entry.actor
+        span.set_attributes(
+            safe_attributes(
+                {
+                    "action": entry.action,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "chain": entry.resolved_chain(),
+                    "tenant_id": actor.tenant_id if actor else None,
+                    "key_id": actor.key_id if actor else None,
+                    "role": actor.role if actor else None,
+                    "operator": entry.operator,
+                    "resource_type": entry.resource_type,
+                    "resource_id": entry.resource_id,
+                    "data_classes": sorted(entry.data_classes) or None,
+                    "policy_version": entry.policy_version,
+                    "request_id": entry.meta.request_id if entry.meta else None,
+                }
+            )
+        )
+        if outcome != "success":
+            span.set_status(Status(StatusCode.ERROR, reason))

@@ -1,0 +1,43 @@
+"""Conversations: their lifecycle (open, read, delete), their sealed history and the provider's copies."""
+
+from ._history import (
+    ConversationCipher,
+    append_steps,
+    create_cipher,
+    decode_json,
+    encode_json,
+    load_cipher,
+    read_steps,
+    shred_data_key,
+)
+from ._lifecycle import (
+    ConversationView,
+    Deleted,
+    HistoryPage,
+    delete_conversation,
+    get_conversation,
+    list_steps,
+    open_conversation,
+    owned_conversation,
+)
+from ._provider_copies import delete_provider_copies
+
+__all__ = [
+    "ConversationCipher",
+    "ConversationView",
+    "Deleted",
+    "HistoryPage",
+    "append_steps",
+    "create_cipher",
+    "decode_json",
+    "delete_conversation",
+    "delete_provider_copies",
+    "encode_json",
+    "get_conversation",
+    "list_steps",
+    "load_cipher",
+    "open_conversation",
+    "owned_conversation",
+    "read_steps",
+    "shred_data_key",
+]

@@ -1,0 +1,58 @@
+"""Encryption at rest: the envelope scheme, the keyrings that wrap data keys, rotation and sentinels."""
+
+from ._envelope import (
+    KEY_SIZE,
+    NONCE_SIZE,
+    TAG_SIZE,
+    DecryptionError,
+    aesgcm_decrypt,
+    aesgcm_encrypt,
+    new_data_key,
+    open_sealed,
+    record_aad,
+    seal,
+    step_aad,
+)
+from ._keyring import (
+    FORMAT,
+    KEK_SIZE,
+    FileKeyring,
+    Keyring,
+    KeyringError,
+    KeyUnwrapError,
+    LocalKeyring,
+    WrappedKey,
+    aes_kw_unwrap,
+    aes_kw_wrap,
+)
+from ._rotation import RotationResult, rewrap_data_keys
+from ._sentinels import ensure_current_sentinel, unreadable_versions, verify_keyring
+
+__all__ = [
+    "DecryptionError",
+    "FORMAT",
+    "FileKeyring",
+    "KEK_SIZE",
+    "KEY_SIZE",
+    "KeyUnwrapError",
+    "Keyring",
+    "KeyringError",
+    "LocalKeyring",
+    "NONCE_SIZE",
+    "RotationResult",
+    "TAG_SIZE",
+    "WrappedKey",
+    "aes_kw_unwrap",
+    "aes_kw_wrap",
+    "aesgcm_decrypt",
+    "aesgcm_encrypt",
+    "ensure_current_sentinel",
+    "new_data_key",
+    "open_sealed",
+    "record_aad",
+    "rewrap_data_keys",
+    "seal",
+    "step_aad",
+    "unreadable_versions",
+    "verify_keyring",
+]
