@@ -75,16 +75,7 @@ PROOFS = {
     ),
 }
 # Said under the figures while the scenario fails: what is wrong in the service, for its owner.
-DIAGNOSES = {
-    "3b": (
-        "`TurnEngine._release_failed` in `service/turns.py` deletes the Idempotency-Key record by tenant and key "
-        "(`response IS NULL`) without `turn_id == claim.turn_id`. When the replica whose lease was taken over comes "
-        "back, `_finish` refuses its turn (`lease_lost`) and `_settle` calls `_release_failed`, which deletes the "
-        "record the retried turn holds while it runs; that turn then finds no record to store its response in, and "
-        "a replay of the key runs the turn again and stores the input twice. Filtering the delete on the claim's "
-        "turn id fixes it (checked on a scratch copy: the scenario then passes)."
-    ),
-}
+DIAGNOSES: dict[str, str] = {}
 COLUMNS = [
     ("Turns", ("turns",)),
     ("Kills", ("kills",)),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import secrets
 
-__all__ = ["audited_conversation_id", "has_id_shape", "is_conversation_id", "new_id"]
+__all__ = ["ID_PATTERN", "audited_conversation_id", "has_id_shape", "is_conversation_id", "new_id"]
 
 # `<prefix>_<30 hex>`: 120 bits of entropy. API key ids are shorter (`key_<16 hex>`), which
-# the generic shape below admits too.
+# the generic shape admits too. ID_PATTERN is the same shape anchored, for JSON Schema documents
+# (whose `pattern` searches rather than matches).
 _ID = re.compile(r"[a-z]{2,8}_[0-9a-f]{16,40}")
+ID_PATTERN = f"^{_ID.pattern}$"
 _CONVERSATION_ID = re.compile(r"conv_[0-9a-f]{30}")
 
 

@@ -16,6 +16,7 @@ from .health import healthz, readyz
 from .problems import exception_handlers
 from .request_guards import check_request, refuse_encoded_slashes
 from .security import REQUEST_ID_REPLACED, assign_request_id, request_id_replaced
+from .tracing import server_spans
 from .wire import StructSchemas
 
 __all__ = ["create_app", "openapi_document"]
@@ -56,10 +57,12 @@ async def _allow_every_method(message: Message, scope: Scope) -> None:
 
 
 def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
+    # ctx is None only when the app is built to print its OpenAPI document.
+    tracing = [server_spans(ctx.auditor.tracer)] if ctx is not None else []
     return Litestar(
         before_send=[_echo_request_id, _allow_every_method],
         before_request=check_request,
-        middleware=[refuse_encoded_slashes],
+        middleware=[*tracing, refuse_encoded_slashes],
         route_handlers=[ConversationController, AuditController, healthz, readyz],
         state=State({"ctx": ctx}),
         exception_handlers=exception_handlers,

@@ -7,7 +7,6 @@ which are append-only and so cannot change in between).
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,12 +34,12 @@ from ..audit import (
 from ..auth import Principal
 from ..context import ServiceContext
 from ..errors import InvalidInput
+from ..ids import ID_PATTERN, has_id_shape
 from .security import MAX_CURSOR, provide_meta, require_role
 from .wire import AUTHENTICATED, ApiOperation, AuditEventsOut, AuditVerifyOut, problem_responses
 
 __all__ = ["AuditController"]
 
-_ID = re.compile(r"^[a-z]+_[0-9a-f]{16,40}$")
 _OUTCOMES = frozenset({"success", "denied", "error"})
 _NDJSON = "application/x-ndjson"
 
@@ -73,11 +72,11 @@ def _filters(action: str | None, actor: str | None, resource: str | None, outcom
             raise InvalidInput("outcome must be success, denied or error", pointer="outcome")
         filters["outcome"] = outcome
     if actor is not None:
-        if not _ID.match(actor):
+        if not has_id_shape(actor):
             raise InvalidInput("actor must be an API key id (key_…)", pointer="actor")
         filters["actor"] = {"key_id": actor}
     if resource is not None:
-        if not _ID.match(resource):
+        if not has_id_shape(resource):
             raise InvalidInput("resource must be a resource id such as conv_…", pointer="resource")
         filters["resource"] = {"id": resource}
     return filters
@@ -166,11 +165,11 @@ class AuditController(Controller):
         ] = None,
         actor: Annotated[
             str | None,
-            QueryParameter(description="The API key id (`key_…`) that acted.", schema_extra={"pattern": _ID.pattern}),
+            QueryParameter(description="The API key id (`key_…`) that acted.", schema_extra={"pattern": ID_PATTERN}),
         ] = None,
         resource: Annotated[
             str | None,
-            QueryParameter(description="A resource id, such as `conv_…`.", schema_extra={"pattern": _ID.pattern}),
+            QueryParameter(description="A resource id, such as `conv_…`.", schema_extra={"pattern": ID_PATTERN}),
         ] = None,
         outcome: Annotated[
             str | None, QueryParameter(description="The action's outcome.", schema_extra={"enum": sorted(_OUTCOMES)})

@@ -11,13 +11,12 @@ from litestar import Controller, Request, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
-from ..audit import AuditEntry, RequestMeta
+from ..audit import RequestMeta
 from ..auth import Principal
 from ..context import ServiceContext
-from ..conversations import delete_conversation, delete_provider_copies, get_conversation, list_steps, open_conversation
+from ..conversations import delete_conversation, open_conversation, read_conversation, read_history
 from ..errors import InvalidInput
-from ..ids import audited_conversation_id
-from ..turns import TurnEngine
+from ..turns import TurnEngine, TurnRequest
 from .security import provide_meta, require_role
 from .wire import (
     AUTHENTICATED,
@@ -79,23 +78,15 @@ class ConversationController(Controller):
         The subject (the data subject's identifier, such as a patient id) and the metadata are
         stored encrypted; the subject also gets a keyed digest, for retention and erasure requests.
         """
-        ctx = _ctx(request)
-        entry = AuditEntry(
-            "conversation.create", principal, meta, resource_type="conversation", policy_version=ctx.policy.version
+        view = await open_conversation(
+            _ctx(request),
+            principal,
+            meta,
+            route=data.route,
+            data_classes=data.data_classes,
+            subject=data.subject,
+            metadata=data.metadata,
         )
-        async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            view = await open_conversation(
-                session,
-                ctx,
-                principal,
-                route=data.route,
-                data_classes=data.data_classes,
-                subject=data.subject,
-                metadata=data.metadata,
-            )
-            # Only now are the route and classes known to be policy names rather than client text.
-            entry.resource_id, entry.data_classes = view.id, view.data_classes
-            entry.details["route"] = view.route
         return msgspec.convert(view, ConversationOut, from_attributes=True)
 
     @get(
@@ -113,17 +104,7 @@ class ConversationController(Controller):
         meta: NamedDependency[RequestMeta],
     ) -> ConversationOut:
         """A conversation's metadata (route, data classes, subject, metadata, counts); never its content."""
-        ctx = _ctx(request)
-        entry = AuditEntry(
-            "conversation.read",
-            principal,
-            meta,
-            resource_type="conversation",
-            resource_id=audited_conversation_id(conversation_id),
-        )
-        async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            view = await get_conversation(session, ctx, principal, conversation_id)
-            entry.data_classes, entry.policy_version = view.data_classes, view.policy_version
+        view = await read_conversation(_ctx(request), principal, meta, conversation_id)
         return msgspec.convert(view, ConversationOut, from_attributes=True)
 
     @post(
@@ -175,12 +156,12 @@ class ConversationController(Controller):
         model call that still fails after Custody's retries answers 502 (504 when it timed out).
         Resend with the same Idempotency-Key to get the first answer again, not a second turn.
         """
-        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", pointer="Idempotency-Key")
-        result = await TurnEngine(_ctx(request)).run(
+        turn = TurnRequest(
             principal, meta, conversation_id, data.input, idempotency_key, input_bytes=len(await request.body())
         )
-        return msgspec.convert(result, TurnOut)
+        return TurnOut.of(await TurnEngine(_ctx(request)).run(turn))
 
     @get(
         "/{conversation_id:str}/steps",
@@ -202,19 +183,7 @@ class ConversationController(Controller):
 
         `next_cursor` is the `cursor` of the next page, or null after the last step.
         """
-        ctx = _ctx(request)
-        entry = AuditEntry(
-            "history.read",
-            principal,
-            meta,
-            resource_type="conversation",
-            resource_id=audited_conversation_id(conversation_id),
-            details={"cursor": cursor, "limit": limit},
-        )
-        async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            page = await list_steps(session, ctx, principal, conversation_id, cursor=cursor, limit=limit)
-            entry.data_classes = page.data_classes
-            entry.details["steps"] = len(page.steps)
+        page = await read_history(_ctx(request), principal, meta, conversation_id, cursor=cursor, limit=limit)
         return HistoryOut(
             conversation_id=conversation_id,
             next_cursor=page.next_cursor,
@@ -245,16 +214,4 @@ class ConversationController(Controller):
         The data key is destroyed first, so copies of the rows in backups cannot be read either.
         A provider copy that cannot be deleted now is retried later, and audited either way.
         """
-        ctx = _ctx(request)
-        entry = AuditEntry(
-            "conversation.delete",
-            principal,
-            meta,
-            resource_type="conversation",
-            resource_id=audited_conversation_id(conversation_id),
-        )
-        async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            deleted = await delete_conversation(session, principal, conversation_id)
-            entry.data_classes = deleted.data_classes
-            entry.details["provider_copies"] = len(deleted.provider_copies)
-        await delete_provider_copies(ctx, principal, meta, conversation_id, deleted.provider_copies)
+        await delete_conversation(_ctx(request), principal, meta, conversation_id)

@@ -15,6 +15,7 @@ from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, OpenAPIType, O
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.typing import FieldDefinition
 
+from ..turns import TurnResult
 from .problems import PROBLEM_JSON
 
 if TYPE_CHECKING:
@@ -90,10 +91,9 @@ class TurnCreate(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class StorageOut(msgspec.Struct):
-    """Whether the provider was allowed to keep this turn (`store`), and why."""
+    """Whether the provider was allowed to keep this turn (`store`, as sent to the model), and why."""
 
     store: bool
-    provider_storage: bool
     reason: str
 
 
@@ -110,6 +110,21 @@ class TurnOut(msgspec.Struct):
     usage: dict[str, int]
     storage: StorageOut
     policy_version: str
+
+    @classmethod
+    def of(cls, result: TurnResult) -> TurnOut:
+        return cls(
+            conversation_id=result.conversation_id,
+            turn_id=result.turn_id,
+            turn_number=result.turn_number,
+            status=result.status,
+            error_code=result.error_code,
+            steps=result.steps,
+            output_text=result.output_text,
+            usage=result.usage,
+            storage=StorageOut(store=result.store, reason=result.storage_reason),
+            policy_version=result.policy_version,
+        )
 
 
 class HistoryStep(msgspec.Struct):

@@ -276,7 +276,7 @@ def _load_key(pem: bytes, whose: str) -> Ed25519PublicKey:
         raise ExportUnreadable(f"{whose} is not an Ed25519 public key in PEM") from None
 
 
-_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def verify_export(
@@ -354,7 +354,7 @@ def verify_export(
     if isinstance(item, str):
         return bad(first_seq, item)
     start_prev = item.get("prev_hash")
-    if not isinstance(start_prev, str) or not _HEX_DIGEST.match(start_prev):
+    if not isinstance(start_prev, str) or not _HEX_DIGEST.fullmatch(start_prev):
         return bad(first_seq, "the first record's prev_hash is not a SHA-256 hash")
     if first_seq == 1 and start_prev != GENESIS:
         return bad(1, "the first record of the chain does not start from the genesis hash")

@@ -15,10 +15,10 @@ from ._lifecycle import (
     Deleted,
     HistoryPage,
     delete_conversation,
-    get_conversation,
-    list_steps,
     open_conversation,
     owned_conversation,
+    read_conversation,
+    read_history,
 )
 from ._provider_copies import delete_provider_copies
 
@@ -33,11 +33,11 @@ __all__ = [
     "delete_conversation",
     "delete_provider_copies",
     "encode_json",
-    "get_conversation",
-    "list_steps",
     "load_cipher",
     "open_conversation",
     "owned_conversation",
+    "read_conversation",
+    "read_history",
     "read_steps",
     "shred_data_key",
 ]

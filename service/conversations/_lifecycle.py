@@ -1,7 +1,9 @@
-"""Opening, reading and deleting conversations, and reading their history.
+"""A conversation's lifecycle: opened, read, its history read, deleted.
 
-Each public function is one unit of work: the caller runs it inside one database transaction
-(`async with sessions.begin()`), so that the audit record can join that same transaction.
+Each public function is one audited unit of work (`Auditor.action`): the action and its audit
+record commit in one transaction, or a record of the refusal or failure is written instead. The
+HTTP layer calls them, and so can any other caller (a retention runner, say): deletion in
+particular happens in one place, data key first, then rows, then the provider's copies.
 """
 
 from __future__ import annotations
@@ -13,22 +15,24 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ..audit import AuditEntry, RequestMeta
 from ..auth import Principal
 from ..context import ServiceContext
 from ..database import database_now
 from ..errors import ConversationNotFound, InvalidInput, TurnInProgress
-from ..ids import is_conversation_id, new_id
+from ..ids import audited_conversation_id, is_conversation_id, new_id
 from ..models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
 from ..policy import check_data_classes
 from ._history import create_cipher, load_cipher, read_steps, shred_data_key
+from ._provider_copies import delete_provider_copies
 
 __all__ = [
     "ConversationView",
     "Deleted",
     "HistoryPage",
     "delete_conversation",
-    "get_conversation",
-    "list_steps",
+    "read_conversation",
+    "read_history",
     "open_conversation",
     "owned_conversation",
 ]
@@ -83,76 +87,125 @@ async def owned_conversation(
 
 
 async def open_conversation(
-    session: AsyncSession,
     ctx: ServiceContext,
     principal: Principal,
+    meta: RequestMeta,
     *,
     route: str,
     data_classes: list[str],
     subject: str | None,
     metadata: dict[str, Any] | None,
 ) -> ConversationView:
-    route_policy = ctx.policy.route(route)
-    classes = sorted(set(data_classes))
-    if not classes:
-        raise InvalidInput("declare at least one data class", pointer="/data_classes")
-    check_data_classes(route_policy, classes, ctx.policy.data_classes)
-    conversation_id = new_id("conv")
-    # The conversation row goes first: the data key row refers to it.
-    conversation = Conversation(
-        id=conversation_id,
-        tenant_id=principal.tenant_id,
-        route=route,
-        data_classes=classes,
-        subject_digest=ctx.subject_digest(principal.tenant_id, subject) if subject else None,
-        profile=b"",
-        profile_key_version=0,
-        policy_version=ctx.policy.version,
-        step_count=0,
-        turn_count=0,
+    entry = AuditEntry(
+        "conversation.create", principal, meta, resource_type="conversation", policy_version=ctx.policy.version
     )
-    session.add(conversation)
-    await session.flush()
-    cipher = await create_cipher(session, ctx.keyring, principal.tenant_id, conversation_id)
-    conversation.profile = cipher.seal_record(_PROFILE, 0, {"subject": subject, "metadata": metadata or {}})
-    conversation.profile_key_version = cipher.key_version
-    await session.flush()
-    await session.refresh(conversation)
-    return _view(conversation, subject, metadata or {})
+    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
+        route_policy = ctx.policy.route(route)
+        classes = sorted(set(data_classes))
+        if not classes:
+            raise InvalidInput("declare at least one data class", pointer="/data_classes")
+        check_data_classes(route_policy, classes, ctx.policy.data_classes)
+        conversation_id = new_id("conv")
+        # The conversation row goes first: the data key row refers to it.
+        conversation = Conversation(
+            id=conversation_id,
+            tenant_id=principal.tenant_id,
+            route=route,
+            data_classes=classes,
+            subject_digest=ctx.subject_digest(principal.tenant_id, subject) if subject else None,
+            profile=b"",
+            profile_key_version=0,
+            policy_version=ctx.policy.version,
+            step_count=0,
+            turn_count=0,
+        )
+        session.add(conversation)
+        await session.flush()
+        cipher = await create_cipher(session, ctx.keyring, principal.tenant_id, conversation_id)
+        conversation.profile = cipher.seal_record(_PROFILE, 0, {"subject": subject, "metadata": metadata or {}})
+        conversation.profile_key_version = cipher.key_version
+        await session.flush()
+        await session.refresh(conversation)
+        # Only now are the route and classes known to be policy names rather than client text.
+        entry.resource_id, entry.data_classes = conversation_id, classes
+        entry.details["route"] = route
+        return _view(conversation, subject, metadata or {})
+    raise AssertionError("unreachable")  # the audited block returns or raises
 
 
-async def get_conversation(
-    session: AsyncSession, ctx: ServiceContext, principal: Principal, conversation_id: str
+async def read_conversation(
+    ctx: ServiceContext, principal: Principal, meta: RequestMeta, conversation_id: str
 ) -> ConversationView:
-    conversation = await owned_conversation(session, principal, conversation_id)
-    cipher = await load_cipher(session, ctx.keyring, conversation)
-    profile = cipher.open_record(_PROFILE, 0, conversation.profile_key_version, conversation.profile)
-    return _view(conversation, profile["subject"], profile["metadata"])
+    entry = AuditEntry(
+        "conversation.read",
+        principal,
+        meta,
+        resource_type="conversation",
+        resource_id=audited_conversation_id(conversation_id),
+    )
+    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
+        conversation = await owned_conversation(session, principal, conversation_id)
+        cipher = await load_cipher(session, ctx.keyring, conversation)
+        profile = cipher.open_record(_PROFILE, 0, conversation.profile_key_version, conversation.profile)
+        entry.data_classes, entry.policy_version = list(conversation.data_classes), conversation.policy_version
+        return _view(conversation, profile["subject"], profile["metadata"])
+    raise AssertionError("unreachable")
 
 
-async def list_steps(
-    session: AsyncSession,
+async def read_history(
     ctx: ServiceContext,
     principal: Principal,
+    meta: RequestMeta,
     conversation_id: str,
     *,
     cursor: int,
     limit: int,
 ) -> HistoryPage:
-    conversation = await owned_conversation(session, principal, conversation_id)
-    cipher = await load_cipher(session, ctx.keyring, conversation)
-    steps = await read_steps(session, cipher, start=cursor, limit=limit)
-    following = steps[-1][0] + 1 if steps else None
-    more = following is not None and following < conversation.step_count
-    return HistoryPage(steps, following if more else None, list(conversation.data_classes))
+    entry = AuditEntry(
+        "history.read",
+        principal,
+        meta,
+        resource_type="conversation",
+        resource_id=audited_conversation_id(conversation_id),
+        details={"cursor": cursor, "limit": limit},
+    )
+    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
+        conversation = await owned_conversation(session, principal, conversation_id)
+        cipher = await load_cipher(session, ctx.keyring, conversation)
+        steps = await read_steps(session, cipher, start=cursor, limit=limit)
+        following = steps[-1][0] + 1 if steps else None
+        more = following is not None and following < conversation.step_count
+        entry.data_classes = list(conversation.data_classes)
+        entry.details["steps"] = len(steps)
+        return HistoryPage(steps, following if more else None, list(conversation.data_classes))
+    raise AssertionError("unreachable")
 
 
-async def delete_conversation(session: AsyncSession, principal: Principal, conversation_id: str) -> Deleted:
-    """Shred the data key, then delete the rows; returns the provider copies still to delete.
+async def delete_conversation(
+    ctx: ServiceContext, principal: Principal, meta: RequestMeta | None, conversation_id: str
+) -> Deleted:
+    """Shred the data key, delete the rows (one audited transaction), then delete every copy the
+    provider still holds (each attempt audited; a failure stays on the ledger to be retried).
 
     The order matters for backups and replicas: once the key row is gone, any copy of the step
     rows that survives elsewhere is ciphertext nobody can open.
     """
+    entry = AuditEntry(
+        "conversation.delete",
+        principal,
+        meta,
+        resource_type="conversation",
+        resource_id=audited_conversation_id(conversation_id),
+    )
+    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
+        deleted = await _erase(session, principal, conversation_id)
+        entry.data_classes = deleted.data_classes
+        entry.details["provider_copies"] = len(deleted.provider_copies)
+    await delete_provider_copies(ctx, principal, meta, conversation_id, deleted.provider_copies)
+    return deleted
+
+
+async def _erase(session: AsyncSession, principal: Principal, conversation_id: str) -> Deleted:
     conversation = await owned_conversation(session, principal, conversation_id, lock=True)
     now = await database_now(session)
     if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:

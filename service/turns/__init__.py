@@ -1,15 +1,17 @@
-"""Turns: what a client may send, the turn engine, and the lease a turn holds on its conversation."""
+"""Turns: what a client may send, the claim, the model call and the settling of its outcome, the lease."""
 
-from ._engine import TurnEngine, output_text
+from ._engine import TurnEngine
 from ._input import check_function_results, normalize_client_input, pending_calls
 from ._leases import close_abandoned, reap_expired_leases, renew_lease
+from ._types import TurnRequest, TurnResult
 
 __all__ = [
     "TurnEngine",
+    "TurnRequest",
+    "TurnResult",
     "check_function_results",
     "close_abandoned",
     "normalize_client_input",
-    "output_text",
     "pending_calls",
     "reap_expired_leases",
     "renew_lease",

@@ -11,7 +11,7 @@ __all__ = ["normalize_client_input", "pending_calls", "check_function_results"]
 
 # Error messages never quote what the client sent (it may be patient or card data); they point
 # at it with a JSON pointer instead. Only identifier-like field names are echoed.
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 CONTENT_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 _BLOCK_KEYS = {
@@ -98,7 +98,7 @@ def _check_blocks(blocks: list[Any], pointer: str) -> None:
 def _no_unknown_keys(item: dict[str, Any], allowed: set[str], pointer: str) -> None:
     unknown = sorted(set(item) - allowed)
     if unknown:
-        name = unknown[0] if _IDENTIFIER.match(unknown[0]) else None
+        name = unknown[0] if _IDENTIFIER.fullmatch(unknown[0]) else None
         raise InvalidInput(
             f"unknown field {name!r}" if name else "unknown field", pointer=f"{pointer}/{name}" if name else pointer
         )

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import REPO_ROOT
 
-from ..conftest import CANARY, Tenant
+from ..conftest import CANARY, OwnService, Tenant
 from .helpers import assert_problem, open_conversation, row_counts, take_turn
 
 SCHEMA = json.loads((REPO_ROOT / "schemas" / "audit-event.schema.json").read_text())
@@ -112,7 +112,7 @@ async def test_upstream_failure_is_an_error_record(
 async def test_spans_carry_audit_ids_and_never_content(
     api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine, spans: InMemorySpanExporter
 ) -> None:
-    """One span per audited action with custody.* attributes; its ids are in the record; the canary is in no span."""
+    """One span per audited action with custody.* attributes, under the request's server span; its ids are in the record; the canary is in no span."""
     spans.clear()
     chain = await tenant_id(api, tenant, engine)
     conversation = await open_conversation(
@@ -122,10 +122,14 @@ async def test_spans_carry_audit_ids_and_never_content(
     )
     await take_turn(api, tenant.headers(), conversation, f"card {CANARY}")
     await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
-    finished = spans.get_finished_spans()
+    every = spans.get_finished_spans()
+    servers = [s for s in every if s.kind.name == "SERVER"]
+    assert len(servers) == 3 and all(CANARY not in json.dumps(dict(s.attributes or {})) for s in servers)
+    finished = [s for s in every if s.kind.name != "SERVER"]
     names = [s.name for s in finished]
     assert names == ["custody.conversation.create", "custody.turn.start", "custody.turn.create", "custody.history.read"]
     for span in finished:
+        assert span.parent is not None and span.parent.span_id in {s.context.span_id for s in servers}
         assert span.attributes and span.attributes["custody.outcome"] == "success"
         assert all(key.startswith("custody.") for key in span.attributes)
         assert CANARY not in json.dumps(dict(span.attributes), default=str)
@@ -138,8 +142,10 @@ async def test_spans_carry_audit_ids_and_never_content(
         assert record["seq"] == span.attributes["custody.audit_seq"]
 
 
-async def test_audit_failure_fails_the_action(api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine) -> None:
+async def test_audit_failure_fails_the_action(own_service: OwnService) -> None:
     """When the audit insert fails, the action fails and writes nothing else (fail closed)."""
+    # A database of its own: the failing constraint below must not reach other tests' writes.
+    api, tenant, engine = own_service.api, own_service.tenant, own_service.engine
     conversation = await open_conversation(api, tenant.headers())
     await take_turn(api, tenant.headers(), conversation, "before")
     before = await row_counts(engine)
