@@ -10,11 +10,16 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# Reinstall only when pyproject.toml changed since the last install.
+# Reinstall only when pyproject.toml or the lock changed since the last install. The runtime and
+# test dependencies come from requirements.lock, pinned and hash-checked (ops/lock.sh makes it);
+# Custody itself is installed without resolving anything, and `pip check` then fails when the
+# lock no longer satisfies pyproject.toml (a dependency added without re-locking).
 stamp=.venv/.custody-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test]'
+  .venv/bin/python -m pip install --quiet --require-hashes -r requirements.lock
+  .venv/bin/python -m pip install --quiet --no-deps -e .
+  .venv/bin/python -m pip check
   touch "$stamp"
 fi
 

@@ -92,7 +92,8 @@ def _outcomes(junit: Path) -> dict[str, tuple[str, str]]:
     outcomes: dict[str, tuple[str, str]] = {}
     if not junit.exists():
         return outcomes
-    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+    # The JUnit XML of the pytest run this script just made, not outside input.
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):  # noqa: S314
         path = case.get("classname", "").replace(".", "/") + ".py"
         node = f"{path}::{case.get('name')}"
         failure = case.find("failure")
@@ -109,7 +110,7 @@ def _outcomes(junit: Path) -> dict[str, tuple[str, str]]:
 
 def _cell(value: Any) -> str:
     if value is None:
-        return "–"
+        return "\N{EN DASH}"
     if isinstance(value, (dict, list)):
         value = json.dumps(value, sort_keys=True)
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -150,9 +151,8 @@ def _render(
             value = next((figures.pop(name) for name in names if name in figures), None)
             shown.append(_cell(value))
         other = "; ".join(f"{name} {_cell(value)}" for name, value in figures.items())
-        rows.append(
-            "| " + " | ".join([_cell(line["scenario"]), _cell(line["done"]), result, *shown, other or "–"]) + " |"
-        )
+        cells = [_cell(line["scenario"]), _cell(line["done"]), result, *shown, other or "\N{EN DASH}"]
+        rows.append("| " + " | ".join(cells) + " |")
     others = sorted(node for node in outcomes if node not in {line["test"] for line in lines})
     paragraphs = []
     for line in sorted(lines, key=_order):

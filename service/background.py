@@ -39,7 +39,8 @@ class BackgroundTasks:
             # awaits any more (the caller left). The type only: messages may carry anything.
             logger.debug("background task %s ended with %s", task.get_name(), type(error).__name__)
 
-    async def drain(self, timeout: float) -> None:
+    # A caller's asyncio.timeout would cancel the waiting, not the tasks: the bound is ours to keep.
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
         """Wait up to `timeout` seconds for every task, then cancel what is left."""
         if not self._tasks:
             return

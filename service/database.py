@@ -105,7 +105,8 @@ def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 async def database_now(session: AsyncSession) -> datetime:
     """The database's clock: leases compare against one clock, whichever replica asks."""
     now = await session.scalar(select(func.now()))
-    assert isinstance(now, datetime)
+    if not isinstance(now, datetime):
+        raise TypeError(f"now() answered {type(now).__name__}, not a timestamp")
     return now
 
 

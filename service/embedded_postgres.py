@@ -163,7 +163,8 @@ def _ensure_database(admin_url: str, database: str, data_path: Path) -> None:
     # Two processes starting at once can both find the database missing; the loser's CREATE
     # fails with "already exists", and its second attempt then finds the database there.
     for _attempt in range(2):
-        result = subprocess.run(
+        # pgserver's own psql, an argument list and no shell; the name goes in as a psql variable.
+        result = subprocess.run(  # noqa: S603
             command,
             input=_CREATE_DATABASE,
             capture_output=True,

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +20,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from .config import SCHEMAS_DIR
 from .errors import DataClassNotAllowedError, PolicyError, PolicyViolation, UnknownDataClassError, UnknownRouteError
+from .retention_rules import Duration, RetentionRule, combine_rules
 
 __all__ = [
     "POLICY_SCHEMA_PATH",
@@ -59,6 +60,7 @@ class DataClass:
     name: str
     description: str
     provider_storage: bool
+    retention: RetentionRule = field(default_factory=RetentionRule)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +78,10 @@ class Route:
     response_format: Any | None = None
     data_classes: frozenset[str] = frozenset()
     provider_storage: bool = False
+    retention: RetentionRule = field(default_factory=RetentionRule)
+    # How long a copy the provider keeps (provider storage) may live before Custody deletes it,
+    # even while the conversation goes on; None leaves it to the provider's own expiry.
+    provider_ttl: Duration | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.agent is None):
@@ -114,6 +120,14 @@ class Policy:
             return self.routes[name]
         except KeyError:
             raise UnknownRouteError(name) from None
+
+    def retention_for(self, route: str, data_classes: Iterable[str]) -> RetentionRule:
+        """The rule that governs a conversation on `route` carrying `data_classes`: the strictest
+        of what the route and each class state (see service.retention_rules). A route or class that
+        has left the policy states nothing."""
+        rules = [self.routes[route].retention] if route in self.routes else []
+        rules += [self.data_classes[c].retention for c in data_classes if c in self.data_classes]
+        return combine_rules(rules)
 
 
 @dataclass(frozen=True)
@@ -194,7 +208,12 @@ def parse_policy(document: Any, *, source: str) -> Policy:
         path, problem = _describe(error)
         raise PolicyError(source, path, problem)
     catalogue = {
-        name: DataClass(name, spec["description"], spec["provider_storage"])
+        name: DataClass(
+            name,
+            spec["description"],
+            spec["provider_storage"],
+            _retention(spec.get("retention"), ("data_classes", name, "retention"), source),
+        )
         for name, spec in document["data_classes"].items()
     }
     routes = {name: _build_route(name, spec, catalogue, source) for name, spec in document["routes"].items()}
@@ -267,7 +286,33 @@ def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, Dat
         response_format=spec.get("response_format"),
         data_classes=frozenset(spec["data_classes"]),
         provider_storage=spec.get("provider_storage", False),
+        retention=_retention(spec.get("retention"), ("routes", name, "retention"), source),
+        provider_ttl=_duration(spec.get("retention", {}).get("provider_ttl"), ("routes", name, "retention"), source),
     )
+
+
+def _duration(text: str | None, path: tuple[str | int, ...], source: str) -> Duration | None:
+    if text is None:
+        return None
+    try:
+        return Duration.parse(text)
+    except ValueError as exc:
+        raise PolicyError(source, _format_path(path), str(exc)) from None
+
+
+def _retention(spec: Mapping[str, Any] | None, path: tuple[str | int, ...], source: str) -> RetentionRule:
+    """A route's or class's retention rule; one that would delete before it must keep is refused."""
+    if not spec:
+        return RetentionRule()
+    rule = RetentionRule(
+        delete_after=_duration(spec.get("delete_after"), (*path, "delete_after"), source),
+        keep_at_least=_duration(spec.get("keep_at_least"), (*path, "keep_at_least"), source),
+    )
+    try:
+        rule.check("the rule")
+    except ValueError as exc:
+        raise PolicyError(source, _format_path(path), str(exc)) from None
+    return rule
 
 
 def _check_json_values(value: Any, path: tuple[str | int, ...], source: str) -> None:

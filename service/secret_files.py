@@ -83,7 +83,9 @@ def load_pepper(settings: Settings, announce: list[str]) -> bytes:
         if len(data) < 16:
             raise ConfigurationError(f"the pepper in {path} is shorter than 16 bytes")
         return data
-    assert may_generate  # _locate refused a given path that does not exist
+    if not may_generate:
+        # _locate saw the given file, and it has gone since: never generate one in its place.
+        raise ConfigurationError(f"CUSTODY_PEPPER_FILE={path} does not exist; {_INIT_HINT}")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _write_new_secret(path, secrets.token_bytes(_PEPPER_BYTES))
     announce.append(
@@ -107,7 +109,9 @@ def load_signer(settings: Settings, announce: list[str]) -> AuditSigner:
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     if generated:
-        assert may_generate
+        if not may_generate:
+            # _locate saw the given file, and it had gone when it was read: a new key is no answer.
+            raise ConfigurationError(f"CUSTODY_AUDIT_SIGNING_KEY={path} did not exist when read; {_INIT_HINT}")
         announce.append(
             f"EMBEDDED DEFAULT: generated the audit checkpoint signing key at {path} (key id {signer.key_id})"
         )

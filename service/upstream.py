@@ -233,4 +233,4 @@ def _backoff(attempt: int, retry_after: str | None) -> float:
         except ValueError:
             pass
     base: float = min(0.25 * 2.0 ** (attempt - 1), 4.0)
-    return base * random.uniform(0.75, 1.0)
+    return base * random.uniform(0.75, 1.0)  # noqa: S311 - jitter that spreads retries, not a secret

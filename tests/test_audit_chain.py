@@ -91,7 +91,9 @@ async def test_untouched_chain_verifies(lab: tuple[AsyncEngine, AuditSigner]) ->
         return None
 
     verdict = await tampered(lab, nothing)
-    assert verdict.ok and verdict.checked == RECORDS and verdict.checkpoint_seq == CHECKPOINT_AT
+    assert verdict.ok
+    assert verdict.checked == RECORDS
+    assert verdict.checkpoint_seq == CHECKPOINT_AT
 
 
 def _leaves(value: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -128,7 +130,8 @@ async def test_random_single_field_edits_are_detected(lab: tuple[AsyncEngine, Au
         await put(connection, seq, record)
 
     verdict = await tampered(lab, edit)
-    assert not verdict.ok and verdict.first_bad == seq, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == seq, verdict
 
 
 @pytest.mark.parametrize("seq", [1, 7, RECORDS])
@@ -139,7 +142,8 @@ async def test_deletions_are_detected(lab: tuple[AsyncEngine, AuditSigner], seq:
         await connection.execute(text("DELETE FROM audit_events WHERE chain = :c AND seq = :s"), {"c": CHAIN, "s": seq})
 
     verdict = await tampered(lab, drop)
-    assert not verdict.ok and verdict.first_bad == seq, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == seq, verdict
 
 
 async def test_insertion_in_the_middle_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -161,7 +165,8 @@ async def test_insertion_in_the_middle_is_detected(lab: tuple[AsyncEngine, Audit
         )
 
     verdict = await tampered(lab, insert)
-    assert not verdict.ok and verdict.first_bad == 11, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == 11, verdict
 
 
 async def test_appended_record_beyond_the_head_is_detected(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -177,7 +182,8 @@ async def test_appended_record_beyond_the_head_is_detected(lab: tuple[AsyncEngin
         )
 
     verdict = await tampered(lab, add)
-    assert not verdict.ok and verdict.first_bad == RECORDS + 1, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == RECORDS + 1, verdict
 
 
 @pytest.mark.parametrize(("first", "second"), [(3, 4), (5, 25), (1, RECORDS)])
@@ -190,7 +196,8 @@ async def test_swaps_are_detected(lab: tuple[AsyncEngine, AuditSigner], first: i
         await put(connection, second, existing[first])
 
     verdict = await tampered(lab, swap)
-    assert not verdict.ok and verdict.first_bad == first, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == first, verdict
 
 
 async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -210,7 +217,9 @@ async def test_rewritten_chain_is_caught_by_the_signed_checkpoint(lab: tuple[Asy
         )
 
     verdict = await tampered(lab, rewrite)
-    assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "checkpoint" in (verdict.reason or ""), verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == CHECKPOINT_AT, verdict
+    assert "checkpoint" in (verdict.reason or ""), verdict
 
 
 async def test_records_cut_from_the_end_are_caught_by_a_later_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -225,7 +234,8 @@ async def test_records_cut_from_the_end_are_caught_by_a_later_checkpoint(lab: tu
         )
 
     verdict = await tampered(lab, cut)
-    assert not verdict.ok and verdict.first_bad == 16, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == 16, verdict
 
 
 async def test_external_checkpoint_copy_catches_a_deleted_checkpoint(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -255,7 +265,8 @@ async def test_external_checkpoint_copy_catches_a_deleted_checkpoint(lab: tuple[
         finally:
             await transaction.rollback()
     assert inside_only.ok  # nothing left in the database can tell
-    assert not with_copy.ok and with_copy.first_bad == 16
+    assert not with_copy.ok
+    assert with_copy.first_bad == 16
 
 
 async def test_huge_numbers_and_nul_characters_cannot_break_the_chain(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -284,7 +295,9 @@ async def test_forged_checkpoint_is_detected(lab: tuple[AsyncEngine, AuditSigner
         )
 
     verdict = await tampered(lab, forge)
-    assert not verdict.ok and verdict.first_bad == CHECKPOINT_AT and "signature" in (verdict.reason or "")
+    assert not verdict.ok
+    assert verdict.first_bad == CHECKPOINT_AT
+    assert "signature" in (verdict.reason or "")
 
 
 async def test_concurrent_writers_keep_one_chain(lab: tuple[AsyncEngine, AuditSigner]) -> None:
@@ -300,4 +313,5 @@ async def test_concurrent_writers_keep_one_chain(lab: tuple[AsyncEngine, AuditSi
     await asyncio.gather(*(write(i) for i in range(40)))
     async with sessions() as session:
         verdict = await verify_chain(session, other, signer)
-    assert verdict.ok and verdict.checked == 40
+    assert verdict.ok
+    assert verdict.checked == 40

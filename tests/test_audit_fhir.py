@@ -195,7 +195,8 @@ def assert_custody_rules(event: dict[str, Any]) -> None:
     assert event["outcome"] in {"0", "4", "8", "12"}
     assert re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", event["id"])
     assert datetime.fromisoformat(event["recorded"]).utcoffset() is not None
-    assert event["agent"] and all(isinstance(agent["requestor"], bool) for agent in event["agent"])
+    assert event["agent"]
+    assert all(isinstance(agent["requestor"], bool) for agent in event["agent"])
     for entity in event.get("entity", []):
         assert not ("name" in entity and "query" in entity), "sev-1: not both name and query"
 
@@ -263,18 +264,18 @@ def test_outcome_codes_and_reason(outcome: str, code: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "refusal"),
     [
-        ("action", "conversation.share"),
-        ("outcome", "maybe"),
-        ("resource", {"type": "patient", "id": "p1"}),
+        ("action", "conversation.share", "no AuditEvent coding for audit action"),
+        ("outcome", "maybe", "unknown audit outcome"),
+        ("resource", {"type": "patient", "id": "p1"}, "no AuditEvent entity coding for resource type"),
     ],
 )
-def test_unknown_codes_are_refused(field: str, value: Any) -> None:
+def test_unknown_codes_are_refused(field: str, value: Any, refusal: str) -> None:
     """An action, outcome or resource type with no documented coding raises, never a guess."""
     record = make_record("conversation.read")
     record[field] = value
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=refusal):
         to_fhir_audit_event(record)
 
 
@@ -321,7 +322,8 @@ def test_unauthenticated_and_local_agents_are_told_apart() -> None:
     """With no key, a network caller reads as unauthenticated (even a summary of many sources), a CLI action names its operator, and one without reads as local."""
     remote = to_fhir_audit_event(make_record("auth.failure", "denied"))["agent"][0]
     assert remote["who"] == {"display": "unauthenticated"}
-    assert "role" not in remote and remote["network"]["address"] == "10.2.3.4"
+    assert "role" not in remote
+    assert remote["network"]["address"] == "10.2.3.4"
     local = to_fhir_audit_event(make_record("keyring.rotate"))["agent"][0]
     assert local["who"] == {"display": "local process (no API key)"}
     assert "network" not in local
@@ -350,7 +352,8 @@ def test_subject_entity_identifies_the_resource_without_content() -> None:
     """The subject entity names the resource by identifier and codes its kind, nothing more."""
     subject = to_fhir_audit_event(make_record("api_key.revoke"))["entity"][0]
     assert subject["what"] == {"identifier": {"system": "urn:custody:api_key", "value": "api_key_9c12"}}
-    assert subject["type"]["code"] == "2" and subject["role"]["code"] == "13"
+    assert subject["type"]["code"] == "2"
+    assert subject["role"]["code"] == "13"
     assert not {"name", "query", "description"} & subject.keys()
 
 
@@ -405,7 +408,8 @@ def test_details_carry_the_record_facts_as_strings() -> None:
 def test_an_event_without_a_resource_still_carries_its_record_facts() -> None:
     """An authentication failure has no `what`, but its hashes and trace are kept as details."""
     subject = to_fhir_audit_event(make_record("auth.failure", "denied"))["entity"][0]
-    assert "what" not in subject and "lifecycle" not in subject
+    assert "what" not in subject
+    assert "lifecycle" not in subject
     types = {d["type"] for d in subject["detail"]}
     assert types >= {"hash", "prev_hash", "trace_id", "details.store"}
 

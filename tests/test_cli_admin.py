@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,7 +40,7 @@ def custody(
     return run
 
 
-async def _records(engine: AsyncEngine, pattern: dict[str, object]) -> list[dict[str, object]]:
+async def _records(engine: AsyncEngine, pattern: dict[str, object]) -> list[dict[str, Any]]:
     async with engine.connect() as connection:
         rows = await connection.execute(
             text("SELECT record FROM audit_events WHERE record @> CAST(:p AS jsonb) ORDER BY chain, seq"),
@@ -56,14 +57,16 @@ async def test_issue_use_and_revoke_a_key(custody: Custody, engine: AsyncEngine,
     issued = custody("keys", "issue", "--tenant", name, "--role", "backend")
     assert issued.returncode == 0, issued.stderr
     key = issued.stdout.strip()
-    assert key.startswith("cust_") and key not in issued.stderr
+    assert key.startswith("cust_")
+    assert key not in issued.stderr
     key_id = "key_" + key.removeprefix("cust_").split("_", 1)[0]
     async with engine.connect() as connection:
         row = (
             await connection.execute(text("SELECT api_keys::text FROM api_keys WHERE id = :i"), {"i": key_id})
         ).scalar_one()
     secret = key.split("_", 2)[2]
-    assert secret not in row and secret.encode().hex() not in row
+    assert secret not in row
+    assert secret.encode().hex() not in row
 
     headers = {"Authorization": f"Bearer {key}"}
     opened = await api.post(
@@ -83,7 +86,8 @@ async def test_tenants_are_named_by_name_or_id_and_listed(custody: Custody) -> N
     tenant_id = custody("tenants", "create", name).stdout.strip()
     by_id = custody("keys", "issue", "--tenant", tenant_id, "--role", "auditor")
     by_name = custody("keys", "issue", "--tenant", name, "--role", "ops")
-    assert by_id.returncode == 0 and by_name.returncode == 0, by_id.stderr + by_name.stderr
+    assert by_id.returncode == 0, by_id.stderr + by_name.stderr
+    assert by_name.returncode == 0, by_id.stderr + by_name.stderr
     tenants = custody("tenants", "list")
     assert f"{tenant_id}\t{name}\t" in tenants.stdout
     keys = custody("keys", "list", "--tenant", name)
@@ -92,7 +96,8 @@ async def test_tenants_are_named_by_name_or_id_and_listed(custody: Custody) -> N
     for issued in (by_id, by_name):
         assert issued.stdout.strip().split("_", 2)[2] not in keys.stdout
     exported = custody("audit", "export", "--chain", name)
-    assert exported.returncode == 0 and json.loads(exported.stdout.splitlines()[0])["chain"] == tenant_id
+    assert exported.returncode == 0
+    assert json.loads(exported.stdout.splitlines()[0])["chain"] == tenant_id
 
 
 async def test_cli_actions_are_audited_under_the_operator(custody: Custody, engine: AsyncEngine) -> None:
@@ -103,9 +108,11 @@ async def test_cli_actions_are_audited_under_the_operator(custody: Custody, engi
     created = await _records(engine, {"action": "tenant.create", "resource": {"id": tenant_id}})
     assert [r["actor"] for r in created] == [{"tenant_id": None, "key_id": None, "role": None, "operator": "alice.ops"}]
     listed = await _records(engine, {"action": "api_key.list", "chain": tenant_id})
-    assert len(listed) == 1 and listed[0]["actor"]["operator"]  # the OS user running the tests
+    assert len(listed) == 1
+    assert listed[0]["actor"]["operator"]
     refused = custody("--as", "alice\nops", "tenants", "list")
-    assert refused.returncode == 1 and "--as takes" in refused.stderr
+    assert refused.returncode == 1
+    assert "--as takes" in refused.stderr
 
 
 @pytest.mark.parametrize(
@@ -129,7 +136,8 @@ def test_ordinary_mistakes_are_one_line_and_an_exit_code(
     """A bad argument, file or setting ends in one line on stderr and an exit code, never a traceback."""
     result = custody(*args, env=env)
     assert result.returncode == code, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
@@ -138,5 +146,6 @@ def test_a_checkpoints_file_that_is_not_json_is_one_line(custody: Custody, tmp_p
     junk = tmp_path / "checkpoints"
     junk.write_text("not json\n")
     result = custody("audit", "verify", "--checkpoints", str(junk))
-    assert result.returncode == 2 and "is not a checkpoints file" in result.stderr
+    assert result.returncode == 2
+    assert "is not a checkpoints file" in result.stderr
     assert "Traceback" not in result.stderr

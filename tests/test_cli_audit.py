@@ -8,16 +8,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from service.audit import header_token_in
 from service.cli import main
+from service.context import ServiceContext
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import TEST_PEPPER, Tenant, deployment_env
+from .conftest import TEST_PEPPER, Tenant, deployment_env, signer_of
 
 
 def _custody(
@@ -41,7 +41,7 @@ async def test_checkpoint_export_and_offline_verify(
     signing_key_path: Path,
     keyring_path: Path,
     tmp_path: Path,
-    ctx: Any,
+    ctx: ServiceContext,
 ) -> None:
     """Checkpoints are signed, every chain verifies, and an export verifies offline until a line is edited."""
     conversation = await open_conversation(api, tenant.headers())
@@ -75,7 +75,7 @@ async def test_checkpoint_export_and_offline_verify(
     export = tmp_path / "export.ndjson"
     export.write_text(exported.stdout)
     public = tmp_path / "audit.pub.pem"
-    public.write_text(ctx.auditor.signer.public_pem())
+    public.write_text(signer_of(ctx).public_pem())
 
     def verify_offline() -> subprocess.CompletedProcess[str]:
         # No reachable database: the file and the pinned key are all it has.
@@ -93,7 +93,8 @@ async def test_checkpoint_export_and_offline_verify(
         )
 
     offline = verify_offline()
-    assert offline.returncode == 0 and ": ok," in offline.stdout, offline.stdout + offline.stderr
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert ": ok," in offline.stdout, offline.stdout + offline.stderr
 
     lines = export.read_text().splitlines()
     record = json.loads(lines[2])
@@ -112,7 +113,7 @@ async def test_fhir_export_verifies_offline_from_the_cli(
     signing_key_path: Path,
     keyring_path: Path,
     tmp_path: Path,
-    ctx: Any,
+    ctx: ServiceContext,
 ) -> None:
     """`audit verify --file` with the header given by `--header` or `--header-file` checks a FHIR export, and names an edited event or refuses a restated header."""
     conversation = await open_conversation(api, tenant.headers())
@@ -135,7 +136,7 @@ async def test_fhir_export_verifies_offline_from_the_cli(
     export = tmp_path / "export.fhir.ndjson"
     export.write_text(exported.stdout)
     public = tmp_path / "audit.pub.pem"
-    public.write_text(ctx.auditor.signer.public_pem())
+    public.write_text(signer_of(ctx).public_pem())
     dump = tmp_path / "response-headers.txt"
     dump.write_text(
         f"HTTP/1.1 200 OK\r\ncontent-type: application/fhir+ndjson\r\nx-custody-export-header: {token}\r\n\r\n"
@@ -158,12 +159,14 @@ async def test_fhir_export_verifies_offline_from_the_cli(
 
     for header in (("--header", token), ("--header-file", str(dump))):
         offline = verify_offline(*header)
-        assert offline.returncode == 0 and f"{chain}: ok," in offline.stdout, offline.stdout + offline.stderr
+        assert offline.returncode == 0, offline.stdout + offline.stderr
+        assert f"{chain}: ok," in offline.stdout, offline.stdout + offline.stderr
 
     restated = json.loads(base64.urlsafe_b64decode(token))
     restated["range_head_hash"] = "0" * 64
     forged = verify_offline("--header", base64.urlsafe_b64encode(json.dumps(restated).encode()).decode())
-    assert forged.returncode == 1 and "FIRST BAD RECORD" in forged.stdout, forged.stdout + forged.stderr
+    assert forged.returncode == 1, forged.stdout + forged.stderr
+    assert "FIRST BAD RECORD" in forged.stdout, forged.stdout + forged.stderr
 
     lines = export.read_text().splitlines()
     event = json.loads(lines[1])
@@ -176,7 +179,7 @@ async def test_fhir_export_verifies_offline_from_the_cli(
 
 
 @pytest.fixture
-async def exports(api: httpx.AsyncClient, tenant: Tenant, tmp_path: Path, ctx: Any) -> dict[str, str]:
+async def exports(api: httpx.AsyncClient, tenant: Tenant, tmp_path: Path, ctx: ServiceContext) -> dict[str, str]:
     """A native export, a FHIR export with its header token, and a few files that are not exports."""
     await open_conversation(api, tenant.headers())
     auditor = tenant.headers("auditor")
@@ -185,14 +188,14 @@ async def exports(api: httpx.AsyncClient, tenant: Tenant, tmp_path: Path, ctx: A
     files = {
         "native": native.text,
         "fhir": fhir.text,
-        "pem": ctx.auditor.signer.public_pem(),
+        "pem": signer_of(ctx).public_pem(),
         "empty": "",
         "other-json": '{"hello": 1}\n',
         "headers-without-token": "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n",
     }
     paths = {name: str(tmp_path / name) for name in files}
     for name, content in files.items():
-        Path(paths[name]).write_text(content)
+        Path(paths[name]).write_text(content)  # noqa: ASYNC240 - a few small files before anything runs
     (tmp_path / "binary").write_bytes(b"\xff\xfe\x00garbage\n")
     other_header = base64.urlsafe_b64encode(b'{"format": "something-else"}').decode()
     return paths | {
@@ -231,8 +234,10 @@ def test_ordinary_mistakes_end_in_one_line_and_a_nonzero_exit(
     argv = ["audit", "verify", *(arg.format_map(exports) for arg in MISTAKES[mistake])]
     code = main(argv)
     out, err = capsys.readouterr()
-    assert code == 2 and out == "", (code, out, err)
-    assert len(err.splitlines()) == 1 and err.startswith("custody: "), err
+    assert code == 2, (code, out, err)
+    assert out == "", (code, out, err)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("custody: "), err
 
 
 def test_the_header_token_is_found_in_saved_response_headers() -> None:

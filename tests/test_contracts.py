@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.app import openapi_document
@@ -30,16 +34,17 @@ def test_every_operation_has_a_pascal_case_id() -> None:
 async def test_models_match_migrations(engine: AsyncEngine) -> None:
     """The database built by `alembic upgrade head` has exactly the tables and columns the models declare."""
 
-    def diff(connection):  # type: ignore[no-untyped-def]
+    def diff(connection: Connection) -> list[Any]:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
-        return compare_metadata(context, Base.metadata)
+        differences: list[Any] = compare_metadata(context, Base.metadata)  # alembic's diff tuples
+        return differences
 
     async with engine.connect() as connection:
         differences = await connection.run_sync(diff)
     assert differences == []
 
 
-async def test_schema_is_served(api) -> None:  # type: ignore[no-untyped-def]
+async def test_schema_is_served(api: httpx.AsyncClient) -> None:
     """The running service serves the same OpenAPI document at /schema/openapi.json."""
     import json
 

@@ -371,7 +371,7 @@ async def test_client_certificate_from_sslcert_and_sslkey(
 
 async def test_percent_encoded_password_arrives_decoded() -> None:
     """A password with URL-reserved characters, percent-encoded in the URL, reaches the server exactly."""
-    password = "p@ss:w/rd?#&%= é"
+    password = "p@ss:w/rd?#&%= é"  # noqa: S105 - the test's own, for a throwaway server
     user = unquote(_ADMIN.username or "postgres")
     async with PostgresFront(ask_password=True) as front:
         url = _front_url(front, "", credentials=f"{quote(user, safe='')}:{quote(password, safe='')}")
@@ -410,7 +410,8 @@ def test_connect_timeout_defaults_to_five_seconds(query: str, seconds: float | N
 def test_connect_timeout_is_not_sent_to_the_server() -> None:
     """connect_timeout is taken out of the DSN (asyncpg would send it as a server setting); every other parameter stays."""
     dsn = database.parse_database_url(_url("sslmode=disable&connect_timeout=3&application_name=a%20b")).dsn
-    assert dsn.endswith("?sslmode=disable&application_name=a%20b") and dsn.startswith("postgresql://")
+    assert dsn.endswith("?sslmode=disable&application_name=a%20b")
+    assert dsn.startswith("postgresql://")
 
 
 @pytest.mark.parametrize(
@@ -439,4 +440,5 @@ def test_cli_refuses_a_bad_url_without_a_traceback(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "cannot start: DATABASE_URL must be a postgresql://" in result.stderr
-    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr

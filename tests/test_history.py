@@ -8,22 +8,24 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from service.context import ServiceContext
 from service.conversations import load_cipher, read_steps
 from service.crypto import DecryptionError
 from service.models import Conversation
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import Tenant
+from .conftest import NewTenant, Tenant
 
 
-async def _history(ctx: Any, conversation_id: str) -> list[Any]:
+async def _history(ctx: ServiceContext, conversation_id: str) -> list[Any]:
     async with ctx.sessions() as session:
         conversation = await session.scalar(select(Conversation).where(Conversation.id == conversation_id))
+        assert conversation is not None
         cipher = await load_cipher(session, ctx.keyring, conversation)
         return await read_steps(session, cipher)
 
 
-async def _sql(ctx: Any, statement: str, **params: Any) -> None:
+async def _sql(ctx: ServiceContext, statement: str, **params: Any) -> None:
     async with ctx.sessions.begin() as session:
         await session.execute(text(statement), params)
 
@@ -35,14 +37,14 @@ async def _two_turn_conversation(api: httpx.AsyncClient, tenant: Tenant) -> str:
     return conversation
 
 
-async def test_intact_history_decrypts(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_intact_history_decrypts(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """Untouched rows decrypt to the steps in order (the control for the tests below)."""
     conversation = await _two_turn_conversation(api, tenant)
     steps = await _history(ctx, conversation)
     assert [p for p, _, _ in steps] == list(range(8))
 
 
-async def test_step_moved_to_another_position_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_step_moved_to_another_position_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """Swapping two steps' ciphertexts inside one conversation is detected."""
     conversation = await _two_turn_conversation(api, tenant)
     await _sql(
@@ -57,7 +59,7 @@ async def test_step_moved_to_another_position_fails(api: httpx.AsyncClient, tena
 
 @pytest.mark.parametrize("same_tenant", [True, False])
 async def test_step_moved_to_another_conversation_fails_even_with_its_key(
-    api: httpx.AsyncClient, new_tenant: Any, ctx: Any, same_tenant: bool
+    api: httpx.AsyncClient, new_tenant: NewTenant, ctx: ServiceContext, same_tenant: bool
 ) -> None:
     """A step and its data key copied into another conversation (same or other tenant) still fail: the AAD binds them."""
     owner: Tenant = await new_tenant()
@@ -83,7 +85,7 @@ async def test_step_moved_to_another_conversation_fails_even_with_its_key(
         await _history(ctx, target)
 
 
-async def test_flipped_bit_in_a_stored_step_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_flipped_bit_in_a_stored_step_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """One flipped bit in a stored ciphertext is detected."""
     conversation = await _two_turn_conversation(api, tenant)
     await _sql(
@@ -96,7 +98,7 @@ async def test_flipped_bit_in_a_stored_step_fails(api: httpx.AsyncClient, tenant
         await _history(ctx, conversation)
 
 
-async def test_relabelled_key_version_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_relabelled_key_version_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """Changing a step's recorded key version breaks its authentication."""
     conversation = await _two_turn_conversation(api, tenant)
     await _sql(

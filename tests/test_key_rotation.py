@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -20,7 +21,7 @@ from service.crypto import FileKeyring, rewrap_data_keys
 from service.database import make_engine, make_sessions
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import deployment_env, make_tenant
+from .conftest import asgi_transport, deployment_env, make_tenant
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
     """After `custody keyring rotate`, every data key is under the new KEK, steps are untouched, and a replica that loaded the old keyring still reads and writes."""
     assert isinstance(replica.keyring, FileKeyring)
     tenant = await make_tenant(replica)
-    transport = httpx.ASGITransport(app=create_app(replica))
+    transport = asgi_transport(create_app(replica))
     async with httpx.AsyncClient(transport=transport, base_url="http://replica") as api:
         conversation = await open_conversation(api, tenant.headers())
         await take_turn(api, tenant.headers(), conversation, "before rotation")
@@ -59,8 +60,13 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
             )
 
         env = os.environ | deployment_env(fresh_database, replica.keyring.path, signing_key_path, pepper_path)
-        rotated = subprocess.run(
-            [sys.executable, "-m", "service", "keyring", "rotate"], env=env, capture_output=True, text=True, timeout=120
+        rotated = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "service", "keyring", "rotate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert rotated.returncode == 0, rotated.stderr
         assert "rewrapped 1 data keys under KEK version 2" in rotated.stdout
@@ -98,7 +104,7 @@ async def test_rewrap_is_resumable(replica: ServiceContext) -> None:
     """Running the rewrap again when every key is current rewraps nothing."""
     assert isinstance(replica.keyring, FileKeyring)
     tenant = await make_tenant(replica)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(replica)), base_url="http://r") as api:
+    async with httpx.AsyncClient(transport=asgi_transport(create_app(replica)), base_url="http://r") as api:
         await open_conversation(api, tenant.headers())
     replica.keyring.rotate()
     first = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring)

@@ -121,7 +121,7 @@ def test_route_settings_are_read_only(example: Policy) -> None:
     """The route's own settings cannot be mutated in place by a caller holding the route."""
     route = example.route("patient-intake")
     with pytest.raises(TypeError):
-        route.generation_config["temperature"] = 1.5  # type: ignore[index]
+        route.generation_config["temperature"] = 1.5  # type: ignore[index]  # the point: mypy refuses it too
     with pytest.raises(TypeError):
         route.tools[0]["parameters"]["required"] = []
 

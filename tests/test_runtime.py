@@ -98,7 +98,7 @@ async def test_working_configuration_starts(tmp_path: Path, keyring_path: Path, 
 async def test_missing_keyring_file_fails_clearly(tmp_path: Path, database_url: str) -> None:
     """CUSTODY_KEYRING naming a missing file is an error, not a freshly generated keyring."""
     settings = _settings(tmp_path, tmp_path / "absent.json", DATABASE_URL=database_url, GEMINI_API_KEY="k")
-    with pytest.raises(ConfigurationError, match="absent.json"):
+    with pytest.raises(ConfigurationError, match=r"absent\.json"):
         await build_runtime(settings)
 
 

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,13 +17,13 @@ from sqlalchemy import delete
 from service.api import create_app
 from service.config import Settings
 from service.context import ServiceContext
-from service.crypto import LocalKeyring, ensure_current_sentinel
+from service.crypto import FileKeyring, LocalKeyring, ensure_current_sentinel
 from service.errors import ConfigurationError
 from service.models import KeyringSentinel
 from service.runtime import build_runtime
 from service.secret_files import init_secrets, load_keyring, load_pepper, load_signer
 
-from .conftest import TEST_PEPPER
+from .conftest import TEST_PEPPER, asgi_transport
 
 
 def _deployment(tmp_path: Path, **env: str) -> Settings:
@@ -33,25 +34,26 @@ def _deployment(tmp_path: Path, **env: str) -> Settings:
     ("loader", "variable"),
     [(load_keyring, "CUSTODY_KEYRING"), (load_pepper, "CUSTODY_PEPPER_FILE"), (load_signer, "CUSTODY_AUDIT_SIGNING_KEY")],
 )
-def test_deployment_without_a_secret_stops_naming_the_variable(tmp_path: Path, loader: object, variable: str) -> None:
+def test_deployment_without_a_secret_stops_naming_the_variable(tmp_path: Path, loader: Callable[[Settings, list[str]], object], variable: str) -> None:
     """With DATABASE_URL set, an unset secret variable is an error naming it, and nothing is generated."""
     announced: list[str] = []
     with pytest.raises(ConfigurationError, match=variable) as caught:
-        loader(_deployment(tmp_path), announced)  # type: ignore[operator]
+        loader(_deployment(tmp_path), announced)
     assert "custody secrets init" in str(caught.value)
-    assert list(tmp_path.iterdir()) == [] and announced == []
+    assert list(tmp_path.iterdir()) == []
+    assert announced == []
 
 
 @pytest.mark.parametrize(
     ("loader", "variable"),
     [(load_keyring, "CUSTODY_KEYRING"), (load_pepper, "CUSTODY_PEPPER_FILE"), (load_signer, "CUSTODY_AUDIT_SIGNING_KEY")],
 )
-def test_a_named_secret_that_is_missing_is_never_generated(tmp_path: Path, loader: object, variable: str) -> None:
+def test_a_named_secret_that_is_missing_is_never_generated(tmp_path: Path, loader: Callable[[Settings, list[str]], object], variable: str) -> None:
     """A secret variable naming a file that does not exist is an error, in the zero-config run too."""
     missing = tmp_path / "nowhere" / "secret"
     settings = Settings.from_env({"CUSTODY_DATA_DIR": str(tmp_path), variable: str(missing)})
     with pytest.raises(ConfigurationError, match="does not exist"):
-        loader(settings, [])  # type: ignore[operator]
+        loader(settings, [])
     assert not missing.exists()
 
 
@@ -62,7 +64,8 @@ def test_zero_config_generates_each_secret_and_says_so(tmp_path: Path) -> None:
     load_keyring(settings, announced)
     load_pepper(settings, announced)
     load_signer(settings, announced)
-    assert len(announced) == 3 and all(line.startswith("EMBEDDED DEFAULT") for line in announced)
+    assert len(announced) == 3
+    assert all(line.startswith("EMBEDDED DEFAULT") for line in announced)
     for path in tmp_path.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
@@ -93,7 +96,9 @@ def test_secrets_init_creates_all_three_and_prints_the_variables(tmp_path: Path)
     again = subprocess.run(
         [sys.executable, "-m", "service", "secrets", "init", str(target)], capture_output=True, text=True, timeout=60
     )
-    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2
+    assert "refusing to overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
 
 
 def test_init_refuses_to_overwrite_any_existing_secret(tmp_path: Path) -> None:
@@ -155,9 +160,10 @@ async def test_readyz_fails_when_the_keyring_cannot_unwrap(ctx: ServiceContext, 
     async with ctx.sessions.begin() as session:
         await ensure_current_sentinel(session, ctx.keyring)
     other = tmp_path / "other-keyring.json"
-    wrong = dataclasses.replace(ctx, keyring=LocalKeyring.generate(other))
+    LocalKeyring.generate(other)
+    wrong = dataclasses.replace(ctx, keyring=FileKeyring(other))
     for context, expected in ((ctx, 200), (wrong, 503)):
-        transport = httpx.ASGITransport(app=create_app(context))
+        transport = asgi_transport(create_app(context))
         async with httpx.AsyncClient(transport=transport, base_url="http://custody.test") as client:
             response = await client.get("/readyz")
         assert response.status_code == expected, response.text
@@ -179,7 +185,8 @@ def test_cli_with_database_url_and_no_signing_key_stops_without_a_traceback(
         [sys.executable, "-m", "service", "audit", "checkpoint"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2, result.stderr
-    assert "CUSTODY_AUDIT_SIGNING_KEY" in result.stderr and "Traceback" not in result.stderr
+    assert "CUSTODY_AUDIT_SIGNING_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
 
 

@@ -56,7 +56,8 @@ async def test_rate_limits_are_retried_even_with_provider_storage(gemini: Runnin
     upstream = _upstream(gemini)
     reply = await upstream.create(settings=SETTINGS, steps=STEPS, store=True)
     await upstream.aclose()
-    assert reply.attempts == 2 and len(gemini.app.creates()) == 2
+    assert reply.attempts == 2
+    assert len(gemini.app.creates()) == 2
 
 
 async def test_dropped_connections_are_retried_only_without_storage(gemini: RunningSimulator) -> None:

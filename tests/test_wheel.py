@@ -12,7 +12,7 @@ import sys
 import sysconfig
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,12 +121,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def outside(tmp_path: Path) -> Iterator[Path]:
+def outside(tmp_path: Path) -> Path:
     """A working directory outside the repository."""
     directory = tmp_path / "elsewhere"
     directory.mkdir()
     assert CHECKOUT not in directory.resolve().parents
-    yield directory
+    return directory
 
 
 def test_wheel_carries_migrations_schemas_and_example_policy(wheel: Path) -> None:

@@ -77,7 +77,8 @@ def test_zero_config_run_announces_defaults_and_serves_the_walkthrough(
     base, data_dir, lines = zero_config_service
     output = "\n".join(lines)
     assert "EMBEDDED DEFAULT: no DATABASE_URL" in output
-    assert "EMBEDDED DEFAULT: no GEMINI_API_KEY" in output and "SIMULATOR" in output
+    assert "EMBEDDED DEFAULT: no GEMINI_API_KEY" in output
+    assert "SIMULATOR" in output
     assert "EMBEDDED DEFAULT: generated a local keyring" in output
     assert (data_dir / "keyring.json").stat().st_mode & 0o777 == 0o600
     keys = dict(re.findall(r"^\s+(backend|auditor|ops)\s+(cust_\S+)$", output, re.M))

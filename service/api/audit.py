@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get
@@ -90,7 +91,8 @@ class _ExportOperation(ApiOperation):
     def __post_init__(self) -> None:
         super().__post_init__()
         ok = (self.responses or {}).get("200")
-        assert isinstance(ok, OpenAPIResponse)
+        if not isinstance(ok, OpenAPIResponse):
+            raise TypeError(f"the export's 200 is documented as {type(ok).__name__}, not a response to fill in")
         ok.content = {
             _NDJSON: OpenAPIMediaType(
                 schema=Schema(
@@ -134,9 +136,10 @@ class _ExportOperation(ApiOperation):
 
 class AuditController(Controller):
     path = "/v1/audit"
-    tags = ["audit"]
-    dependencies = {"principal": Provide(require_role("auditor")), "meta": Provide(provide_meta)}
-    security = [{"bearerAuth": []}]
+    # Immutable class attributes: Litestar copies them into each router it registers the controller on.
+    tags = ("audit",)
+    dependencies = MappingProxyType({"principal": Provide(require_role("auditor")), "meta": Provide(provide_meta)})
+    security = ({"bearerAuth": []},)
 
     @get(
         "/events",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from types import MappingProxyType
 from typing import Annotated, Any
 
 import msgspec
@@ -46,9 +47,10 @@ def _ctx(request: Request[Any, Any, Any]) -> ServiceContext:
 
 class ConversationController(Controller):
     path = "/v1/conversations"
-    tags = ["conversations"]
-    dependencies = {"principal": Provide(require_role("backend")), "meta": Provide(provide_meta)}
-    security = [{"bearerAuth": []}]
+    # Immutable class attributes: Litestar copies them into each router it registers the controller on.
+    tags = ("conversations",)
+    dependencies = MappingProxyType({"principal": Provide(require_role("backend")), "meta": Provide(provide_meta)})
+    security = ({"bearerAuth": []},)
 
     @post(
         "/",

@@ -298,10 +298,10 @@ class StructSchemas(OpenAPISchemaPlugin):
         schema = builtin.to_openapi_schema(field_definition, schema_creator)
         if field_definition.type_.__struct_config__.forbid_unknown_fields:
             schema.additional_properties = False
-        for name, member in (schema.properties or {}).items():
+        properties = schema.properties or {}
+        for name, member in properties.items():
             if isinstance(member, Schema) and member.one_of and len(member.one_of) == 1:
-                assert schema.properties is not None
-                schema.properties[name] = _one_arm(member)
+                properties[name] = _one_arm(member)
         return schema
 
 

@@ -29,10 +29,10 @@ __all__ = [
     "ChainVerdict",
     "ChainWalk",
     "Checkpoint",
-    "record_hash",
-    "verify_chain_records",
     "load_public_key",
     "public_key_id",
+    "record_hash",
+    "verify_chain_records",
 ]
 
 GENESIS = "0" * 64

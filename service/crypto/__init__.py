@@ -29,18 +29,18 @@ from ._rotation import RotationResult, rewrap_data_keys
 from ._sentinels import ensure_current_sentinel, unreadable_versions, verify_keyring
 
 __all__ = [
-    "DecryptionError",
     "FORMAT",
-    "FileKeyring",
     "KEK_SIZE",
     "KEY_SIZE",
+    "NONCE_SIZE",
+    "TAG_SIZE",
+    "DecryptionError",
+    "FileKeyring",
     "KeyUnwrapError",
     "Keyring",
     "KeyringError",
     "LocalKeyring",
-    "NONCE_SIZE",
     "RotationResult",
-    "TAG_SIZE",
     "WrappedKey",
     "aes_kw_unwrap",
     "aes_kw_wrap",

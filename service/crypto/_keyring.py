@@ -20,8 +20,8 @@ from ..errors import KeyringError, KeyUnwrapError
 
 __all__ = [
     "FORMAT",
-    "FileKeyring",
     "KEK_SIZE",
+    "FileKeyring",
     "KeyUnwrapError",
     "Keyring",
     "KeyringError",

@@ -179,9 +179,11 @@ class Simulator:
         if latency:
             await asyncio.sleep(latency / 1000)
         if fault is not None and fault.hang_seconds:
-            # Poll so that stopping the simulator releases hung requests promptly.
+            # Poll so that stopping the simulator releases hung requests promptly. Polled, not
+            # awaited: the deadline is on the simulator's clock, which tests move with advance(),
+            # and `closing` is a threading.Event set from the thread that stops the server.
             deadline = self.clock.now() + fault.hang_seconds
-            while self.clock.now() < deadline and not self.closing.is_set():
+            while self.clock.now() < deadline and not self.closing.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
 
     def _record(self, request: RecordedRequest) -> None:

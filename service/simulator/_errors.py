@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ApiError", "STATUS_NAMES"]
+__all__ = ["STATUS_NAMES", "ApiError"]
 
 # Google's canonical status names for the HTTP codes the simulator produces.
 STATUS_NAMES = {

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["FaultSpec", "FaultPlan"]
+__all__ = ["FaultPlan", "FaultSpec"]
 
 
 @dataclass(frozen=True)

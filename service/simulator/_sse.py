@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["encode_event", "stream_events", "DONE"]
+__all__ = ["DONE", "encode_event", "stream_events"]
 
 DONE = b"data: [DONE]\n\n"
 

@@ -149,7 +149,8 @@ class ClaimedTurn:
     ) -> None:
         claim = self.claim
         turn = await session.get(Turn, claim.turn_id)
-        assert turn is not None
+        if turn is None:  # the claim created it, and only a deletion (checked above) removes it
+            raise ConversationNotFound(self.request.conversation_id)
         if outcome.kept:
             # A turn the model did not complete stores nothing: the history stays as it was.
             stored = [*self.new_steps, *outcome.model_steps]

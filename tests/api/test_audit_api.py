@@ -25,8 +25,9 @@ from service.audit import (
     to_fhir_audit_event,
     verify_export,
 )
+from service.context import ServiceContext
 
-from ..conftest import CANARY, Tenant
+from ..conftest import CANARY, NewTenant, Tenant, signer_of
 from .helpers import assert_problem, open_conversation, take_turn
 
 
@@ -45,12 +46,15 @@ async def test_events_are_filtered_and_paged(api: httpx.AsyncClient, tenant: Ten
     assert [e["action"] for e in page["events"]] == ["conversation.create", "turn.start", "history.read"]
     reads = (await api.get("/v1/audit/events", params={"action": "history.read"}, headers=auditor)).json()
     assert [e["resource"]["id"] for e in reads["events"]] == [conversation]
-    seen, cursor = [], 0
+    seen: list[int] = []
+    cursor: int | None = 0
     while cursor is not None:
         batch = (await api.get("/v1/audit/events", params={"cursor": cursor, "limit": 2}, headers=auditor)).json()
         seen.extend(e["seq"] for e in batch["events"])
         cursor = batch["next_cursor"]
-    assert seen == sorted(seen) and seen[0] == 1 and len(seen) == len(set(seen))
+    assert seen == sorted(seen)
+    assert seen[0] == 1
+    assert len(seen) == len(set(seen))
     assert CANARY not in json.dumps(page)
 
 
@@ -77,27 +81,32 @@ async def test_auditors_reads_are_audited(api: httpx.AsyncClient, tenant: Tenant
     assert events[-1]["actor"]["role"] == "auditor"
 
 
-async def test_export_verifies_offline_and_tampering_is_named(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_export_verifies_offline_and_tampering_is_named(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """A native export carries range, head and signed checkpoint; it verifies offline, and an edited line is named."""
     await _activity(api, tenant)
     await checkpoint_all(ctx.auditor, ctx.sessions)
     await _activity(api, tenant)
     export = await api.get("/v1/audit/export", headers=tenant.headers("auditor"))
-    assert export.status_code == 200 and export.headers["content-type"].startswith("application/x-ndjson")
+    assert export.status_code == 200
+    assert export.headers["content-type"].startswith("application/x-ndjson")
     lines = export.text.splitlines()
     header = json.loads(lines[0])
-    assert header["range"]["first_seq"] == 1 and header["latest_checkpoint"] and header["checkpoints"]
+    assert header["range"]["first_seq"] == 1
+    assert header["latest_checkpoint"]
+    assert header["checkpoints"]
     assert CANARY not in export.text
-    pinned = ctx.auditor.signer.public_pem().encode()
+    pinned = signer_of(ctx).public_pem().encode()
     verdict, _ = verify_export(lines, public_key_pem=pinned)
-    assert verdict.ok and verdict.checkpoint_seq == header["checkpoints"][-1]["seq"]
+    assert verdict.ok
+    assert verdict.checkpoint_seq == header["checkpoints"][-1]["seq"]
 
     edited = list(lines)
     record = json.loads(edited[3])
     record["outcome"] = "denied"
     edited[3] = json.dumps(record)
     verdict, _ = verify_export(edited, public_key_pem=pinned)
-    assert not verdict.ok and verdict.first_bad == record["seq"]
+    assert not verdict.ok
+    assert verdict.first_bad == record["seq"]
 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -108,11 +117,12 @@ async def test_export_verifies_offline_and_tampering_is_named(api: httpx.AsyncCl
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     verdict, _ = verify_export(lines, public_key_pem=stranger)
-    assert not verdict.ok and "not signed by the audit key" in (verdict.reason or "")
+    assert not verdict.ok
+    assert "not signed by the audit key" in (verdict.reason or "")
 
 
 async def test_forged_and_truncated_exports_fail_with_the_pinned_key(
-    api: httpx.AsyncClient, tenant: Tenant, ctx: Any
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext
 ) -> None:
     """An export re-hashed after an edit and deletions, or cut short, no longer matches its signed attestation."""
     from service.audit import record_hash
@@ -120,7 +130,7 @@ async def test_forged_and_truncated_exports_fail_with_the_pinned_key(
     await _activity(api, tenant)
     await _activity(api, tenant)
     lines = (await api.get("/v1/audit/export", headers=tenant.headers("auditor"))).text.splitlines()
-    pinned = ctx.auditor.signer.public_pem().encode()
+    pinned = signer_of(ctx).public_pem().encode()
     header, records = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
 
     # Edit record 2, drop records 3-5, renumber and re-hash the rest, and restate the header.
@@ -136,7 +146,8 @@ async def test_forged_and_truncated_exports_fail_with_the_pinned_key(
     }
     forged_lines = [json.dumps(forged_header), *(json.dumps(r) for r in forged)]
     verdict, _ = verify_export(forged_lines, public_key_pem=pinned)
-    assert not verdict.ok and "differs from what was signed" in (verdict.reason or "")
+    assert not verdict.ok
+    assert "differs from what was signed" in (verdict.reason or "")
     # Without a pinned key the same file is merely self-consistent, and is reported as checked
     # against the embedded key.
     _, source = verify_export(forged_lines)
@@ -158,7 +169,8 @@ async def test_fhir_export_is_valid_r4(api: httpx.AsyncClient, tenant: Tenant) -
     header = json.loads(base64.urlsafe_b64decode(export.headers["x-custody-export-header"]))
     assert header["attestation"]["payload"]["last_hash"] == export.headers["x-custody-range-head-hash"]
     resources = [json.loads(line) for line in export.text.splitlines()]
-    assert resources and all(r["resourceType"] == "AuditEvent" for r in resources)
+    assert resources
+    assert all(r["resourceType"] == "AuditEvent" for r in resources)
     for resource in resources:
         FhirAuditEvent.model_validate(resource)
     assert CANARY not in export.text
@@ -169,10 +181,12 @@ async def test_verify_endpoint_reports_an_intact_chain(api: httpx.AsyncClient, t
     await _activity(api, tenant)
     verdict = (await api.get("/v1/audit/verify", headers=tenant.headers("auditor"))).json()
     # The tenant's creation and its three keys, then four accesses.
-    assert verdict["ok"] is True and verdict["first_bad_seq"] is None and verdict["checked"] == 8
+    assert verdict["ok"] is True
+    assert verdict["first_bad_seq"] is None
+    assert verdict["checked"] == 8
 
 
-async def test_auditors_see_only_their_tenant(api: httpx.AsyncClient, new_tenant: Any) -> None:
+async def test_auditors_see_only_their_tenant(api: httpx.AsyncClient, new_tenant: NewTenant) -> None:
     """An auditor's queries and exports cover their own tenant's chain only."""
     first: Tenant = await new_tenant()
     second: Tenant = await new_tenant()
@@ -193,7 +207,7 @@ async def _chain_of(api: httpx.AsyncClient, tenant: Tenant) -> str:
     return chain
 
 
-async def _signed_records(ctx: Any, chain: str, count: int, *, every: int = 1) -> list[int]:
+async def _signed_records(ctx: ServiceContext, chain: str, count: int, *, every: int = 1) -> list[int]:
     """Append `count` records to `chain`, signing a checkpoint after every `every`th; their seqs."""
     signed: list[int] = []
     async with ctx.sessions.begin() as session:
@@ -201,7 +215,7 @@ async def _signed_records(ctx: Any, chain: str, count: int, *, every: int = 1) -
             entry = AuditEntry("audit.query", None, resource_type="audit_log", resource_id=chain, chain=chain)
             await ctx.auditor.append(session, entry)
             if n % every == 0:
-                checkpoint = await sign_checkpoint(session, ctx.auditor.signer, chain)
+                checkpoint = await sign_checkpoint(session, signer_of(ctx), chain)
                 assert checkpoint is not None
                 signed.append(checkpoint.seq)
     return signed
@@ -221,11 +235,12 @@ def _h11_reads_head(response: httpx.Response) -> None:
         event = client.next_event()
         if event is not h11.NEED_DATA:
             break
-    assert isinstance(event, h11.Response) and event.status_code == 200
+    assert isinstance(event, h11.Response)
+    assert event.status_code == 200
 
 
 async def test_export_header_stays_small_with_hundreds_of_checkpoints(
-    api: httpx.AsyncClient, tenant: Tenant, ctx: Any
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext
 ) -> None:
     """With 400 signed checkpoints in range the export header carries only the last one, stays as small as with one, passes h11, and verifies."""
     auditor = tenant.headers("auditor")
@@ -240,22 +255,24 @@ async def test_export_header_stays_small_with_hundreds_of_checkpoints(
         _h11_reads_head(export)
         token = export.headers["x-custody-export-header"]
         # Only the digits of the grown seqs may differ from the one-checkpoint export.
-        assert len(token) < 4096 and len(token) <= len(small.headers["x-custody-export-header"]) + 64, len(token)
+        assert len(token) < 4096, len(token)
+        assert len(token) <= len(small.headers["x-custody-export-header"]) + 64, len(token)
         header = json.loads(base64.urlsafe_b64decode(token))
         assert [c["seq"] for c in header["checkpoints"]] == [signed[-1]]
         assert header["latest_checkpoint"]["seq"] == signed[-1]
-        pinned = ctx.auditor.signer.public_pem().encode()
+        pinned = signer_of(ctx).public_pem().encode()
         lines = export.text.splitlines()
         if format == "ndjson":
             assert json.loads(lines[0]) == header
             verdict, _ = verify_export(lines, public_key_pem=pinned)
         else:
             verdict, _ = verify_export(lines, public_key_pem=pinned, fhir_header=token)
-        assert verdict.ok and verdict.checkpoint_seq == signed[-1], verdict
+        assert verdict.ok, verdict
+        assert verdict.checkpoint_seq == signed[-1], verdict
 
 
 async def test_a_rewrite_before_the_carried_checkpoint_fails_offline(
-    api: httpx.AsyncClient, tenant: Tenant, ctx: Any, engine: AsyncEngine
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext, engine: AsyncEngine
 ) -> None:
     """A record rewritten in the database after one checkpoint and before the range's last, with every later hash and the head recomputed, fails at the one checkpoint the export carries."""
     chain = await _chain_of(api, tenant)
@@ -287,13 +304,15 @@ async def test_a_rewrite_before_the_carried_checkpoint_fails_offline(
             # The export is made from the rewritten tables, so its attestation signs the forgery.
             session = AsyncSession(bind=connection)
             span = await export_range(session, chain, None, None)
-            header = await export_header(session, span, ctx.auditor.signer)
+            header = await export_header(session, span, signer_of(ctx))
             lines = [line async for line in export_lines(session, header)]
         finally:
             await transaction.rollback()
     assert [c["seq"] for c in header["checkpoints"]] == [signed[-1]]
-    verdict, _ = verify_export(lines, public_key_pem=ctx.auditor.signer.public_pem().encode())
-    assert not verdict.ok and verdict.first_bad == signed[-1] and "checkpoint" in (verdict.reason or ""), verdict
+    verdict, _ = verify_export(lines, public_key_pem=signer_of(ctx).public_pem().encode())
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == signed[-1], verdict
+    assert "checkpoint" in (verdict.reason or ""), verdict
 
 
 def _reencoded(event: dict[str, Any], change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -321,7 +340,7 @@ EVENT_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """A FHIR export verifies offline with its header; an edited event, a dropped or reordered line, or another export's or an edited header fails."""
     await _activity(api, tenant)
     await checkpoint_all(ctx.auditor, ctx.sessions)
@@ -330,14 +349,16 @@ async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClie
     export = await api.get("/v1/audit/export", params={"format": "fhir"}, headers=auditor)
     token = export.headers["x-custody-export-header"]
     lines = export.text.splitlines()
-    pinned = ctx.auditor.signer.public_pem().encode()
+    pinned = signer_of(ctx).public_pem().encode()
 
     def verify(lines: list[str], token: str = token) -> Any:
         verdict, _ = verify_export(lines, public_key_pem=pinned, fhir_header=token)
         return verdict
 
     intact = verify(lines)
-    assert intact.ok and intact.checked == len(lines) and intact.checkpoint_seq, intact
+    assert intact.ok, intact
+    assert intact.checked == len(lines), intact
+    assert intact.checkpoint_seq, intact
     for resource in map(json.loads, lines):
         FhirAuditEvent.model_validate(resource)
 
@@ -349,14 +370,17 @@ async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClie
         edited = list(lines)
         edited[target] = json.dumps(replaced if isinstance(replaced, dict) else event)
         verdict = verify(edited)
-        assert not verdict.ok and verdict.first_bad == seq, (name, verdict)
+        assert not verdict.ok, (name, verdict)
+        assert verdict.first_bad == seq, (name, verdict)
 
     dropped = verify(lines[:target] + lines[target + 1 :])
-    assert not dropped.ok and dropped.first_bad == seq, dropped
+    assert not dropped.ok, dropped
+    assert dropped.first_bad == seq, dropped
     swapped = list(lines)
     swapped[target], swapped[target + 1] = swapped[target + 1], swapped[target]
     reordered = verify(swapped)
-    assert not reordered.ok and reordered.first_bad == seq, reordered
+    assert not reordered.ok, reordered
+    assert reordered.first_bad == seq, reordered
 
     later = await api.get("/v1/audit/export", params={"format": "fhir"}, headers=auditor)
     assert not verify(lines, later.headers["x-custody-export-header"]).ok
@@ -367,13 +391,14 @@ async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClie
     ):
         forged = base64.urlsafe_b64encode(json.dumps(restated).encode()).decode()
         verdict = verify(lines, forged)
-        assert not verdict.ok and "signed" in (verdict.reason or ""), verdict
+        assert not verdict.ok, verdict
+        assert "signed" in (verdict.reason or ""), verdict
         assert not verify(lines[:-1], forged).ok
 
 
 @pytest.mark.parametrize("edit", ["drop the record", "garble the record"])
 async def test_a_fhir_event_without_a_readable_record_fails(
-    api: httpx.AsyncClient, tenant: Tenant, ctx: Any, edit: str
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext, edit: str
 ) -> None:
     """An AuditEvent whose carried record is removed or is not base64 JSON fails verification at its seq."""
     await _activity(api, tenant)
@@ -388,7 +413,8 @@ async def test_a_fhir_event_without_a_readable_record_fails(
     lines[1] = json.dumps(event)
     verdict, _ = verify_export(
         lines,
-        public_key_pem=ctx.auditor.signer.public_pem().encode(),
+        public_key_pem=signer_of(ctx).public_pem().encode(),
         fhir_header=export.headers["x-custody-export-header"],
     )
-    assert not verdict.ok and verdict.first_bad == 2, verdict
+    assert not verdict.ok, verdict
+    assert verdict.first_bad == 2, verdict

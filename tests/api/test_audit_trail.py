@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import REPO_ROOT
+from service.context import ServiceContext
 
 from ..conftest import CANARY, OwnService, Tenant
 from .helpers import assert_problem, open_conversation, row_counts, take_turn
@@ -64,11 +65,15 @@ async def test_each_access_writes_its_record(api: httpx.AsyncClient, tenant: Ten
         "conversation.delete",
     ]
     read = records[1]
-    assert read["source"]["request_id"] == "req-check-1" and read["source"]["address"]
-    assert read["actor"]["role"] == "backend" and read["actor"]["key_id"].startswith("key_")
-    assert read["data_classes"] == ["phi"] and read["policy_version"].startswith("sha256:")
+    assert read["source"]["request_id"] == "req-check-1"
+    assert read["source"]["address"]
+    assert read["actor"]["role"] == "backend"
+    assert read["actor"]["key_id"].startswith("key_")
+    assert read["data_classes"] == ["phi"]
+    assert read["policy_version"].startswith("sha256:")
     turn = records[3]
-    assert turn["details"]["store"] is False and turn["details"]["storage_reason"] == "route_denies"
+    assert turn["details"]["store"] is False
+    assert turn["details"]["storage_reason"] == "route_denies"
     assert all(r["outcome"] == "success" for r in records)
     for record in await chain_records(engine, chain):
         jsonschema.validate(record, SCHEMA)
@@ -124,18 +129,22 @@ async def test_spans_carry_audit_ids_and_never_content(
     await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
     every = spans.get_finished_spans()
     servers = [s for s in every if s.kind.name == "SERVER"]
-    assert len(servers) == 3 and all(CANARY not in json.dumps(dict(s.attributes or {})) for s in servers)
+    assert len(servers) == 3
+    assert all(CANARY not in json.dumps(dict(s.attributes or {})) for s in servers)
     finished = [s for s in every if s.kind.name != "SERVER"]
     names = [s.name for s in finished]
     assert names == ["custody.conversation.create", "custody.turn.start", "custody.turn.create", "custody.history.read"]
     for span in finished:
-        assert span.parent is not None and span.parent.span_id in {s.context.span_id for s in servers}
-        assert span.attributes and span.attributes["custody.outcome"] == "success"
+        assert span.parent is not None
+        assert span.parent.span_id in {s.context.span_id for s in servers}
+        assert span.attributes
+        assert span.attributes["custody.outcome"] == "success"
         assert all(key.startswith("custody.") for key in span.attributes)
         assert CANARY not in json.dumps(dict(span.attributes), default=str)
         assert CANARY not in span.name
     records = {r["span_id"]: r for r in await chain_records(engine, chain)}
     for span in finished:
+        assert span.attributes is not None
         record = records[format(span.context.span_id, "016x")]
         assert record["trace_id"] == format(span.context.trace_id, "032x")
         assert record["action"] == span.attributes["custody.action"]
@@ -183,7 +192,7 @@ async def test_audit_failure_fails_the_action(own_service: OwnService) -> None:
     ],
 )
 async def test_audit_rows_cannot_be_changed(
-    engine: AsyncEngine, api: httpx.AsyncClient, tenant: Tenant, ctx: Any, statement: str
+    engine: AsyncEngine, api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext, statement: str
 ) -> None:
     """UPDATE, DELETE and TRUNCATE of audit rows and checkpoints are refused, even for the table's owner."""
     from service.audit import checkpoint_all
@@ -235,6 +244,7 @@ async def test_request_id_is_echoed_and_recorded(api: httpx.AsyncClient, tenant:
         headers=tenant.headers() | {"X-Request-Id": f"{CANARY} with spaces"},
     )
     assigned = odd.headers["x-request-id"]
-    assert assigned.startswith("req_") and CANARY not in assigned
+    assert assigned.startswith("req_")
+    assert CANARY not in assigned
     sources = [r["source"]["request_id"] for r in await chain_records(engine, chain)]
     assert sources[-2:] == ["trace-me-42", assigned]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -23,7 +23,7 @@ from service.config import REPO_ROOT
 from service.context import ServiceContext
 from service.tenants import revoke_key
 
-from ..conftest import Tenant
+from ..conftest import NewTenant, Tenant, asgi_transport
 from .helpers import assert_problem
 
 WINDOW = 60.0
@@ -52,7 +52,7 @@ class Service:
 
     def client(self, address: str) -> httpx.AsyncClient:
         if address not in self._clients:
-            transport = httpx.ASGITransport(app=self.app, client=(address, 40000))
+            transport = asgi_transport(self.app, client=(address, 40000))
             self._clients[address] = httpx.AsyncClient(transport=transport, base_url="http://custody.test")
         return self._clients[address]
 
@@ -65,11 +65,15 @@ class Service:
             await client.aclose()
 
 
+MakeService = Callable[..., Service]
+
+
 @pytest.fixture
-async def service(ctx: ServiceContext) -> AsyncIterator[Any]:
+async def service(ctx: ServiceContext) -> AsyncIterator[MakeService]:
+    """Makes services with limits of their own (`AuthFailureLimits` fields), closed afterwards."""
     services: list[Service] = []
 
-    def make(**limits: Any) -> Service:
+    def make(**limits: int) -> Service:
         services.append(Service(ctx, AuthFailureLimits(window_seconds=WINDOW, **limits)))
         return services[-1]
 
@@ -115,7 +119,7 @@ def attempts(found: list[dict[str, Any]]) -> int:
 
 
 async def test_wrong_secrets_on_a_real_key_are_summarised_in_its_tenants_chain(
-    service: Any, tenant: Tenant, engine: AsyncEngine, spans: InMemorySpanExporter
+    service: MakeService, tenant: Tenant, engine: AsyncEngine, spans: InMemorySpanExporter
 ) -> None:
     """200 wrong secrets from one address: 20 answered 401, the rest 429, and two records in the key's tenant chain counting all 200."""
     svc = service()
@@ -136,7 +140,8 @@ async def test_wrong_secrets_on_a_real_key_are_summarised_in_its_tenants_chain(
     listed = await auditor.get("/v1/audit/events", params={"action": "auth.failure"}, headers=tenant.headers("auditor"))
     assert listed.status_code == 200, listed.text
     events = listed.json()["events"]
-    assert len(events) == 2 and attempts(events) == 200
+    assert len(events) == 2
+    assert attempts(events) == 200
     first, summary = events
     for record in events:
         jsonschema.validate(record, SCHEMA)
@@ -145,7 +150,8 @@ async def test_wrong_secrets_on_a_real_key_are_summarised_in_its_tenants_chain(
         assert record["source"]["address"] == "198.51.100.7"
         assert (record["outcome"], record["reason"]) == ("denied", "invalid_secret")
     assert first["details"] == {"operation": "GetConversation"}
-    assert summary["details"]["count"] == 199 and summary["details"]["rate_limited"] == 180
+    assert summary["details"]["count"] == 199
+    assert summary["details"]["rate_limited"] == 180
     assert summary["details"]["window_start"] < summary["details"]["window_end"]
     assert summary["source"]["request_id"] is None
     # Nothing of it went to the system chain, and the secret went nowhere.
@@ -154,7 +160,7 @@ async def test_wrong_secrets_on_a_real_key_are_summarised_in_its_tenants_chain(
     assert all(secret not in json.dumps(dict(s.attributes or {})) for s in spans.get_finished_spans())
 
 
-async def test_the_right_secret_still_works_while_its_key_id_is_limited(service: Any, tenant: Tenant) -> None:
+async def test_the_right_secret_still_works_while_its_key_id_is_limited(service: MakeService, tenant: Tenant) -> None:
     """Past the per-key limit wrong secrets get 429 from any address, while the key's own secret still authenticates."""
     svc = service(per_source=100, per_key=3)
     _, headers = wrong(tenant)
@@ -173,7 +179,7 @@ async def test_the_right_secret_still_works_while_its_key_id_is_limited(service:
     assert (await attacker.get("/v1/conversations/conv_x", headers=headers)).status_code == 401
 
 
-async def test_a_limited_address_does_not_limit_another(service: Any, tenant: Tenant, new_tenant: Any) -> None:
+async def test_a_limited_address_does_not_limit_another(service: MakeService, tenant: Tenant, new_tenant: NewTenant) -> None:
     """Once one address is over its limit everything from it gets 429, and another address is answered as usual."""
     svc = service()
     _, headers = wrong(tenant)
@@ -188,7 +194,7 @@ async def test_a_limited_address_does_not_limit_another(service: Any, tenant: Te
     assert (await second.get("/v1/conversations/conv_x", headers=tenant.headers())).status_code == 404
 
 
-async def test_unknown_key_ids_go_to_the_system_chain_unrecorded(service: Any, engine: AsyncEngine) -> None:
+async def test_unknown_key_ids_go_to_the_system_chain_unrecorded(service: MakeService, engine: AsyncEngine) -> None:
     """Attempts with a made-up key id, a malformed key or none are summarised in the system chain, and the made-up id is recorded nowhere."""
     svc = service()
     client = svc.client("203.0.113.77")
@@ -198,14 +204,15 @@ async def test_unknown_key_ids_go_to_the_system_chain_unrecorded(service: Any, e
         assert_problem(response, 401, "unauthenticated")
     await svc.flush_after_window()
     found = await records(engine, "system", address="203.0.113.77")
-    assert len(found) == 2 and attempts(found) == 5
+    assert len(found) == 2
+    assert attempts(found) == 5
     assert all(r["actor"] == {"tenant_id": None, "key_id": None, "role": None} for r in found)
     assert all((r["outcome"], r["reason"]) == ("denied", "unauthenticated") for r in found)
     assert made_up not in json.dumps(found)
 
 
 async def test_a_revoked_keys_attempts_reach_its_tenant(
-    service: Any, tenant: Tenant, engine: AsyncEngine, ctx: ServiceContext
+    service: MakeService, tenant: Tenant, engine: AsyncEngine, ctx: ServiceContext
 ) -> None:
     """A revoked key still in use is recorded in its tenant's chain with the reason revoked_key."""
     svc = service()
@@ -216,7 +223,8 @@ async def test_a_revoked_keys_attempts_reach_its_tenant(
         assert (await client.get("/v1/conversations/conv_x", headers=tenant.headers())).status_code == 401
     await svc.flush_after_window()
     found = await records(engine, await chain_of(engine, tenant), address="198.51.100.30")
-    assert [r["reason"] for r in found] == ["revoked_key", "revoked_key"] and attempts(found) == 3
+    assert [r["reason"] for r in found] == ["revoked_key", "revoked_key"]
+    assert attempts(found) == 3
     assert all(r["actor"]["key_id"] == key_id_of(tenant) for r in found)
 
 
@@ -239,6 +247,7 @@ async def test_memory_stays_bounded_with_a_hundred_thousand_sources(ctx: Service
     clock.now += WINDOW
     assert await failures.flush(ctx.auditor, ctx.sessions) == 1
     overflow = (await records(engine, "system"))[-1]
-    assert overflow["details"]["overflow"] is True and overflow["source"]["address"] is None
+    assert overflow["details"]["overflow"] is True
+    assert overflow["source"]["address"] is None
     assert recorded_at_once + overflow["details"]["count"] == 100_000
     assert failures.tracked() == 0

@@ -34,7 +34,8 @@ async def test_a_continued_turn_is_merged_replayed_and_every_hop_ledgered(
     assert texts[:2] == ["(part 1 of 3)", "(part 2 of 3)"]
     assert [s["type"] for s in turn["steps"]].count("user_input") == 0  # the hops' echoes are dropped
     creates = gemini.app.creates()
-    assert len(creates) == 3 and all(body["store"] is False for body in creates)
+    assert len(creates) == 3
+    assert all(body["store"] is False for body in creates)
     assert all(body["input"] == creates[0]["input"] for body in creates[1:])
     ids = [r.response["id"] for r in gemini.app.create_requests()]
     assert {i for i, _ in await _ledger(engine, conversation)} == set(ids)
@@ -51,9 +52,11 @@ async def test_stored_hops_chain_by_id_and_each_is_a_recorded_provider_copy(
     await take_turn(api, tenant.headers(), conversation, "more sim:continue 1")
     creates = gemini.app.creates()
     first_id = gemini.app.create_requests()[0].response["id"]
-    assert creates[1]["previous_interaction_id"] == first_id and "input" not in creates[1]
+    assert creates[1]["previous_interaction_id"] == first_id
+    assert "input" not in creates[1]
     ledger = await _ledger(engine, conversation)
-    assert len(ledger) == 2 and all(stored for _, stored in ledger)
+    assert len(ledger) == 2
+    assert all(stored for _, stored in ledger)
     events = (
         await api.get("/v1/audit/events", params={"action": "upstream.store"}, headers=tenant.headers("auditor"))
     ).json()["events"]
@@ -72,7 +75,8 @@ async def test_a_hop_that_fails_still_leaves_the_earlier_copies_in_the_ledger(
     )
     assert_problem(failed, 502, "upstream-failed")
     ledger = await _ledger(engine, conversation)
-    assert len(ledger) == 1 and ledger[0][1] is True
+    assert len(ledger) == 1
+    assert ledger[0][1] is True
     history = (await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())).json()["steps"]
     assert history == []
     deleted = await api.delete(f"/v1/conversations/{conversation}", headers=tenant.headers())

@@ -8,6 +8,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.context import ServiceContext
 from service.simulator import RunningSimulator
 
 from ..conftest import Tenant
@@ -20,11 +21,12 @@ async def test_memory_comes_from_replayed_history(api: httpx.AsyncClient, tenant
     await take_turn(api, tenant.headers(), conversation, "My name is Ada Lovelace")
     second = await take_turn(api, tenant.headers(), conversation, "What did I say first?")
     assert second["output_text"] == 'You first said: "My name is Ada Lovelace".'
-    assert second["status"] == "completed" and second["turn_number"] == 2
+    assert second["status"] == "completed"
+    assert second["turn_number"] == 2
 
 
 async def test_replay_sends_first_turn_steps_unchanged(
-    api: httpx.AsyncClient, tenant: Tenant, gemini: RunningSimulator, ctx: Any
+    api: httpx.AsyncClient, tenant: Tenant, gemini: RunningSimulator, ctx: ServiceContext
 ) -> None:
     """The second upstream call has store=false, the first turn's steps as the same JSON values, and the route's settings again."""
     conversation = await open_conversation(api, tenant.headers())
@@ -33,8 +35,10 @@ async def test_replay_sends_first_turn_steps_unchanged(
     first, second = gemini.app.create_requests()
     returned = first.response["steps"]
     kinds = [step["type"] for step in returned]
-    assert "thought" in kinds and "x_sim_trace" in kinds  # a signature and an unknown step type
-    assert second.body["store"] is False and first.body["store"] is False
+    assert "thought" in kinds
+    assert "x_sim_trace" in kinds
+    assert second.body["store"] is False
+    assert first.body["store"] is False
     assert second.body["input"] == [
         {"type": "user_input", "content": [{"type": "text", "text": "first message"}]},
         *returned,
@@ -77,8 +81,10 @@ async def test_conversation_metadata_has_no_content(api: httpx.AsyncClient, tena
     conversation = await open_conversation(api, tenant.headers(), body)
     await take_turn(api, tenant.headers(), conversation, "private words")
     view = (await api.get(f"/v1/conversations/{conversation}", headers=tenant.headers())).json()
-    assert view["subject"] == "MRN-0042" and view["metadata"] == {"ward": "4B"}
-    assert view["turn_count"] == 1 and view["step_count"] == 4
+    assert view["subject"] == "MRN-0042"
+    assert view["metadata"] == {"ward": "4B"}
+    assert view["turn_count"] == 1
+    assert view["step_count"] == 4
     assert "private words" not in str(view)
 
 
@@ -125,7 +131,8 @@ async def test_model_failure_leaves_history_usable(api: httpx.AsyncClient, tenan
     after = await take_turn(api, tenant.headers(), conversation, "what did I say first?")
     assert after["output_text"] == 'You first said: "hello".'
     view = (await api.get(f"/v1/conversations/{conversation}", headers=tenant.headers())).json()
-    assert view["step_count"] == 8 and view["turn_count"] == 3
+    assert view["step_count"] == 8
+    assert view["turn_count"] == 3
 
 
 async def test_health_and_readiness(api: httpx.AsyncClient) -> None:

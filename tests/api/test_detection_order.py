@@ -12,18 +12,18 @@ from service.api import create_app
 from service.context import ServiceContext
 from service.simulator import RunningSimulator
 
-from ..conftest import Tenant
+from ..conftest import NewTenant, Tenant, asgi_transport
 from .helpers import assert_problem, open_conversation, row_counts
 
 CARD = "4556735267909704"
 
 
 async def test_no_scan_and_no_detector_record_for_a_conversation_the_caller_cannot_reach(
-    api: httpx.AsyncClient, new_tenant: object, engine: AsyncEngine
+    api: httpx.AsyncClient, new_tenant: NewTenant, engine: AsyncEngine
 ) -> None:
     """A card number sent to another tenant's (or a missing) conversation is a 404 with no detector.hit record: ownership is checked before content is scanned."""
-    owner: Tenant = await new_tenant()  # type: ignore[operator]
-    stranger: Tenant = await new_tenant()  # type: ignore[operator]
+    owner: Tenant = await new_tenant()
+    stranger: Tenant = await new_tenant()
     theirs = await open_conversation(api, owner.headers())
     before = await row_counts(engine)
     for target in (theirs, "conv_" + "0" * 30):
@@ -45,7 +45,7 @@ async def test_a_large_input_is_scanned_off_the_event_loop(
     """While a 1 MB input is canonicalised and scanned, the event loop never stalls for more than a small part of the turn (the work runs in a worker thread)."""
     gemini.app.reset()
     app = create_app(ctx, max_body_bytes=1_200_000)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as client:
+    async with httpx.AsyncClient(transport=asgi_transport(app), base_url="http://t", timeout=120) as client:
         conversation = await open_conversation(client, tenant.headers())
         gaps: list[float] = []
         done = asyncio.Event()

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.conversations import encode_json
 from service.keyed_digests import canonical_json
 
-from ..conftest import Tenant
+from ..conftest import NewTenant, Tenant
 from .helpers import assert_problem, open_conversation, take_turn
 
 CARD = "4556735267909704"
@@ -34,7 +34,8 @@ async def test_idempotency_records_hold_no_recoverable_key_or_input(
                 {"c": conversation},
             )
         ).one()
-    assert CARD not in row.everything and key not in row.everything
+    assert CARD not in row.everything
+    assert key not in row.everything
     steps = [{"type": "user_input", "content": [{"type": "text", "text": CARD}]}]
     # What an attacker with the database would try: the unkeyed digests of each candidate input.
     candidates = {
@@ -42,8 +43,10 @@ async def test_idempotency_records_hold_no_recoverable_key_or_input(
         hashlib.sha256(canonical_json([conversation, steps])).hexdigest(),
         hashlib.sha256(key.encode()).hexdigest(),
     }
-    assert row.fingerprint not in candidates and row.key not in candidates
-    assert len(row.key) == 64 and len(row.fingerprint) == 64
+    assert row.fingerprint not in candidates
+    assert row.key not in candidates
+    assert len(row.key) == 64
+    assert len(row.fingerprint) == 64
 
 
 async def test_same_input_with_keys_in_another_order_is_the_same_request(
@@ -64,15 +67,16 @@ async def test_same_input_with_keys_in_another_order_is_the_same_request(
     assert_problem(other, 422, "idempotency-key-reused")
 
 
-async def test_a_key_is_scoped_to_its_tenant(api: httpx.AsyncClient, new_tenant: object) -> None:
+async def test_a_key_is_scoped_to_its_tenant(api: httpx.AsyncClient, new_tenant: NewTenant) -> None:
     """Two tenants using the same Idempotency-Key never see each other's turns."""
-    first: Tenant = await new_tenant()  # type: ignore[operator]
-    second: Tenant = await new_tenant()  # type: ignore[operator]
+    first: Tenant = await new_tenant()
+    second: Tenant = await new_tenant()
     a = await open_conversation(api, first.headers())
     b = await open_conversation(api, second.headers())
     one = await take_turn(api, first.headers(), a, "hello", **{"Idempotency-Key": "shared"})
     two = await take_turn(api, second.headers(), b, "hello", **{"Idempotency-Key": "shared"})
-    assert one["conversation_id"] == a and two["conversation_id"] == b
+    assert one["conversation_id"] == a
+    assert two["conversation_id"] == b
 
 
 def test_canonical_json_keeps_integers_past_two_to_the_53() -> None:

@@ -21,7 +21,7 @@ async def _dump_database(engine: AsyncEngine) -> str:
             .scalars()
             .all()
         )
-        parts = []
+        parts: list[str] = []
         for table in tables:
             rows = (await connection.execute(text(f'SELECT t::text FROM "{table}" t'))).scalars().all()
             parts.extend(rows)

@@ -20,7 +20,7 @@ from service.auth_failures import AuthFailureLimits, AuthFailures
 from service.context import ServiceContext
 from service.database import make_engine, make_sessions
 
-from ..conftest import Tenant
+from ..conftest import Tenant, asgi_transport
 from .helpers import open_conversation
 
 DOCUMENT: dict[str, Any] = json.loads(openapi_document())
@@ -94,7 +94,8 @@ def test_waiting_and_authentication_headers_are_documented() -> None:
 def test_every_v1_operation_needs_a_bearer_key() -> None:
     """Every /v1 operation requires the bearerAuth HTTP bearer scheme and answers 401, 403 and 429; the probes need nothing."""
     scheme = DOCUMENT["components"]["securitySchemes"]["bearerAuth"]
-    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    assert scheme["type"] == "http"
+    assert scheme["scheme"] == "bearer"
     for path, method, operation in operations():
         if path.startswith("/v1/"):
             assert operation["security"] == [{"bearerAuth": []}], (path, method)
@@ -176,7 +177,7 @@ async def test_a_steps_cursor_past_any_position_is_a_documented_400(api: httpx.A
 async def test_too_many_failed_authentications_match_the_document(ctx: ServiceContext) -> None:
     """A source over its failure limit gets the documented 429 problem with Retry-After."""
     limited = dataclasses.replace(ctx, auth_failures=AuthFailures(AuthFailureLimits(per_source=1)))
-    transport = httpx.ASGITransport(app=create_app(limited), client=("203.0.113.7", 40000))
+    transport = asgi_transport(create_app(limited), client=("203.0.113.7", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://custody.test") as client:
         await client.get("/v1/audit/events", headers={"Authorization": "Bearer cust_nope_nope"})
         refused = await client.get("/v1/audit/events", headers={"Authorization": "Bearer cust_nope_nope"})
@@ -189,7 +190,7 @@ async def unreachable(ctx: ServiceContext) -> AsyncIterator[httpx.AsyncClient]:
     """The app with a database nothing listens on."""
     engine = make_engine("postgresql://postgres@127.0.0.1:9/custody")
     app = create_app(dataclasses.replace(ctx, sessions=make_sessions(engine)))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://custody.test") as client:
+    async with httpx.AsyncClient(transport=asgi_transport(app), base_url="http://custody.test") as client:
         yield client
     await engine.dispose()
 

@@ -33,7 +33,8 @@ async def test_permitted_route_stores_with_provider_and_delete_removes_the_copy(
     """A public route whose classes all allow it calls with store=true, records the copy, and deletion deletes it upstream."""
     conversation = await open_conversation(api, tenant.headers(), FAQ)
     turn = await take_turn(api, tenant.headers(), conversation, "What are your opening hours?")
-    assert turn["storage"]["store"] is True and "provider_storage" not in turn["storage"]
+    assert turn["storage"]["store"] is True
+    assert "provider_storage" not in turn["storage"]
     assert turn["storage"]["reason"].startswith("permitted:")
     (create,) = gemini.app.create_requests()
     assert create.body["store"] is True
@@ -62,7 +63,8 @@ async def test_denying_routes_never_store(api: httpx.AsyncClient, tenant: Tenant
     await take_turn(api, tenant.headers(), conversation, "two")
     for body in gemini.app.creates():
         assert body["store"] is False
-        assert "previous_interaction_id" not in body and "background" not in body
+        assert "previous_interaction_id" not in body
+        assert "background" not in body
 
 
 async def test_card_number_on_a_public_route_is_refused_before_the_model(
@@ -78,7 +80,8 @@ async def test_card_number_on_a_public_route_is_refused_before_the_model(
     assert gemini.app.creates() == []
     assert await row_counts(engine) == before
     (hit,) = await _audit(api, tenant, action="detector.hit")
-    assert hit["data_classes"] == ["pan"] and hit["resource"]["id"] == conversation
+    assert hit["data_classes"] == ["pan"]
+    assert hit["resource"]["id"] == conversation
     assert "4111" not in json.dumps(await _audit(api, tenant))
 
 

@@ -8,7 +8,9 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..conftest import Tenant
+from service.context import ServiceContext
+
+from ..conftest import NewTenant, Tenant
 from .helpers import assert_problem, open_conversation, row_counts, take_turn
 
 
@@ -102,7 +104,7 @@ async def test_malformed_json_is_400(api: httpx.AsyncClient, tenant: Tenant) -> 
     assert_problem(response, 400, "malformed-request")
 
 
-async def test_other_tenants_conversations_do_not_exist(api: httpx.AsyncClient, new_tenant: Any) -> None:
+async def test_other_tenants_conversations_do_not_exist(api: httpx.AsyncClient, new_tenant: NewTenant) -> None:
     """Every endpoint answers 404 for another tenant's conversation, and the conversation is untouched."""
     owner: Tenant = await new_tenant()
     intruder: Tenant = await new_tenant()
@@ -118,7 +120,8 @@ async def test_other_tenants_conversations_do_not_exist(api: httpx.AsyncClient, 
     for attempt in attempts:
         assert_problem(await attempt, 404, "conversation-not-found")
     view = (await api.get(path, headers=owner.headers())).json()
-    assert view["turn_count"] == 1 and view["step_count"] == 4
+    assert view["turn_count"] == 1
+    assert view["step_count"] == 4
 
 
 @pytest.mark.parametrize("role", ["auditor", "ops"])
@@ -150,7 +153,7 @@ async def test_missing_or_bad_keys_are_401(api: httpx.AsyncClient, header: str |
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-async def test_revoked_key_is_401(api: httpx.AsyncClient, tenant: Tenant, ctx: Any) -> None:
+async def test_revoked_key_is_401(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
     """A revoked key stops working at once."""
     from service.auth import parse_bearer
     from service.tenants import revoke_key

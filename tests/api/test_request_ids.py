@@ -74,15 +74,18 @@ async def test_a_card_number_request_id_goes_nowhere(
     response = await api.post("/v1/conversations", json=PUBLIC, headers=tenant.headers() | {"X-Request-Id": hostile})
     assert response.status_code == 201, response.text
     assigned = response.headers["x-request-id"]
-    assert assigned.startswith("req_") and response.headers[REPLACED] == "malformed"
+    assert assigned.startswith("req_")
+    assert response.headers[REPLACED] == "malformed"
     assert digits not in "".join(ch for ch in json.dumps(dict(response.headers)) if ch.isdigit())
     record = (await chain_records(engine, chain))[-1]
-    assert record["action"] == "conversation.create" and record["source"]["request_id"] == assigned
+    assert record["action"] == "conversation.create"
+    assert record["source"]["request_id"] == assigned
     assert digits not in "".join(ch for ch in json.dumps(record) if ch.isdigit())
     finished = spans.get_finished_spans()
     assert finished
     for span in finished:
-        assert span.attributes is not None and span.attributes["custody.request_id"] == assigned
+        assert span.attributes is not None
+        assert span.attributes["custody.request_id"] == assigned
         assert digits not in "".join(ch for ch in json.dumps(dict(span.attributes), default=str) if ch.isdigit())
 
 
@@ -109,16 +112,21 @@ async def test_replaced_header_appears_exactly_when_the_clients_id_was_refused(
     """No id: one is assigned quietly; a safe id: kept; a refused or doubled id: assigned and said so."""
     url, headers = "/v1/conversations", tenant.headers()
     none = await api.post(url, json=PUBLIC, headers=headers)
-    assert none.headers["x-request-id"].startswith("req_") and REPLACED not in none.headers
+    assert none.headers["x-request-id"].startswith("req_")
+    assert REPLACED not in none.headers
     kept = await api.post(url, json=PUBLIC, headers=headers | {"X-Request-Id": "abc-123.x_y"})
-    assert kept.headers["x-request-id"] == "abc-123.x_y" and REPLACED not in kept.headers
+    assert kept.headers["x-request-id"] == "abc-123.x_y"
+    assert REPLACED not in kept.headers
     refused = await api.post(url, json=PUBLIC, headers=headers | {"X-Request-Id": "CARD-4556735267909704"})
-    assert refused.headers["x-request-id"].startswith("req_") and refused.headers[REPLACED] == "malformed"
+    assert refused.headers["x-request-id"].startswith("req_")
+    assert refused.headers[REPLACED] == "malformed"
     doubled = await api.post(
         url, json=PUBLIC, headers=[*headers.items(), ("X-Request-Id", "abc-1"), ("X-Request-Id", "abc-2")]
     )
-    assert doubled.headers["x-request-id"].startswith("req_") and doubled.headers[REPLACED] == "malformed"
+    assert doubled.headers["x-request-id"].startswith("req_")
+    assert doubled.headers[REPLACED] == "malformed"
     # A response no audited action produced says the same.
     health = await api.get("/healthz", headers={"X-Request-Id": "tel-555-867-5309"})
-    assert health.headers["x-request-id"].startswith("req_") and health.headers[REPLACED] == "malformed"
+    assert health.headers["x-request-id"].startswith("req_")
+    assert health.headers[REPLACED] == "malformed"
     assert "867" not in health.headers["x-request-id"]

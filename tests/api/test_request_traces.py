@@ -75,7 +75,8 @@ async def test_a_whole_flow_is_traced_request_by_request(
     # The caller's trace is continued: the first request's server span is a child of its span.
     first = servers[responses[0].headers["x-request-id"]]
     assert format(first.context.trace_id, "032x") == CALLER_TRACE
-    assert first.parent is not None and format(first.parent.span_id, "016x") == CALLER_SPAN
+    assert first.parent is not None
+    assert format(first.parent.span_id, "016x") == CALLER_SPAN
     # The others started traces of their own, one per request.
     traces = {format(servers[r.headers["x-request-id"]].context.trace_id, "032x") for r in responses}
     assert len(traces) == len(responses)
@@ -92,6 +93,8 @@ async def test_the_server_span_holds_nothing_the_client_typed(
         headers=tenant.headers() | {"user-agent": f"agent {card}"},
     )
     server = [s for s in spans.get_finished_spans() if s.kind.name == "SERVER"]
-    assert server and server[0].name == "GET /v1/conversations/{conversation_id}/steps"
+    assert server
+    assert server[0].name == "GET /v1/conversations/{conversation_id}/steps"
     for span in spans.get_finished_spans():
-        assert card not in json.dumps(dict(span.attributes or {})) and card not in span.name
+        assert card not in json.dumps(dict(span.attributes or {}))
+        assert card not in span.name

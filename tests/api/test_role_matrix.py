@@ -20,7 +20,7 @@ OPERATIONS = [
 ]
 # Which role each tag admits; an operation with a tag missing here fails the test, so a new
 # endpoint cannot ship without a decision about who may call it.
-ADMITTED = {"conversations": {"backend"}, "audit": {"auditor"}, "health": {"backend", "auditor", "ops", None}}
+ADMITTED: dict[str, set[str | None]] = {"conversations": {"backend"}, "audit": {"auditor"}, "health": {"backend", "auditor", "ops", None}}
 BODIES = {
     "CreateConversation": {"route": "patient-intake", "data_classes": ["phi"]},
     "CreateTurn": {"input": "hello again"},

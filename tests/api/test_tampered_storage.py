@@ -26,7 +26,8 @@ async def test_a_flipped_bit_in_a_stored_step_is_refused_and_audited(
         )
     history = await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
     body = assert_problem(history, 500, "stored-data-unreadable")
-    assert "hello" not in history.text and "audited" in body["detail"]
+    assert "hello" not in history.text
+    assert "audited" in body["detail"]
     turn = await api.post(f"/v1/conversations/{conversation}/turns", json={"input": "again"}, headers=tenant.headers())
     assert_problem(turn, 500, "stored-data-unreadable")
     events = (

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
 
 import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api import create_app
+from service.context import ServiceContext
 from service.simulator import FaultSpec, RunningSimulator
 
-from ..conftest import Tenant, make_upstream
+from ..conftest import OwnService, Tenant, asgi_transport, make_upstream
 from .helpers import assert_problem, open_conversation, row_counts, take_turn
 
 
@@ -122,12 +122,12 @@ async def test_client_errors_upstream_are_not_retried(
     assert len(gemini.app.creates()) == 1
 
 
-async def test_upstream_timeout_is_504(ctx: Any, gemini: RunningSimulator, tenant: Tenant) -> None:
+async def test_upstream_timeout_is_504(ctx: ServiceContext, gemini: RunningSimulator, tenant: Tenant) -> None:
     """A model call that outlives the upstream timeout is a 504 problem, not retried, and releases the conversation."""
     upstream = make_upstream(gemini, attempts=3, timeout_seconds=0.3)
     app = create_app(dataclasses.replace(ctx, upstream=upstream))
     gemini.app.reset()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=asgi_transport(app), base_url="http://t") as client:
         conversation = await open_conversation(client, tenant.headers())
         gemini.app.inject(FaultSpec(hang_seconds=3))
         response = await client.post(
@@ -139,10 +139,10 @@ async def test_upstream_timeout_is_504(ctx: Any, gemini: RunningSimulator, tenan
     await upstream.aclose()
 
 
-async def test_failed_ledger_write_releases_the_conversation(
-    api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine
-) -> None:
+async def test_failed_ledger_write_releases_the_conversation(own_service: OwnService) -> None:
     """If recording the provider's interaction id fails, the turn fails, is audited, and the conversation is free again."""
+    # A database of its own: the failing constraint below must not reach other tests' writes.
+    api, tenant, engine = own_service.api, own_service.tenant, own_service.engine
     conversation = await open_conversation(api, tenant.headers())
     async with engine.begin() as connection:
         await connection.execute(
@@ -159,7 +159,8 @@ async def test_failed_ledger_write_releases_the_conversation(
         async with engine.begin() as connection:
             await connection.execute(text("ALTER TABLE upstream_interactions DROP CONSTRAINT test_ledger"))
     retried = await take_turn(api, tenant.headers(), conversation, "x", **{"Idempotency-Key": "ledger-1"})
-    assert retried["status"] == "completed" and retried["turn_number"] == 2
+    assert retried["status"] == "completed"
+    assert retried["turn_number"] == 2
     events = (
         await api.get("/v1/audit/events", params={"action": "turn.create"}, headers=tenant.headers("auditor"))
     ).json()["events"]

@@ -18,7 +18,7 @@ from service.ids import new_id
 from service.simulator import FaultSpec, RunningSimulator
 from service.turns import reap_expired_leases
 
-from ..conftest import Tenant
+from ..conftest import Tenant, asgi_transport
 from .helpers import assert_problem, open_conversation, take_turn
 
 LEASE = 0.9  # seconds: short, so that expiry happens within a test
@@ -32,7 +32,7 @@ async def short_lease(ctx: ServiceContext) -> ServiceContext:
 @pytest.fixture
 async def client(short_lease: ServiceContext, gemini: RunningSimulator) -> AsyncIterator[httpx.AsyncClient]:
     gemini.app.reset()
-    transport = httpx.ASGITransport(app=create_app(short_lease))
+    transport = asgi_transport(create_app(short_lease))
     async with httpx.AsyncClient(transport=transport, base_url="http://custody.test") as http:
         yield http
 
@@ -159,7 +159,8 @@ async def test_an_abandoned_idempotency_key_runs_the_turn_again(
     await _abandon(engine, conversation, await _key_id(client, tenant), key_digest=digest)
     turn = await take_turn(client, tenant.headers(), conversation, "hello", **{"Idempotency-Key": "retry-me"})
     again = await take_turn(client, tenant.headers(), conversation, "hello", **{"Idempotency-Key": "retry-me"})
-    assert turn == again and turn["turn_number"] == 2
+    assert turn == again
+    assert turn["turn_number"] == 2
     history = (await client.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())).json()["steps"]
     assert sum(1 for s in history if s["step"]["type"] == "user_input") == 1
 
@@ -184,4 +185,5 @@ async def test_failed_turns_record_their_upstream_attempts(
     events = (
         await client.get("/v1/audit/events", params={"action": "turn.create"}, headers=tenant.headers("auditor"))
     ).json()["events"]
-    assert events[-1]["outcome"] == "error" and events[-1]["details"]["upstream_attempts"] == 3
+    assert events[-1]["outcome"] == "error"
+    assert events[-1]["details"]["upstream_attempts"] == 3

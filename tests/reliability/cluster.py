@@ -70,7 +70,9 @@ class ThrowawayCluster:
         """SIGKILL the postmaster and every backend, as a machine crash would; wait until they are gone."""
         pid_file = self.data / "postmaster.pid"
         postmaster = int(pid_file.read_text().splitlines()[0])
-        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        pgrep = shutil.which("pgrep")
+        assert pgrep is not None, "killing the cluster needs pgrep (procps)"
+        children = subprocess.run([pgrep, "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
         for pid in [postmaster, *map(int, children)]:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -10,7 +10,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,7 +45,7 @@ def cluster() -> Iterator[ThrowawayCluster]:
     # Not under pytest's temporary directory, which is private to us: as root, the server runs as
     # the postgres user and must be able to reach its data directory.
     root = Path(tempfile.mkdtemp(prefix="custody-pg-"))
-    os.chmod(root, 0o755)
+    os.chmod(root, 0o755)  # noqa: S103 - the postgres user must traverse it (above); it holds no secret
     server = ThrowawayCluster(root / "pg")
     server.start()
     try:
@@ -56,7 +56,7 @@ def cluster() -> Iterator[ThrowawayCluster]:
 
 
 @pytest.fixture
-async def cluster_database(cluster: ThrowawayCluster) -> AsyncIterator[str]:
+async def cluster_database(cluster: ThrowawayCluster) -> str:
     """A migrated Custody database on the throwaway cluster."""
     import asyncpg
 
@@ -67,7 +67,7 @@ async def cluster_database(cluster: ThrowawayCluster) -> AsyncIterator[str]:
         await admin.close()
     url = cluster.url("custody")
     await asyncio.to_thread(migrate, url)
-    yield url
+    return url
 
 
 # --- added for the scenarios: evidence for the canary sweep, figures, replicas, model latency ----

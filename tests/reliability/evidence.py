@@ -72,7 +72,7 @@ async def table_texts(database_url: str) -> list[str]:
     connection = await asyncpg.connect(database_url)
     try:
         tables = [r[0] for r in await connection.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-        texts = []
+        texts: list[str] = []
         for table in tables:
             texts.extend(row[0] for row in await connection.fetch(f'SELECT t::text FROM "{table}" t'))
     finally:

@@ -21,7 +21,7 @@ class CuttableLink:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cuttable-link", daemon=True)
         self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
         self.port = 0
 
     def __enter__(self) -> CuttableLink:

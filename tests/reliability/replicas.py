@@ -82,7 +82,8 @@ class ReplicaSet:
             )
             log = self.log_dir / f"{name}.log"
             with log.open("wb") as sink:
-                process = subprocess.Popen(
+                # Popen only forks and returns; the replica stays a Popen, which teardown stops from sync code.
+                process = subprocess.Popen(  # noqa: ASYNC220
                     [sys.executable, "-m", "service", "serve"], env=process_env, stdout=sink, stderr=subprocess.STDOUT
                 )
             replica = Replica(name, f"http://127.0.0.1:{port}", process, log)

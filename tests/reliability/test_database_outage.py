@@ -16,7 +16,7 @@ from service.database import make_engine, make_sessions
 from service.simulator import FaultSpec, RunningSimulator
 
 from ..api.helpers import assert_problem, open_conversation, take_turn
-from ..conftest import Tenant, make_tenant
+from ..conftest import Tenant, asgi_transport, make_tenant
 from .cluster import ThrowawayCluster
 
 
@@ -37,9 +37,19 @@ async def outage_ctx(ctx: ServiceContext, cluster_database: str) -> AsyncIterato
 @pytest.fixture
 async def client(outage_ctx: ServiceContext, gemini: RunningSimulator) -> AsyncIterator[httpx.AsyncClient]:
     gemini.app.reset()
-    transport = httpx.ASGITransport(app=create_app(outage_ctx))
+    transport = asgi_transport(create_app(outage_ctx))
     async with httpx.AsyncClient(transport=transport, base_url="http://custody.test", timeout=30) as http:
         yield http
+
+
+async def _background_settled(ctx: ServiceContext) -> None:
+    """Waits, a minute at most, for the work the service left running (a reply's store, the lease
+    renewal it ends)."""
+    for _ in range(1200):
+        if not len(ctx.tasks):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{len(ctx.tasks)} background task(s) still running after a minute")
 
 
 async def _wait_for_create(gemini: RunningSimulator, count: int) -> None:
@@ -71,7 +81,8 @@ async def test_reply_is_stored_when_the_database_returns(
     cluster.kill()
     response = await first
     body = assert_problem(response, 503, "database-unavailable")
-    assert int(response.headers["retry-after"]) > 0 and "Idempotency-Key" in body["detail"]
+    assert int(response.headers["retry-after"]) > 0
+    assert "Idempotency-Key" in body["detail"]
     # Everything else answers 503 too while the database is gone, never 500.
     for method, path, role in (
         ("GET", f"/v1/conversations/{conversation}", "backend"),
@@ -85,11 +96,11 @@ async def test_reply_is_stored_when_the_database_returns(
 
     cluster.start()
     back = time.monotonic()
-    while len(outage_ctx.tasks):  # the background store, and the lease renewal it ends
-        await asyncio.sleep(0.05)
+    await _background_settled(outage_ctx)
     stored_after = time.monotonic() - back
     retried = await take_turn(client, tenant.headers(), conversation, "remember this", **{"Idempotency-Key": "outage-turn"})
-    assert retried["status"] == "completed" and retried["turn_number"] == 1
+    assert retried["status"] == "completed"
+    assert retried["turn_number"] == 1
     assert len(gemini.app.creates()) == 1  # the reply kept in memory was stored; no second model call
     nxt = await take_turn(client, tenant.headers(), conversation, "what did I say first?")
     assert nxt["output_text"] == 'You first said: "remember this".'
@@ -113,7 +124,6 @@ async def test_a_turn_claimed_before_the_outage_does_not_wedge_the_conversation(
     cluster.kill()
     assert_problem(await first, 502, "upstream-failed")  # the model's failure, not the database's
     cluster.start()
-    while len(outage_ctx.tasks):
-        await asyncio.sleep(0.05)
+    await _background_settled(outage_ctx)
     turn = await take_turn(client, tenant.headers(), conversation, "after")
     assert turn["turn_number"] == 2

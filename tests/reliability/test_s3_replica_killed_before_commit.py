@@ -26,7 +26,8 @@ LEASE_SECONDS = 3
 MODEL_LATENCY_MS = 1500
 
 
-async def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+# The bound is a parameter, not the caller's asyncio.timeout, so that a hang fails naming `what`.
+async def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:  # noqa: ASYNC109
     """Poll until `condition()` (sync or async) is truthy; hang detection, generous bound."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -181,7 +182,8 @@ async def test_a_replica_killed_between_the_answer_and_the_commit(
     assert answered, "the model had not answered when the replica was killed"
     assert first_outcome != "HTTP 200"
     assert retried.json()["status"] == "completed"
-    assert replayed.status_code == 200 and replayed.json()["turn_id"] == retried.json()["turn_id"]
+    assert replayed.status_code == 200
+    assert replayed.json()["turn_id"] == retried.json()["turn_id"]
     # Exactly one stored answer: the first replica's reply died with it.
     assert user_texts(steps) == [f"{CANARY} first", body["input"]]
     assert [s["position"] for s in steps] == list(range(len(steps)))

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from ..conftest import CANARY, Tenant
+from ..conftest import CANARY, NewTenant, Tenant
 from .evidence import Evidence
 from .figures import Figures
 
@@ -77,7 +77,7 @@ def _flip(value: bytes, rng: random.Random) -> bytes:
 
 async def test_tampered_ciphertexts_are_refused_on_read_and_audited(
     api: httpx.AsyncClient,
-    new_tenant: Any,
+    new_tenant: NewTenant,
     database_url: str,
     evidence: Evidence,
     figures: Figures,
@@ -151,7 +151,8 @@ async def test_tampered_ciphertexts_are_refused_on_read_and_audited(
             )
             for item in replayable
         }
-        assert len(replayable) == len(conversations) * TURNS_PER_CONVERSATION and all(responses.values())
+        assert len(replayable) == len(conversations) * TURNS_PER_CONVERSATION
+        assert all(responses.values())
 
         def step_cell(conversation: str, position: int) -> Cell:
             return Cell("steps", "sealed", (("conversation_id", conversation), ("position", position)))
@@ -306,6 +307,8 @@ async def test_tampered_ciphertexts_are_refused_on_read_and_audited(
         seconds=round(elapsed, 1),
     )
     assert not unexpected, unexpected[:5]
-    assert refused == reads and audited == reads and restored_ok == reads
+    assert refused == reads
+    assert audited == reads
+    assert restored_ok == reads
     assert set(reasons) <= {"decryption", "key_unwrap"}
     assert all(verified)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from typing import Any
 
 import asyncpg
 import httpx
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ..conftest import CANARY
+from ..conftest import CANARY, NewTenant
 from .evidence import Evidence, canary_needles, table_texts
 from .figures import Figures
 
@@ -21,7 +20,7 @@ def _hits(texts: list[str]) -> int:
 
 async def test_the_canary_is_in_no_log_span_error_body_audit_record_or_row(
     api: httpx.AsyncClient,
-    new_tenant: Any,
+    new_tenant: NewTenant,
     database_url: str,
     spans: InMemorySpanExporter,
     evidence: Evidence,
@@ -94,5 +93,8 @@ async def test_the_canary_is_in_no_log_span_error_body_audit_record_or_row(
     assert CANARY in readable  # the owner reads it back: it is stored, as ciphertext
     assert refused.status_code == 400
     # (Replica logs exist only when the replica scenarios ran in this session.)
-    assert span_texts and bodies and audit and rows, "a source is empty: the sweep would prove nothing"
+    assert span_texts, "a source is empty: the sweep would prove nothing"
+    assert bodies, "a source is empty: the sweep would prove nothing"
+    assert audit, "a source is empty: the sweep would prove nothing"
+    assert rows, "a source is empty: the sweep would prove nothing"
     assert hits == dict.fromkeys(hits, 0), hits

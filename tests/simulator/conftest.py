@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from google import genai
+from google.genai import _interactions as errors
+from google.genai import interactions, types
 
 from service.simulator import RunningSimulator, SimulatorConfig, start_simulator
 
-MODEL = "gemini-3-flash-preview"
+# Final, so that mypy keeps the literal: the SDK types `model` as its list of known names.
+MODEL: Final = "gemini-3-flash-preview"
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +29,14 @@ def sim(running: RunningSimulator) -> Iterator[RunningSimulator]:
     running.app.reset()
 
 
-def make_client(sim: RunningSimulator, **retry: Any) -> genai.Client:
+def make_client(
+    sim: RunningSimulator, *, attempts: int = 1, initial_delay: float | None = None, max_delay: float | None = None
+) -> genai.Client:
     """A real SDK client pointed at the simulator; retries off unless asked for."""
-    retry_options = {"attempts": 1} | retry
+    retry = types.HttpRetryOptions(attempts=attempts, initial_delay=initial_delay, max_delay=max_delay)
     return genai.Client(
         api_key="test-key",
-        http_options={"base_url": sim.base_url, "retry_options": retry_options, "timeout": 10_000},
+        http_options=types.HttpOptions(base_url=sim.base_url, retry_options=retry, timeout=10_000),
     )
 
 
@@ -41,4 +46,17 @@ def client(sim: RunningSimulator) -> genai.Client:
 
 
 def text_input(text: str) -> dict[str, Any]:
+    """A user_input step as wire JSON, as the simulator records it."""
     return {"type": "user_input", "content": [{"type": "text", "text": text}]}
+
+
+def user_step(text: str) -> interactions.StepParam:
+    """The same step typed as the SDK's parameter, for the typed `create`."""
+    return {"type": "user_input", "content": [{"type": "text", "text": text}]}
+
+
+def error_body(error: errors.APIStatusError) -> dict[str, Any]:
+    """The JSON error body the SDK kept from a refused request (the SDK types it `object`)."""
+    body = error.body
+    assert isinstance(body, dict), body
+    return body

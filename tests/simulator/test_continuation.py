@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from google import genai
 from google.genai import _interactions as errors
+from google.genai import interactions
 
 from service.simulator import RunningSimulator
 
@@ -33,18 +34,26 @@ def test_the_sdk_continues_every_hop_and_merges_them(
         assert all("previous_interaction_id" in body and "input" not in body for body in creates[1:])
     else:
         assert all(body["input"] == creates[0]["input"] for body in creates[1:])
-    texts = [block.text for step in result.steps if step.type == "model_output" for block in step.content]
+    texts = [
+        block.text
+        for step in result.steps
+        if isinstance(step, interactions.ModelOutputStep)
+        for block in step.content
+        if isinstance(block, interactions.TextContent)
+    ]
     assert texts[:2] == ["(part 1 of 3)", "(part 2 of 3)"]
 
 
 def test_each_hop_is_its_own_interaction(client: genai.Client) -> None:
     """Every hop has its own id and a single-use token; the last one carries the turn's status and usage."""
     first = raw_create(client, model=MODEL, input="go sim:continue 1", store=False)
-    assert first["status"] == "requires_continuation" and first["continuation_token"].startswith("ct_")
+    assert first["status"] == "requires_continuation"
+    assert first["continuation_token"].startswith("ct_")
     second = raw_create(
         client, model=MODEL, input="go sim:continue 1", store=False, continuation_token=first["continuation_token"]
     )
-    assert second["status"] == "completed" and second["id"] != first["id"]
+    assert second["status"] == "completed"
+    assert second["id"] != first["id"]
     assert second["steps"][0]["type"] == "user_input"  # clients drop it when merging
     assert "continuation_token" not in second
     with pytest.raises(errors.BadRequestError, match="already used"):

@@ -9,15 +9,17 @@ import jsonschema
 import pytest
 from google import genai
 from google.genai import _interactions as errors
+from google.genai import interactions
 
 from service.simulator import RunningSimulator
 
-from .conftest import MODEL, make_client, text_input
+from .conftest import MODEL, error_body, make_client, text_input, user_step
 
 
 def raw_create(client: genai.Client, **body: Any) -> dict[str, Any]:
     response = client.interactions.with_raw_response.create(**body)
-    return json.loads(response.read())
+    data: dict[str, Any] = json.loads(response.read())
+    return data
 
 
 def test_string_input_gets_a_thought_and_an_echo(client: genai.Client) -> None:
@@ -26,18 +28,21 @@ def test_string_input_gets_a_thought_and_an_echo(client: genai.Client) -> None:
     assert result.status == "completed"
     assert 'you said "Hello simulator"' in result.output_text
     thought = result.steps[0]
-    assert thought.type == "thought" and thought.signature
+    assert thought.type == "thought"
+    assert thought.signature
 
 
 def test_agent_is_accepted_and_echoed(client: genai.Client) -> None:
     """An agent name may replace the model, and the interaction names it back."""
     data = raw_create(client, agent="deep-research-pro-preview-12-2025", input="hi", store=False)
-    assert data["agent"] == "deep-research-pro-preview-12-2025" and "model" not in data
+    assert data["agent"] == "deep-research-pro-preview-12-2025"
+    assert "model" not in data
 
 
 def test_content_blocks_are_wrapped_as_user_input(client: genai.Client, sim: RunningSimulator) -> None:
     """A list of content blocks arrives as one user_input step and is answered from its text."""
-    result = client.interactions.create(model=MODEL, input=[{"type": "text", "text": "block one"}], store=False)
+    blocks: list[interactions.ContentParam] = [{"type": "text", "text": "block one"}]
+    result = client.interactions.create(model=MODEL, input=blocks, store=False)
     assert sim.app.creates()[-1]["input"] == [text_input("block one")]
     assert 'you said "block one"' in result.output_text
 
@@ -45,15 +50,15 @@ def test_content_blocks_are_wrapped_as_user_input(client: genai.Client, sim: Run
 async def test_async_client_creates(sim: RunningSimulator) -> None:
     """The async client gets the same kind of answer as the sync one."""
     client = make_client(sim)
-    result = await client.aio.interactions.create(model=MODEL, input=[text_input("async hi")], store=False)
+    result = await client.aio.interactions.create(model=MODEL, input=[user_step("async hi")], store=False)
     assert 'you said "async hi"' in result.output_text
 
 
 def test_replayed_history_is_what_the_model_answers_from(client: genai.Client) -> None:
     """'What did I say first?' is answered correctly only when the history is replayed."""
     first = raw_create(client, model=MODEL, input="My favourite colour is teal", store=False)
-    question = text_input("What did I say first?")
-    replay = [text_input("My favourite colour is teal"), *first["steps"], question]
+    question = user_step("What did I say first?")
+    replay: list[interactions.StepParam] = [user_step("My favourite colour is teal"), *first["steps"], question]
     with_history = client.interactions.create(model=MODEL, input=replay, store=False)
     without = client.interactions.create(model=MODEL, input=[question], store=False)
     assert with_history.output_text == 'You first said: "My favourite colour is teal".'
@@ -120,7 +125,8 @@ def test_usage_grows_with_input_size(client: genai.Client) -> None:
     """Input token counts grow with the size of the input."""
     small = client.interactions.create(model=MODEL, input="short", store=False)
     large = client.interactions.create(model=MODEL, input="long " * 400, store=False)
-    assert small.usage and large.usage
+    assert small.usage
+    assert large.usage
     assert large.usage.total_input_tokens > small.usage.total_input_tokens * 10
     assert large.usage.total_tokens == (
         large.usage.total_input_tokens + large.usage.total_output_tokens + large.usage.total_thought_tokens
@@ -159,8 +165,9 @@ def test_malformed_bodies_are_400_in_google_shape(client: genai.Client, body: di
     """A malformed create body is a 400 with Google's {error: {code, message, status}} JSON."""
     with pytest.raises(errors.BadRequestError) as caught:
         client.interactions.create(model=MODEL, **body)
-    error = caught.value.body["error"]
-    assert error["code"] == 400 and error["status"] == "INVALID_ARGUMENT"
+    error = error_body(caught.value)["error"]
+    assert error["code"] == 400
+    assert error["status"] == "INVALID_ARGUMENT"
     assert fragment in error["message"]
 
 

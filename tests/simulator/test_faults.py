@@ -8,7 +8,7 @@ from google.genai import _interactions as errors
 
 from service.simulator import FaultSpec, RunningSimulator
 
-from .conftest import MODEL, make_client
+from .conftest import MODEL, error_body, make_client
 
 
 def test_rate_limit_carries_retry_after(client: genai.Client, sim: RunningSimulator) -> None:
@@ -17,7 +17,7 @@ def test_rate_limit_carries_retry_after(client: genai.Client, sim: RunningSimula
     with pytest.raises(errors.RateLimitError) as caught:
         client.interactions.create(model=MODEL, input="hi", store=False)
     assert caught.value.response.headers["retry-after"] == "1"
-    assert caught.value.body["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert error_body(caught.value)["error"]["status"] == "RESOURCE_EXHAUSTED"
 
 
 def test_burst_of_503_is_retried_by_the_sdk(sim: RunningSimulator) -> None:

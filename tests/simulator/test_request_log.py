@@ -7,14 +7,15 @@ import os
 from pathlib import Path
 
 import httpx
+import pytest
 from google import genai
 
-from service.simulator import SimulatorConfig, start_simulator
+from service.simulator import RunningSimulator, SimulatorConfig, start_simulator
 
 from .conftest import MODEL, make_client
 
 
-def test_log_records_method_path_query_headers_and_body(client: genai.Client, sim) -> None:  # type: ignore[no-untyped-def]
+def test_log_records_method_path_query_headers_and_body(client: genai.Client, sim: RunningSimulator) -> None:
     """Each API request is logged with its method, path, query, headers and parsed body."""
     created = client.interactions.create(
         model=MODEL, input="log me", store=True, extra_headers={"Api-Revision": "2026-05-20"}
@@ -32,7 +33,7 @@ def test_log_records_method_path_query_headers_and_body(client: genai.Client, si
     )
 
 
-def test_admin_calls_are_not_logged(sim) -> None:  # type: ignore[no-untyped-def]
+def test_admin_calls_are_not_logged(sim: RunningSimulator) -> None:
     """Reading the log over HTTP does not add to it, and redacts the API key."""
     client = make_client(sim)  # keep a reference: a collected Client closes its transport
     client.interactions.create(model=MODEL, input="hi", store=False)
@@ -42,7 +43,7 @@ def test_admin_calls_are_not_logged(sim) -> None:  # type: ignore[no-untyped-def
     assert logged[0]["headers"]["x-goog-api-key"] == "<redacted>"
 
 
-def test_nothing_is_written_to_disk_unless_asked(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_is_written_to_disk_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a log path no file appears; with one, every request is a JSON line with keys redacted."""
     monkeypatch.chdir(tmp_path)
     with start_simulator() as quiet:
@@ -55,7 +56,8 @@ def test_nothing_is_written_to_disk_unless_asked(tmp_path: Path, monkeypatch) ->
         loud_client.interactions.create(model=MODEL, input="hi", store=False)
     (line,) = log_path.read_text().splitlines()
     entry = json.loads(line)
-    assert entry["body"]["input"] == "hi" and entry["headers"]["x-goog-api-key"] == "<redacted>"
+    assert entry["body"]["input"] == "hi"
+    assert entry["headers"]["x-goog-api-key"] == "<redacted>"
 
 
 def test_in_memory_log_is_bounded() -> None:

@@ -8,7 +8,7 @@ from google.genai import _interactions as errors
 
 from service.simulator import RunningSimulator
 
-from .conftest import MODEL, make_client, text_input
+from .conftest import MODEL, error_body, make_client, user_step
 
 
 def test_get_returns_the_stored_interaction(client: genai.Client) -> None:
@@ -16,12 +16,13 @@ def test_get_returns_the_stored_interaction(client: genai.Client) -> None:
     created = client.interactions.create(model=MODEL, input="keep me", store=True)
     plain = client.interactions.with_raw_response.get(created.id).json()
     with_input = client.interactions.get(created.id, include_input=True)
-    assert plain["id"] == created.id and plain["status"] == "completed"
+    assert plain["id"] == created.id
+    assert plain["status"] == "completed"
     assert "input" not in plain
     assert [s["type"] for s in plain["steps"]] == [
         s.type if s.type != "UNKNOWN" else "x_sim_trace" for s in created.steps
     ]
-    assert with_input.input[0].content[0].text == "keep me"
+    assert with_input.model_dump(mode="json")["input"][0]["content"][0]["text"] == "keep me"
 
 
 def test_store_defaults_to_true(client: genai.Client) -> None:
@@ -50,7 +51,7 @@ def test_delete_removes_the_provider_copy(client: genai.Client) -> None:
 async def test_async_get_and_delete(sim: RunningSimulator) -> None:
     """The async client reads and deletes stored interactions too."""
     client = make_client(sim)
-    created = await client.aio.interactions.create(model=MODEL, input=[text_input("async keep")], store=True)
+    created = await client.aio.interactions.create(model=MODEL, input=[user_step("async keep")], store=True)
     fetched = await client.aio.interactions.get(created.id)
     assert fetched.status == "completed"
     await client.aio.interactions.delete(created.id)
@@ -61,7 +62,8 @@ async def test_async_get_and_delete(sim: RunningSimulator) -> None:
 def test_background_job_moves_from_queued_to_completed(client: genai.Client, sim: RunningSimulator) -> None:
     """A background interaction is queued, then in_progress, then completed with its steps."""
     created = client.interactions.create(model=MODEL, input="slow job", background=True, store=True)
-    assert created.status == "queued" and not created.steps
+    assert created.status == "queued"
+    assert not created.steps
     sim.app.advance(0.3)
     assert client.interactions.get(created.id).status == "in_progress"
     sim.app.advance(0.5)
@@ -83,7 +85,7 @@ def test_cancel_of_a_finished_interaction_is_refused(client: genai.Client) -> No
     created = client.interactions.create(model=MODEL, input="done", store=True)
     with pytest.raises(errors.BadRequestError) as caught:
         client.interactions.cancel(created.id)
-    assert caught.value.body["error"]["status"] == "FAILED_PRECONDITION"
+    assert error_body(caught.value)["error"]["status"] == "FAILED_PRECONDITION"
 
 
 def test_any_version_prefix_is_served(sim: RunningSimulator) -> None:

@@ -12,7 +12,7 @@ from google.genai import _interactions as errors
 
 from service.simulator import RunningSimulator
 
-from .conftest import MODEL, text_input
+from .conftest import MODEL, error_body, text_input, user_step
 
 TOOLS = [
     {
@@ -26,7 +26,8 @@ TOOLS = [
 
 def turn(client: genai.Client, steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     raw = client.interactions.with_raw_response.create(model=MODEL, input=steps, store=False, **extra)
-    return json.loads(raw.read())
+    data: dict[str, Any] = json.loads(raw.read())
+    return data
 
 
 def ask_for_call(client: genai.Client) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -40,7 +41,8 @@ def test_function_call_round_trip(client: genai.Client) -> None:
     history, reply = ask_for_call(client)
     assert reply["status"] == "requires_action"
     call = next(s for s in reply["steps"] if s["type"] == "function_call")
-    assert call["name"] == "get_weather" and call["arguments"] == {"city": "Oslo"}
+    assert call["name"] == "get_weather"
+    assert call["arguments"] == {"city": "Oslo"}
     assert call["signature"]
     result = {"type": "function_result", "call_id": call["id"], "name": "get_weather", "result": {"temp_c": 4}}
     answer = turn(client, [*history, result], tools=TOOLS)
@@ -122,9 +124,9 @@ def test_altered_model_steps_are_400(client: genai.Client, where: str) -> None:
 
 def test_faithful_replay_through_sdk_objects_is_accepted(client: genai.Client) -> None:
     """History replayed as the SDK's own typed steps (re-serialized) is still accepted."""
-    first = client.interactions.create(model=MODEL, input=[text_input("hello")], store=False)
+    first = client.interactions.create(model=MODEL, input=[user_step("hello")], store=False)
     second = client.interactions.create(
-        model=MODEL, input=[text_input("hello"), *first.steps, text_input("what did I say first?")], store=False
+        model=MODEL, input=[user_step("hello"), *first.steps, user_step("what did I say first?")], store=False
     )
     assert second.output_text == 'You first said: "hello".'
 
@@ -133,7 +135,7 @@ def test_unknown_previous_interaction_is_404(client: genai.Client) -> None:
     """A previous_interaction_id that names no interaction is a 404 NOT_FOUND."""
     with pytest.raises(errors.NotFoundError) as caught:
         client.interactions.create(model=MODEL, input="hi", previous_interaction_id="int_missing")
-    assert caught.value.body["error"]["status"] == "NOT_FOUND"
+    assert error_body(caught.value)["error"]["status"] == "NOT_FOUND"
 
 
 def test_store_false_interaction_cannot_be_chained(client: genai.Client) -> None:
