@@ -10,6 +10,7 @@ from . import keyed_digests
 from .audit import Auditor
 from .auth_failures import AuthFailures
 from .background import BackgroundTasks
+from .clock import Clock
 from .crypto import Keyring
 from .policy import Policy
 from .upstream import Upstream
@@ -33,6 +34,8 @@ class ServiceContext:
     turn_store_wait_seconds: float = 10.0
     # Work that outlives its request: storing a reply, releasing a lease, renewing one.
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
+    # The clock retention deadlines are compared with (the database's; tests move it forward).
+    clock: Clock = field(default_factory=Clock)
     # This replica's failed-authentication limits and the summaries of failures it owes the log.
     auth_failures: AuthFailures = field(default_factory=AuthFailures)
 

@@ -17,6 +17,8 @@
     │   └── DataClassNotAllowedError
     ├── TurnInProgress                     another turn holds the conversation             (409)
     │   └── LeaseLost                      a turn's lease ran out and another took over
+    ├── LegalHoldActive                    a legal hold forbids deleting it                (409)
+    ├── MinimumRetention                   its keep_at_least has not passed yet            (409)
     ├── IdempotencyKeyReused               same Idempotency-Key, different request         (422)
     ├── IdempotencyKeyInFlight             same Idempotency-Key, first request running     (409)
     ├── UpstreamFailed                     the model call failed after Custody's retries (error, 502/504)
@@ -52,7 +54,9 @@ __all__ = [
     "KeyUnwrapError",
     "KeyringError",
     "LeaseLost",
+    "LegalHoldActive",
     "MalformedRequest",
+    "MinimumRetention",
     "PermissionDenied",
     "PolicyError",
     "PolicyViolation",
@@ -187,6 +191,22 @@ class DataClassNotAllowedError(PolicyViolation):
         self.route = route
         self.classes = tuple(sorted(set(classes)))
         super().__init__(f"route {route} does not allow data classes: " + ", ".join(self.classes))
+
+
+class LegalHoldActive(CustodyError):
+    """A legal hold covers the conversation: nobody may delete it, and the runner does not purge it."""
+
+    def __init__(self, hold_id: str) -> None:
+        super().__init__(f"legal hold {hold_id} covers this conversation; it cannot be deleted while it is active")
+        self.hold_id = hold_id
+
+
+class MinimumRetention(CustodyError):
+    """The conversation must be kept until `deletable_from` (its keep_at_least rule)."""
+
+    def __init__(self, deletable_from: str) -> None:
+        super().__init__(f"this conversation must be kept until {deletable_from} (its minimum retention)")
+        self.deletable_from = deletable_from
 
 
 class IdempotencyKeyReused(CustodyError):

@@ -36,8 +36,11 @@ __all__ = [
     "Base",
     "Conversation",
     "DataKey",
+    "DeletionReceipt",
     "IdempotencyRecord",
     "KeyringSentinel",
+    "LegalHold",
+    "RetentionRun",
     "Step",
     "Tenant",
     "Turn",
@@ -89,6 +92,8 @@ class Conversation(Base):
     __table_args__ = (
         # The reaper looks for expired leases; only leased rows are indexed.
         Index("ix_conversations_leased", "lease_expires_at", postgresql_where=text("lease_token IS NOT NULL")),
+        # The retention runner looks for conversations past their deadline.
+        Index("ix_conversations_purge_at", "purge_at", postgresql_where=text("purge_at IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -105,11 +110,21 @@ class Conversation(Base):
     policy_version: Mapped[str] = mapped_column(String(80), nullable=False)
     step_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     turn_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    # The claim a turn holds while it waits for the model; see turn_leases.py.
+    # The claim a turn holds while it waits for the model; see leases.py.
     lease_token: Mapped[str | None] = mapped_column(String(40))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
+    # The last activity (open, or a turn's finish): delete_after counts from here.
     updated_at: Mapped[datetime] = _now()
+    # The retention rule that governs the conversation (the strictest of its route's and
+    # classes'; ISO 8601 durations) and the deadlines it gives, on the database's clock:
+    # no deletion before keep_until; the runner purges from purge_at on (NULL: never).
+    delete_after: Mapped[str | None] = mapped_column(String(40))
+    keep_at_least: Mapped[str | None] = mapped_column(String(40))
+    keep_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    purge_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The policy the rule was derived under: a different one means it must be recomputed.
+    retention_policy_version: Mapped[str] = mapped_column(String(80), index=True, nullable=False, server_default="")
 
 
 class DataKey(Base):
@@ -201,6 +216,56 @@ class KeyringSentinel(Base):
 
     kek_version: Mapped[int] = mapped_column(Integer, primary_key=True)
     wrapped: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
+class LegalHold(Base):
+    """A hold on a tenant, a conversation or a data subject: while active, nothing it covers is
+    purged or deleted, by anyone. The reason is the operator's (a case reference, say)."""
+
+    __tablename__ = "legal_holds"
+    __table_args__ = (
+        CheckConstraint("scope IN ('tenant', 'conversation', 'subject')", name="scope"),
+        Index("ix_legal_holds_active", "tenant_id", postgresql_where=text("released_at IS NULL")),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)
+    conversation_id: Mapped[str | None] = mapped_column(String(40))
+    subject_digest: Mapped[bytes | None] = mapped_column(LargeBinary)
+    reason: Mapped[str] = mapped_column(Text, nullable=False)
+    created_by: Mapped[str] = mapped_column(String(80), nullable=False)
+    created_at: Mapped[datetime] = _now()
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    released_by: Mapped[str | None] = mapped_column(String(80))
+
+
+class RetentionRun(Base):
+    """One run of the retention runner: its scope, progress and counts, never content."""
+
+    __tablename__ = "retention_runs"
+    __table_args__ = (CheckConstraint("status IN ('running', 'completed', 'failed')", name="status"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(String(40))
+    dry_run: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    started_by: Mapped[str] = mapped_column(String(80), nullable=False)
+    policy_version: Mapped[str] = mapped_column(String(80), nullable=False)
+    counts: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeletionReceipt(Base):
+    """A signed receipt of a deletion or purge (see service.retention)."""
+
+    __tablename__ = "deletion_receipts"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), index=True, nullable=False)
+    receipt: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = _now()
 
 

@@ -26,12 +26,12 @@ from .context import ServiceContext
 from .crypto import verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
+from .leases import reap_expired_leases
 from .models import Tenant
 from .policy import PolicyError, load_policy
 from .secret_files import load_keyring, load_pepper, load_signer
 from .telemetry import describe, tracer_provider_from_env
 from .tenants import create_tenant, issue_key
-from .turns import reap_expired_leases
 from .upstream import Upstream
 
 __all__ = ["Runtime", "build_runtime"]

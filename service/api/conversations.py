@@ -24,6 +24,7 @@ from .wire import (
     ApiOperation,
     ConversationCreate,
     ConversationOut,
+    DeletionReceiptOut,
     HistoryOut,
     HistoryStep,
     TurnCreate,
@@ -195,13 +196,16 @@ class ConversationController(Controller):
     @delete(
         "/{conversation_id:str}",
         operation_id="DeleteConversation",
-        status_code=204,
+        status_code=200,
         summary="Delete a conversation",
         operation_class=ApiOperation,
         responses=problem_responses(
             404,
             *AUTHENTICATED,
-            notes={409: "A turn is waiting for the model; retry when it ends."},
+            notes={
+                409: "A turn is waiting for the model (retry when it ends), a legal hold covers the conversation "
+                "(`hold_id` names it), or its minimum retention has not passed (`deletable_from` says when it will).",
+            },
         ),
     )
     async def remove(
@@ -210,10 +214,13 @@ class ConversationController(Controller):
         conversation_id: FromPath[str],
         principal: NamedDependency[Principal],
         meta: NamedDependency[RequestMeta],
-    ) -> None:
-        """Crypto-shred the conversation, delete its rows, then delete any provider copies.
+    ) -> DeletionReceiptOut:
+        """Crypto-shred the conversation, delete its rows, then delete any provider copies; answers
+        with the deletion receipt, signed with the audit key.
 
         The data key is destroyed first, so copies of the rows in backups cannot be read either.
-        A provider copy that cannot be deleted now is retried later, and audited either way.
+        A provider copy that cannot be deleted now is retried later, and audited either way; the
+        receipt lists it as pending. Check a receipt offline with `custody receipts verify`.
         """
-        await delete_conversation(_ctx(request), principal, meta, conversation_id)
+        deleted = await delete_conversation(_ctx(request), principal, meta, conversation_id)
+        return DeletionReceiptOut.of(deleted.receipt)

@@ -33,6 +33,8 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
     (errors.FunctionResultMismatch, 422, "function-result-mismatch", "Function result answers no pending call"),
     (errors.InvalidInput, 422, "invalid-input", "Invalid input"),
     (errors.TurnInProgress, 409, "turn-in-progress", "Another turn is in progress"),
+    (errors.LegalHoldActive, 409, "legal-hold", "A legal hold forbids this deletion"),
+    (errors.MinimumRetention, 409, "minimum-retention", "Minimum retention not reached"),
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused", "Idempotency-Key reused with a different request"),
     (errors.IdempotencyKeyInFlight, 409, "idempotency-key-in-flight", "Idempotency-Key in use"),
     (UnknownRouteError, 422, "unknown-route", "Unknown route"),
@@ -67,7 +69,15 @@ def _detail(request: Request[Any, Any, Any], exc: Exception) -> str:
 def _custody_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     for cls, status, slug, title in _MAPPING:
         if isinstance(exc, cls):
-            return problem(status, slug, title, _detail(request, exc), pointer=getattr(exc, "pointer", None))
+            return problem(
+                status,
+                slug,
+                title,
+                _detail(request, exc),
+                pointer=getattr(exc, "pointer", None),
+                hold_id=getattr(exc, "hold_id", None),
+                deletable_from=getattr(exc, "deletable_from", None),
+            )
     if isinstance(exc, errors.UpstreamFailed):
         status = 504 if exc.timeout else 502
         return problem(status, "upstream-failed", "The model call failed", str(exc), code=exc.code)

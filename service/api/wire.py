@@ -28,6 +28,7 @@ __all__ = [
     "AuditVerifyOut",
     "ConversationCreate",
     "ConversationOut",
+    "DeletionReceiptOut",
     "HistoryOut",
     "HistoryStep",
     "Problem",
@@ -125,6 +126,21 @@ class TurnOut(msgspec.Struct):
             storage=StorageOut(store=result.store, reason=result.storage_reason),
             policy_version=result.policy_version,
         )
+
+
+class DeletionReceiptOut(msgspec.Struct):
+    """A deletion receipt: `payload` says what was destroyed (each conversation's id, step count,
+    data-key version, when, which provider copies were deleted or are still pending, and the seqs
+    of the audit records), signed with the audit key (Ed25519 over its RFC 8785 form)."""
+
+    payload: dict[str, Any]
+    key_id: str
+    signature: str
+    public_key: str
+
+    @classmethod
+    def of(cls, receipt: dict[str, Any]) -> DeletionReceiptOut:
+        return msgspec.convert(receipt, cls)
 
 
 class HistoryStep(msgspec.Struct):

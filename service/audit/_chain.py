@@ -29,6 +29,7 @@ __all__ = [
     "ChainVerdict",
     "ChainWalk",
     "Checkpoint",
+    "attestation_valid",
     "load_public_key",
     "public_key_id",
     "record_hash",

@@ -119,6 +119,8 @@ class AuditEntry:
     # Who acted at the console, for actions with no API key (the CLI): the OS user, or the name
     # given with `--as`, in the documented safe shape (see service.operators).
     operator: str | None = None
+    # The record once written (its seq, for a deletion receipt); None until then.
+    written: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -181,6 +183,7 @@ async def _append(
     head.seq, head.head_hash = record["seq"], record["hash"]
     await session.flush()
     span.set_attribute("custody.audit_seq", record["seq"])
+    entry.written = record
     return record
 
 

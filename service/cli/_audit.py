@@ -20,6 +20,7 @@ from ..audit import (
     export_range,
     header_token,
     header_token_in,
+    load_public_key,
     verify_chain,
     verify_export,
 )
@@ -162,7 +163,40 @@ def _audit_checkpoint(args: argparse.Namespace) -> int:
     return with_runtime(args, work)
 
 
+def _receipts_verify(args: argparse.Namespace) -> int:
+    """A deletion receipt checked offline against the audit public key: exit 0 when it verifies,
+    1 when it does not (altered, or signed by another key), 2 when it cannot be read."""
+    from ..conversations import receipt_valid
+
+    try:
+        document = json.loads(args.file.read_text(encoding="utf-8"))
+        key = load_public_key(args.public_key.read_bytes())
+    except OSError as exc:
+        raise CommandFailed(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CommandFailed(
+            "the receipt must be the JSON the service answered and the key an Ed25519 public key in PEM"
+        ) from None
+    if not receipt_valid(document, key):
+        print(f"{args.file}: NOT VALID: altered, or not signed by this key")
+        return 1
+    payload = document["payload"]
+    print(
+        f"{args.file}: valid receipt {payload['receipt_id']} ({payload['cause']}, issued {payload['issued_at']}): "
+        f"{len(payload['destroyed'])} conversation(s) destroyed, {len(payload['kept'])} kept"
+    )
+    return 0
+
+
 def add_audit_commands(commands: argparse._SubParsersAction[Any]) -> None:
+    receipts = commands.add_parser("receipts", help="check deletion receipts").add_subparsers(
+        dest="action", required=True
+    )
+    check = receipts.add_parser("verify", help="check a deletion receipt offline against the audit public key")
+    check.add_argument("file", type=Path, metavar="FILE", help="the receipt as the service answered it (JSON)")
+    check.add_argument("--public-key", type=Path, required=True, help="PEM of the audit signing key")
+    check.set_defaults(handler=_receipts_verify)
+
     audit = commands.add_parser("audit", help="verify, export and checkpoint the audit log").add_subparsers(
         dest="action", required=True
     )

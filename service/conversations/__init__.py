@@ -1,5 +1,6 @@
-"""Conversations: their lifecycle (open, read, delete), their sealed history and the provider's copies."""
+"""Conversations: lifecycle, sealed history, retention deadlines, provider copies and deletion receipts."""
 
+from ._deadlines import last_activity_deadline, recompute_deadlines, rule_values
 from ._history import (
     ConversationCipher,
     append_steps,
@@ -13,31 +14,46 @@ from ._history import (
 from ._lifecycle import (
     ConversationView,
     Deleted,
+    Erased,
     HistoryPage,
+    check_deletable,
     delete_conversation,
+    erase,
     open_conversation,
     owned_conversation,
     read_conversation,
     read_history,
 )
 from ._provider_copies import delete_provider_copies
+from ._receipts import RECEIPT_FORMAT, Destroyed, Kept, issue_receipt, receipt_valid
 
 __all__ = [
+    "RECEIPT_FORMAT",
     "ConversationCipher",
     "ConversationView",
     "Deleted",
+    "Destroyed",
+    "Erased",
     "HistoryPage",
+    "Kept",
     "append_steps",
+    "check_deletable",
     "create_cipher",
     "decode_json",
     "delete_conversation",
     "delete_provider_copies",
     "encode_json",
+    "erase",
+    "issue_receipt",
+    "last_activity_deadline",
     "load_cipher",
     "open_conversation",
     "owned_conversation",
     "read_conversation",
     "read_history",
     "read_steps",
+    "receipt_valid",
+    "recompute_deadlines",
+    "rule_values",
     "shred_data_key",
 ]

@@ -106,9 +106,13 @@ async def load_cipher(session: AsyncSession, keyring: Keyring, conversation: Con
     return ConversationCipher(conversation.tenant_id, conversation.id, data_key, row.kek_version)
 
 
-async def shred_data_key(session: AsyncSession, conversation_id: str) -> None:
-    """Crypto-shredding: without this row every ciphertext of the conversation is noise."""
-    await session.execute(delete(DataKey).where(DataKey.conversation_id == conversation_id))
+async def shred_data_key(session: AsyncSession, conversation_id: str) -> int | None:
+    """Crypto-shredding: without this row every ciphertext of the conversation is noise. Returns
+    the KEK version the destroyed data key was wrapped under (None: it had none)."""
+    version = await session.scalar(
+        delete(DataKey).where(DataKey.conversation_id == conversation_id).returning(DataKey.kek_version)
+    )
+    return int(version) if version is not None else None
 
 
 def append_steps(session: AsyncSession, cipher: ConversationCipher, turn_id: str, start: int, steps: list[Any]) -> None:

@@ -12,25 +12,32 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..audit import AuditEntry, RequestMeta
+from ..audit import AuditEntry, RequestMeta, utc_instant
 from ..auth import Principal
 from ..context import ServiceContext
 from ..database import database_now
-from ..errors import ConversationNotFound, InvalidInput, TurnInProgress
+from ..errors import ConversationNotFound, InvalidInput, LegalHoldActive, MinimumRetention, TurnInProgress
 from ..ids import audited_conversation_id, is_conversation_id, new_id
+from ..leases import close_abandoned
+from ..legal_holds import active_hold
 from ..models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
 from ..policy import check_data_classes
+from ._deadlines import rule_values
 from ._history import create_cipher, load_cipher, read_steps, shred_data_key
 from ._provider_copies import delete_provider_copies
+from ._receipts import Destroyed, issue_receipt
 
 __all__ = [
     "ConversationView",
     "Deleted",
     "HistoryPage",
+    "Erased",
+    "check_deletable",
     "delete_conversation",
+    "erase",
     "read_conversation",
     "read_history",
     "open_conversation",
@@ -66,7 +73,8 @@ class HistoryPage:
 @dataclass(frozen=True)
 class Deleted:
     data_classes: list[str]
-    provider_copies: list[str]  # upstream interaction ids the provider may still hold
+    provider_copies: list[str]  # upstream interaction ids the provider held
+    receipt: dict[str, Any]  # the signed deletion receipt
 
 
 async def owned_conversation(
@@ -118,6 +126,12 @@ async def open_conversation(
             policy_version=ctx.policy.version,
             step_count=0,
             turn_count=0,
+            **rule_values(
+                ctx.policy.retention_for(route, classes),
+                ctx.policy.version,
+                created=func.now(),
+                last_activity=func.now(),
+            ),
         )
         session.add(conversation)
         await session.flush()
@@ -184,11 +198,12 @@ async def read_history(
 async def delete_conversation(
     ctx: ServiceContext, principal: Principal, meta: RequestMeta | None, conversation_id: str
 ) -> Deleted:
-    """Shred the data key, delete the rows (one audited transaction), then delete every copy the
-    provider still holds (each attempt audited; a failure stays on the ledger to be retried).
+    """Delete one of the caller's conversations: data key first, then rows (one audited
+    transaction), then every copy the provider still holds (each attempt audited; a failure stays
+    on the ledger to be retried); returns what was destroyed, with its signed receipt.
 
-    The order matters for backups and replicas: once the key row is gone, any copy of the step
-    rows that survives elsewhere is ciphertext nobody can open.
+    Refused while a turn waits for the model (409), while a legal hold covers the conversation
+    (409 naming the hold) and before its minimum retention has passed (409 with the date).
     """
     entry = AuditEntry(
         "conversation.delete",
@@ -198,21 +213,76 @@ async def delete_conversation(
         resource_id=audited_conversation_id(conversation_id),
     )
     async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-        deleted = await _erase(session, principal, conversation_id)
-        entry.data_classes = deleted.data_classes
-        entry.details["provider_copies"] = len(deleted.provider_copies)
-    await delete_provider_copies(ctx, principal, meta, conversation_id, deleted.provider_copies)
-    return deleted
+        conversation = await owned_conversation(session, principal, conversation_id, lock=True)
+        await check_deletable(ctx, session, conversation)
+        erased = await erase(session, conversation)
+        entry.data_classes = erased.data_classes
+        entry.details["provider_copies"] = len(erased.provider_copies)
+    deleted, pending = await delete_provider_copies(ctx, principal, meta, conversation_id, erased.provider_copies)
+    async with ctx.sessions.begin() as session:
+        receipt = await issue_receipt(
+            session,
+            ctx.auditor.signer,
+            tenant_id=principal.tenant_id,
+            chain=principal.tenant_id,
+            cause="deletion",
+            destroyed=[erased.destroyed(entry, deleted, pending)],
+        )
+    return Deleted(erased.data_classes, erased.provider_copies, receipt)
 
 
-async def _erase(session: AsyncSession, principal: Principal, conversation_id: str) -> Deleted:
-    conversation = await owned_conversation(session, principal, conversation_id, lock=True)
+async def check_deletable(ctx: ServiceContext, session: AsyncSession, conversation: Conversation) -> None:
+    """Refuse (409) to delete a conversation a turn holds, a legal hold covers, or whose minimum
+    retention has not passed; close a turn whose holder died, with its outcome on record."""
     now = await database_now(session)
     if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
         # A turn is waiting for the model; deleting now would let its reply (and, with provider
         # storage, its provider copy) land after the erasure. The caller retries when it ends.
         raise TurnInProgress(conversation.id)
-    await shred_data_key(session, conversation.id)
+    if conversation.lease_token:
+        await close_abandoned(ctx.auditor, session, conversation, closed_by="deletion")
+    if (hold_id := await active_hold(session, conversation)) is not None:
+        raise LegalHoldActive(hold_id)
+    if conversation.keep_until is not None:
+        deadline_now = await session.scalar(select(ctx.clock.now()))
+        if deadline_now is not None and conversation.keep_until > deadline_now:
+            raise MinimumRetention(utc_instant(conversation.keep_until))
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What `erase` destroyed, for the audit record and the receipt."""
+
+    conversation_id: str
+    data_classes: list[str]
+    step_count: int
+    data_key_version: int | None
+    destroyed_at: str
+    provider_copies: list[str]  # interaction ids the provider may still hold
+
+    def destroyed(self, entry: AuditEntry, deleted: list[int], pending: list[str]) -> Destroyed:
+        """The receipt's account of it, once the provider copies were asked for (`deleted` are the
+        seqs of their upstream.delete records)."""
+        seqs = [entry.written["seq"]] if entry.written else []
+        return Destroyed(
+            conversation_id=self.conversation_id,
+            step_count=self.step_count,
+            data_key_version=self.data_key_version,
+            destroyed_at=self.destroyed_at,
+            provider_copies_deleted=[c for c in self.provider_copies if c not in pending],
+            provider_copies_pending=list(pending),
+            audit_seqs=[*seqs, *deleted],
+        )
+
+
+async def erase(session: AsyncSession, conversation: Conversation) -> Erased:
+    """Shred the data key, then delete the rows, of a conversation the caller holds locked.
+
+    The order matters for backups and replicas: once the key row is gone, any copy of the step
+    rows that survives elsewhere is ciphertext nobody can open.
+    """
+    key_version = await shred_data_key(session, conversation.id)
+    destroyed_at = utc_instant(await database_now(session))
     await session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.conversation_id == conversation.id))
     await session.execute(delete(Step).where(Step.conversation_id == conversation.id))
     await session.execute(delete(Turn).where(Turn.conversation_id == conversation.id))
@@ -224,7 +294,14 @@ async def _erase(session: AsyncSession, principal: Principal, conversation_id: s
             UpstreamInteraction.deleted_at.is_(None),
         )
     )
-    return Deleted(list(conversation.data_classes), list(stored))
+    return Erased(
+        conversation.id,
+        list(conversation.data_classes),
+        conversation.step_count,
+        key_version,
+        destroyed_at,
+        list(stored),
+    )
 
 
 def _view(conversation: Conversation, subject: str | None, metadata: dict[str, Any]) -> ConversationView:

@@ -29,10 +29,16 @@ async def delete_provider_copies(
     meta: RequestMeta | None,
     conversation_id: str,
     interaction_ids: Iterable[str],
-) -> None:
+    *,
+    tenant_id: str | None = None,
+) -> tuple[list[int], list[str]]:
     """Ask the provider to delete each copy; shielded, so a caller who goes away cannot stop it
-    half-way."""
-    await asyncio.shield(_delete_all(ctx, principal, meta, conversation_id, list(interaction_ids)))
+    half-way. Returns the seqs of the `upstream.delete` records and the copies still pending.
+
+    The records go to the tenant's chain: the principal's, or `tenant_id` for a caller with no
+    principal (the retention runner)."""
+    chain = tenant_id or (principal.tenant_id if principal else None)
+    return await asyncio.shield(_delete_all(ctx, principal, meta, conversation_id, list(interaction_ids), chain))
 
 
 async def _delete_all(
@@ -41,7 +47,10 @@ async def _delete_all(
     meta: RequestMeta | None,
     conversation_id: str,
     interaction_ids: list[str],
-) -> None:
+    chain: str | None,
+) -> tuple[list[int], list[str]]:
+    seqs: list[int] = []
+    pending: list[str] = []
     for interaction_id in interaction_ids:
         error: str | None = None
         try:
@@ -56,7 +65,7 @@ async def _delete_all(
             resource_type="upstream_interaction",
             resource_id=interaction_id,
             details={"conversation_id": conversation_id},
-            chain=principal.tenant_id if principal else None,
+            chain=chain,
         )
         async with ctx.sessions.begin() as session:
             values: dict[str, Any] = {
@@ -68,9 +77,13 @@ async def _delete_all(
             await session.execute(
                 update(UpstreamInteraction).where(UpstreamInteraction.id == interaction_id).values(**values)
             )
-            await ctx.auditor.append(
+            record = await ctx.auditor.append(
                 session,
                 entry,
                 outcome="success" if error is None else "error",
                 reason=None if error is None else "provider_delete_failed",
             )
+        seqs.append(int(record["seq"]))
+        if error is not None:
+            pending.append(interaction_id)
+    return seqs, pending

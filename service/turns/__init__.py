@@ -1,8 +1,7 @@
-"""Turns: what a client may send, the claim, the model call and the settling of its outcome, the lease."""
+"""Turns: what a client may send, the claim, the model call and the settling of its outcome."""
 
 from ._engine import TurnEngine
 from ._input import check_function_results, normalize_client_input, pending_calls
-from ._leases import close_abandoned, reap_expired_leases, renew_lease
 from ._types import TurnRequest, TurnResult
 
 __all__ = [
@@ -10,9 +9,6 @@ __all__ = [
     "TurnRequest",
     "TurnResult",
     "check_function_results",
-    "close_abandoned",
     "normalize_client_input",
     "pending_calls",
-    "reap_expired_leases",
-    "renew_lease",
 ]

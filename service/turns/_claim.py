@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import AuditEntry
 from ..context import ServiceContext
-from ..conversations import ConversationCipher, load_cipher, owned_conversation, read_steps
+from ..conversations import ConversationCipher, load_cipher, owned_conversation, read_steps, rule_values
 from ..database import database_now
 from ..errors import (
     IdempotencyKeyInFlight,
@@ -29,10 +29,10 @@ from ..errors import (
     UnknownRouteError,
 )
 from ..ids import audited_conversation_id, new_id
+from ..leases import close_abandoned
 from ..models import Conversation, IdempotencyRecord, Turn
 from ..policy import StorageDecision, check_data_classes, decide_storage
 from ._input import check_function_results
-from ._leases import close_abandoned
 from ._types import TurnRequest, TurnResult
 
 __all__ = ["Claim", "Inspected", "claim_turn"]
@@ -84,94 +84,101 @@ async def claim_turn(
         resource_id=audited_conversation_id(request.conversation_id),
         details={"input_steps": len(new_steps), "idempotency_key": key_digest is not None},
     )
-    try:
-        async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            conversation = await owned_conversation(session, principal, request.conversation_id, lock=True)
+    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
+        conversation = await owned_conversation(session, principal, request.conversation_id, lock=True)
+        entry.data_classes = list(conversation.data_classes)
+        now = await database_now(session)
+        leased = bool(
+            conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
+        )
+        if conversation.lease_token and not leased:
+            # The lease ran out: its holder died (or lost the database for longer than the
+            # lease). Close its turn, with its outcome on record, before taking over.
+            if closed := await close_abandoned(ctx.auditor, session, conversation, closed_by="takeover"):
+                entry.details["abandoned_turns_closed"] = closed
+        if key_digest is not None:
+            earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
+            if earlier is not None:
+                replayed = await _replay(session, ctx, conversation, earlier, inspected.fingerprint, leased=leased)
+                if replayed is not None:
+                    entry.details["idempotent_replay"] = True
+                    return replayed
+        if leased:
+            raise TurnInProgress(request.conversation_id)
+        try:
+            route = ctx.policy.route(conversation.route)
+        except UnknownRouteError:
+            raise InvalidInput("this conversation's route is no longer in the policy") from None
+        raised = inspected.detected - set(conversation.data_classes)
+        if raised:
+            # Classification only rises; a class the route does not allow refuses the turn.
+            check_data_classes(route, raised, ctx.policy.data_classes)
+            conversation.data_classes = sorted({*conversation.data_classes, *raised})
+            # A new class may bring a stricter retention rule: the deadlines follow at once.
+            for column, value in rule_values(
+                ctx.policy.retention_for(conversation.route, conversation.data_classes), ctx.policy.version
+            ).items():
+                setattr(conversation, column, value)
             entry.data_classes = list(conversation.data_classes)
-            now = await database_now(session)
-            leased = bool(
-                conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
+            entry.details["classification_raised"] = sorted(raised)
+        cipher = await load_cipher(session, ctx.keyring, conversation)
+        history = [step for _, _, step in await read_steps(session, cipher)]
+        check_function_results(history, new_steps)
+        decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
+        claim = Claim(
+            turn_id=new_id("turn"),
+            turn_number=conversation.turn_count + 1,
+            lease_token=new_id("lease"),
+            settings=route.upstream_settings(),
+            decision=decision,
+            policy_version=ctx.policy.version,
+            data_classes=list(conversation.data_classes),
+            key_digest=key_digest,
+            cipher=cipher,
+            history=history,
+        )
+        conversation.lease_token = claim.lease_token
+        conversation.lease_expires_at = now + timedelta(seconds=ctx.turn_lease_seconds)
+        conversation.turn_count = claim.turn_number
+        session.add(
+            Turn(
+                id=claim.turn_id,
+                conversation_id=conversation.id,
+                number=claim.turn_number,
+                status="in_progress",
+                provider_storage=decision.provider_storage,
+                storage_reason=decision.reason,
+                policy_version=claim.policy_version,
+                key_id=principal.key_id,
             )
-            if conversation.lease_token and not leased:
-                # The lease ran out: its holder died (or lost the database for longer than the
-                # lease). Close its turn, with its outcome on record, before taking over.
-                if closed := await close_abandoned(ctx.auditor, session, conversation, closed_by="takeover"):
-                    entry.details["abandoned_turns_closed"] = closed
-            if key_digest is not None:
-                earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
-                if earlier is not None:
-                    replayed = await _replay(session, ctx, conversation, earlier, inspected.fingerprint, leased=leased)
-                    if replayed is not None:
-                        entry.details["idempotent_replay"] = True
-                        return replayed
-            if leased:
-                raise TurnInProgress(request.conversation_id)
+        )
+        await session.flush()
+        if key_digest is not None:
             try:
-                route = ctx.policy.route(conversation.route)
-            except UnknownRouteError:
-                raise InvalidInput("this conversation's route is no longer in the policy") from None
-            raised = inspected.detected - set(conversation.data_classes)
-            if raised:
-                # Classification only rises; a class the route does not allow refuses the turn.
-                check_data_classes(route, raised, ctx.policy.data_classes)
-                conversation.data_classes = sorted({*conversation.data_classes, *raised})
-                entry.data_classes = list(conversation.data_classes)
-                entry.details["classification_raised"] = sorted(raised)
-            cipher = await load_cipher(session, ctx.keyring, conversation)
-            history = [step for _, _, step in await read_steps(session, cipher)]
-            check_function_results(history, new_steps)
-            decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
-            claim = Claim(
-                turn_id=new_id("turn"),
-                turn_number=conversation.turn_count + 1,
-                lease_token=new_id("lease"),
-                settings=route.upstream_settings(),
-                decision=decision,
-                policy_version=ctx.policy.version,
-                data_classes=list(conversation.data_classes),
-                key_digest=key_digest,
-                cipher=cipher,
-                history=history,
-            )
-            conversation.lease_token = claim.lease_token
-            conversation.lease_expires_at = now + timedelta(seconds=ctx.turn_lease_seconds)
-            conversation.turn_count = claim.turn_number
-            session.add(
-                Turn(
-                    id=claim.turn_id,
-                    conversation_id=conversation.id,
-                    number=claim.turn_number,
-                    status="in_progress",
-                    provider_storage=decision.provider_storage,
-                    storage_reason=decision.reason,
-                    policy_version=claim.policy_version,
-                    key_id=principal.key_id,
-                )
-            )
-            await session.flush()
-            if key_digest is not None:
-                session.add(
-                    IdempotencyRecord(
-                        tenant_id=principal.tenant_id,
-                        key=key_digest,
-                        conversation_id=conversation.id,
-                        fingerprint=inspected.fingerprint,
-                        turn_id=claim.turn_id,
+                # A savepoint: losing the race for the key refuses this turn as the in-flight
+                # request it is (and is audited so), not as a database error.
+                async with session.begin_nested():
+                    session.add(
+                        IdempotencyRecord(
+                            tenant_id=principal.tenant_id,
+                            key=key_digest,
+                            conversation_id=conversation.id,
+                            fingerprint=inspected.fingerprint,
+                            turn_id=claim.turn_id,
+                        )
                     )
-                )
-            entry.policy_version = claim.policy_version
-            entry.details |= {
-                "turn_id": claim.turn_id,
-                "history_steps": len(history),
-                "store": decision.provider_storage,
-                "storage_reason": decision.code,
-            }
-            return claim
-    except IntegrityError as exc:
-        if "pk_idempotency_records" not in str(exc.orig):
-            raise
-        # The same key raced in on another conversation of this tenant.
-        raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request") from None
+                    await session.flush()
+            except IntegrityError:
+                # The same key raced in on another conversation of this tenant.
+                raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request") from None
+        entry.policy_version = claim.policy_version
+        entry.details |= {
+            "turn_id": claim.turn_id,
+            "history_steps": len(history),
+            "store": decision.provider_storage,
+            "storage_reason": decision.code,
+        }
+        return claim
     raise AssertionError("unreachable")  # the audited block returns or raises
 
 

@@ -5,7 +5,7 @@ A turn is three units of work, and no database transaction stays open across the
 1. claim (`turn.start`, see _claim.py): take the conversation, or answer a repeated
    Idempotency-Key from storage;
 2. call the model with the whole history plus the new input as `input`, `store` as decided, and
-   the route's settings re-sent, while a background task renews the lease (see _leases.py);
+   the route's settings re-sent, while a background task renews the lease (see service/leases.py);
 3. settle (see _settle.py): the ledger of provider copies first, then `turn.create`, which
    appends the input and reply if the lease is still ours, or a release if the model failed.
 
@@ -39,11 +39,11 @@ from ..detectors import detect_classes
 from ..errors import ConversationNotFound, DatabaseUnavailable, UpstreamFailed
 from ..ids import is_conversation_id
 from ..keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
+from ..leases import renew_lease
 from ..models import Conversation
 from ..upstream import UpstreamReply
 from ._claim import Claim, Inspected, claim_turn
 from ._input import normalize_client_input
-from ._leases import renew_lease
 from ._reply import outcome_of_reply
 from ._settle import ClaimedTurn
 from ._types import TurnRequest, TurnResult
@@ -110,13 +110,9 @@ class TurnEngine:
                 raise
             # Free the turn row and the key. A failed finish was recorded by its audited action;
             # a failed ledger write was not, so it gets its record here.
-            await self._stored(partial(turn.release, outcome_of(exc)[1], reply.attempts, audit=not finishing))
-            if isinstance(exc, ConversationNotFound) and turn.claim.decision.provider_storage:
-                # Deleted while the model worked: the copies the provider kept must go too.
-                request = turn.request
-                await delete_provider_copies(
-                    self._ctx, request.principal, request.meta, request.conversation_id, reply.interaction_ids
-                )
+            exists = await self._stored(partial(turn.release, outcome_of(exc)[1], reply.attempts, audit=not finishing))
+            if not exists or isinstance(exc, ConversationNotFound):
+                await self._delete_orphans(turn, reply.interaction_ids)
             raise
 
     async def _give_back(self, turn: ClaimedTurn, code: str, attempts: int, interaction_ids: list[str]) -> None:
@@ -124,7 +120,17 @@ class TurnEngine:
         turn) still go into the ledger, since the provider may keep them."""
         if interaction_ids:
             await self._stored(partial(turn.ledger, interaction_ids))
-        await self._stored(partial(turn.release, code, attempts))
+        if not await self._stored(partial(turn.release, code, attempts)):
+            await self._delete_orphans(turn, interaction_ids)
+
+    async def _delete_orphans(self, turn: ClaimedTurn, interaction_ids: list[str]) -> None:
+        """The conversation was deleted while the model worked: the copies the provider kept of
+        this turn's interactions go too (nobody could reach them through the conversation now)."""
+        if turn.claim.decision.provider_storage and interaction_ids:
+            request = turn.request
+            await delete_provider_copies(
+                self._ctx, request.principal, request.meta, request.conversation_id, interaction_ids
+            )
 
     def _in_background(
         self, work: Coroutine[Any, Any, T], heartbeat: asyncio.Task[None], claim: Claim

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import AuditEntry
 from ..context import ServiceContext
-from ..conversations import append_steps
+from ..conversations import append_steps, last_activity_deadline
 from ..errors import ConversationNotFound, LeaseLost
 from ..models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
 from ._claim import RESULT_LABEL, Claim
@@ -162,7 +162,9 @@ class ClaimedTurn:
         turn.upstream_latency_ms, turn.upstream_attempts = outcome.reply.latency_ms, outcome.reply.attempts
         turn.finished_at = func.now()
         conversation.lease_token = conversation.lease_expires_at = None
+        # Activity now: delete_after counts from here.
         conversation.updated_at = func.now()
+        conversation.purge_at = last_activity_deadline()
         if claim.key_digest is not None:
             record = await session.get(IdempotencyRecord, (self.request.principal.tenant_id, claim.key_digest))
             if record is not None and record.turn_id != claim.turn_id:
@@ -174,9 +176,10 @@ class ClaimedTurn:
                 # Nothing was stored, so a retry with the same key may run the turn again.
                 await session.delete(record)
 
-    async def release(self, code: str, attempts: int, retry: bool, *, audit: bool = True) -> None:
+    async def release(self, code: str, attempts: int, retry: bool, *, audit: bool = True) -> bool:
         """Record the failed turn and give the conversation back; the history is untouched.
-        Idempotent: a turn already closed (by an earlier attempt or a takeover) stays as it is."""
+        Idempotent: a turn already closed (by an earlier attempt or a takeover) stays as it is.
+        False when the conversation is gone (deleted while the model worked)."""
         claim, principal = self.claim, self.request.principal
         async with self.ctx.sessions.begin() as session:
             conversation = await session.scalar(
@@ -200,8 +203,8 @@ class ClaimedTurn:
                         IdempotencyRecord.response.is_(None),
                     )
                 )
-            if not audit or not closing:
-                return
-            entry = self.turn_entry()
-            entry.details["upstream_attempts"] = attempts
-            await self.ctx.auditor.append(session, entry, outcome="error", reason=code[:80])
+            if audit and closing:
+                entry = self.turn_entry()
+                entry.details["upstream_attempts"] = attempts
+                await self.ctx.auditor.append(session, entry, outcome="error", reason=code[:80])
+            return conversation is not None

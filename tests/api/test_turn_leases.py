@@ -16,7 +16,7 @@ from service.api import create_app
 from service.context import ServiceContext
 from service.ids import new_id
 from service.simulator import FaultSpec, RunningSimulator
-from service.turns import reap_expired_leases
+from service.leases import reap_expired_leases
 
 from ..conftest import Tenant, asgi_transport
 from .helpers import assert_problem, open_conversation, take_turn

@@ -19,15 +19,15 @@ from datetime import timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..audit import AuditEntry, Auditor
-from ..auth import Principal
-from ..context import ServiceContext
-from ..database_errors import database_unreachable
-from ..models import Conversation, IdempotencyRecord, Turn
+from .audit import AuditEntry, Auditor
+from .auth import Principal
+from .context import ServiceContext
+from .database_errors import database_unreachable
+from .models import Conversation, IdempotencyRecord, Turn
 
 __all__ = ["close_abandoned", "reap_expired_leases", "renew_lease"]
 
-logger = logging.getLogger("custody.turn_leases")
+logger = logging.getLogger("custody.leases")
 _REAP_BATCH = 100
 
 
