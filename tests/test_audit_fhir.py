@@ -41,6 +41,7 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
     "upstream.delete": ((REST, "rest"), (RESTFUL, "delete"), "D", "14"),
     "retention.run": ((DCM, "110100"), None, "E", None),
     "retention.purge": ((REST, "rest"), (RESTFUL, "delete"), "D", "15"),
+    "retention.recompute": ((DCM, "110100"), None, "U", None),
     "legal_hold.place": ((DCM, "110113"), (DCM, "110135"), "C", "1"),
     "legal_hold.release": ((DCM, "110113"), (DCM, "110135"), "U", None),
     "tenant.create": ((DCM, "110113"), (DCM, "110129"), "C", "1"),
@@ -80,6 +81,7 @@ LOCAL_ACTIONS = {
     "api_key.revoke",
     "keyring.rotate",
     "retention.run",
+    "retention.recompute",
 }
 
 # Every string the converter may write that does not come from the record.

@@ -33,6 +33,7 @@
 #                                                          is its own retention.purge event
 # retention.purge     rest / delete                D   15  crypto-shredding; DICOM's one delete
 #                                                          event (110105) is for DICOM studies
+# retention.recompute 110100 Application Activity  U   -   deadlines brought to a new policy
 # legal_hold.place    110113 / 110135 Object       C   1   a hold changes whether an object may
 #                     Security Attributes Changed          be deleted
 # legal_hold.release  110113 / 110135              U   -   the hold's state changes
@@ -133,6 +134,7 @@ _ACTIONS: Final[Mapping[str, _Coded]] = {
     "upstream.delete": _rest("delete", "D", "14"),
     "retention.run": _Coded((_DCM, "110100"), None, "E", None),
     "retention.purge": _rest("delete", "D", "15"),
+    "retention.recompute": _Coded((_DCM, "110100"), None, "U", None),
     "legal_hold.place": _alert("110135", "C", "1"),
     "legal_hold.release": _alert("110135", "U"),
     "tenant.create": _alert("110129", "C", "1"),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -67,6 +68,7 @@ ACTIONS = frozenset(
         "upstream.delete",
         "retention.run",
         "retention.purge",
+        "retention.recompute",
         "legal_hold.place",
         "legal_hold.release",
         "tenant.create",
@@ -286,6 +288,25 @@ class Auditor:
             self._annotate(span, entry, outcome, reason)
             async with sessions.begin() as session:
                 return await _append(session, entry, span, outcome, reason)
+
+    @asynccontextmanager
+    async def job(self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry) -> AsyncIterator[AuditEntry]:
+        """A long job (a retention run) as one trace of its own: its span is the root, every record
+        the job writes meanwhile is a child of it, and the job's own record (what it did, or why
+        it failed) is written at the end under that root span, in a transaction of its own."""
+        with self.tracer.start_as_current_span(
+            f"custody.{entry.action}", context=Context(), record_exception=False, set_status_on_exception=False
+        ) as span:
+            try:
+                yield entry
+            except BaseException as exc:
+                outcome, reason = outcome_of(exc)
+                self._annotate(span, entry, outcome, reason)
+                await asyncio.shield(self._record_failure(sessions, entry, outcome, reason, span))
+                raise
+            self._annotate(span, entry, "success", None)
+            async with sessions.begin() as session:
+                await _append(session, entry, span, "success", None)
 
     async def _record_failure(
         self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry, outcome: str, reason: str, span: Span

@@ -1,6 +1,6 @@
 """Conversations: lifecycle, sealed history, retention deadlines, provider copies and deletion receipts."""
 
-from ._deadlines import last_activity_deadline, recompute_deadlines, rule_values
+from ._deadlines import interval, last_activity_deadline, recompute_deadlines, rule_values
 from ._history import (
     ConversationCipher,
     append_steps,
@@ -44,6 +44,7 @@ __all__ = [
     "delete_provider_copies",
     "encode_json",
     "erase",
+    "interval",
     "issue_receipt",
     "last_activity_deadline",
     "load_cipher",

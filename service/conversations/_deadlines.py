@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import case, cast, func, select, update
+from sqlalchemy import String, bindparam, case, cast, func, select, update
 from sqlalchemy.dialects.postgresql import INTERVAL
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -20,9 +20,15 @@ from ..context import ServiceContext
 from ..models import Conversation
 from ..retention_rules import RetentionRule
 
-__all__ = ["last_activity_deadline", "recompute_deadlines", "rule_values"]
+__all__ = ["interval", "last_activity_deadline", "recompute_deadlines", "rule_values"]
 
 _BATCH = 1000
+
+
+def interval(iso: str) -> ColumnElement[Any]:
+    """An ISO 8601 duration as a Postgres interval (sent as text: the driver would want a
+    timedelta for an interval parameter, and a timedelta cannot hold calendar months)."""
+    return cast(bindparam(None, iso, type_=String), INTERVAL)
 
 
 def rule_values(
@@ -37,9 +43,9 @@ def rule_values(
     both are now())."""
     start: Any = Conversation.created_at if created is None else created
     last: Any = Conversation.updated_at if last_activity is None else last_activity
-    keep = cast(rule.keep_at_least.iso, INTERVAL) if rule.keep_at_least else None
+    keep = interval(rule.keep_at_least.iso) if rule.keep_at_least else None
     keep_until = start + keep if keep is not None else None
-    delete = cast(rule.delete_after.iso, INTERVAL) if rule.delete_after else None
+    delete = interval(rule.delete_after.iso) if rule.delete_after else None
     purge_at: ColumnElement[Any] | None = None
     if delete is not None:
         purge_at = last + delete if keep_until is None else func.greatest(last + delete, keep_until)

@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.api import create_app
 from service.context import ServiceContext
 from service.ids import new_id
-from service.simulator import FaultSpec, RunningSimulator
 from service.leases import reap_expired_leases
+from service.simulator import FaultSpec, RunningSimulator
 
 from ..conftest import Tenant, asgi_transport
 from .helpers import assert_problem, open_conversation, take_turn
