@@ -94,6 +94,13 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     # --- end of failed authentication and proxies ---------------------------------------------
 
+    # --- Retention (service/retention, `custody serve`) ----------------------------------------
+    # How often the service runs the retention runner (service.retention.run_retention), in every
+    # replica (runners share the work safely); 0 turns the periodic runner off (deadlines are
+    # still recomputed at startup, and `custody retention run` still works).
+    retention_interval_seconds: float = 3600.0
+    # --- end of retention ----------------------------------------------------------------------
+
     announcements: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -132,6 +139,7 @@ class Settings:
             auth_failure_key_limit=_count(env, "CUSTODY_AUTH_FAILURE_KEY_LIMIT", 50),
             auth_failure_window_seconds=_positive(env, "CUSTODY_AUTH_FAILURE_WINDOW_SECONDS", 60.0),
             trusted_proxies=_networks(env, "CUSTODY_TRUSTED_PROXIES"),
+            retention_interval_seconds=_number(env, "CUSTODY_RETENTION_INTERVAL_SECONDS", 3600.0),
         )
 
     @property
@@ -153,6 +161,12 @@ class Settings:
         if self.turn_store_retry_seconds < self.turn_store_wait_seconds:
             raise ConfigurationError(
                 "CUSTODY_TURN_STORE_RETRY_SECONDS must be at least CUSTODY_TURN_STORE_WAIT_SECONDS"
+            )
+        # Back-to-back runs would only load the database: each run walks every due conversation.
+        if 0 < self.retention_interval_seconds < 1:
+            raise ConfigurationError(
+                f"CUSTODY_RETENTION_INTERVAL_SECONDS ({self.retention_interval_seconds:g}) must be 0 (off) "
+                "or at least 1 second"
             )
 
 

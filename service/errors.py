@@ -18,6 +18,9 @@
     ├── TurnInProgress                     another turn holds the conversation             (409)
     │   └── LeaseLost                      a turn's lease ran out and another took over
     ├── LegalHoldActive                    a legal hold forbids deleting it                (409)
+    ├── HoldNotFound                       no such legal hold for this tenant              (404)
+    ├── HoldReleased                       the legal hold was released already             (409)
+    ├── RetentionRunNotFound               no such retention run for this tenant           (404)
     ├── MinimumRetention                   its keep_at_least has not passed yet            (409)
     ├── IdempotencyKeyReused               same Idempotency-Key, different request         (422)
     ├── IdempotencyKeyInFlight             same Idempotency-Key, first request running     (409)
@@ -48,6 +51,8 @@ __all__ = [
     "DatabaseUnavailable",
     "DecryptionError",
     "FunctionResultMismatch",
+    "HoldNotFound",
+    "HoldReleased",
     "IdempotencyKeyInFlight",
     "IdempotencyKeyReused",
     "InvalidInput",
@@ -60,6 +65,7 @@ __all__ = [
     "PermissionDenied",
     "PolicyError",
     "PolicyViolation",
+    "RetentionRunNotFound",
     "SchemaBehindError",
     "TooManyAuthenticationFailures",
     "TurnInProgress",
@@ -199,6 +205,33 @@ class LegalHoldActive(CustodyError):
     def __init__(self, hold_id: str) -> None:
         super().__init__(f"legal hold {hold_id} covers this conversation; it cannot be deleted while it is active")
         self.hold_id = hold_id
+
+
+class HoldNotFound(CustodyError):
+    """No legal hold with this id for this tenant (another tenant's looks the same)."""
+
+    def __init__(self, hold_id: str) -> None:
+        # The id came from the request path: it is not repeated back, nor kept as `hold_id`,
+        # which the problem mapping copies into the body (the hold that blocks a deletion).
+        super().__init__("no such legal hold for this tenant")
+        self.requested = hold_id
+
+
+class HoldReleased(CustodyError):
+    """The legal hold was released already; a hold is released once."""
+
+    def __init__(self, hold_id: str) -> None:
+        super().__init__(f"legal hold {hold_id} was released already")
+        # Not `hold_id`: the problem mapping would add it to the body as the hold that blocks.
+        self.released_hold = hold_id
+
+
+class RetentionRunNotFound(CustodyError):
+    """No retention run with this id for this tenant (another tenant's looks the same)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__("no such retention run for this tenant")
+        self.run_id = run_id
 
 
 class MinimumRetention(CustodyError):

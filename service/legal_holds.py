@@ -19,8 +19,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .audit import AuditEntry, Auditor, RequestMeta
 from .auth import Principal
-from .errors import InvalidInput
-from .ids import is_conversation_id, new_id
+from .errors import HoldNotFound, HoldReleased, InvalidInput
+from .ids import is_conversation_id, is_id_of, new_id
 from .models import Conversation, LegalHold
 
 __all__ = ["HoldView", "active_hold", "held", "list_holds", "place_hold", "release_hold"]
@@ -89,6 +89,9 @@ async def place_hold(
     reason = reason.strip()
     if not reason or len(reason) > _MAX_REASON:
         raise InvalidInput(f"a hold needs a reason of 1 to {_MAX_REASON} characters", pointer="/reason")
+    if "\x00" in reason:
+        # Postgres text cannot hold NUL; refused here rather than failing the insert.
+        raise InvalidInput("a hold's reason cannot hold NUL characters", pointer="/reason")
     if scope == "conversation":
         if conversation_id is None or not is_conversation_id(conversation_id):
             raise InvalidInput("a conversation hold names a conversation id", pointer="/conversation_id")
@@ -103,6 +106,8 @@ async def place_hold(
         raise InvalidInput("only a conversation hold names a conversation", pointer="/conversation_id")
     if scope == "subject" and subject_digest is None:
         raise InvalidInput("a subject hold names the subject", pointer="/subject")
+    if scope != "subject" and subject_digest is not None:
+        raise InvalidInput("only a subject hold names a subject", pointer="/subject")
     hold = LegalHold(
         id=new_id("hold"),
         tenant_id=principal.tenant_id,
@@ -139,11 +144,20 @@ async def release_hold(
     *,
     operator: str | None = None,
 ) -> HoldView:
+    """Release one of the principal's tenant's active holds, audited in the caller's transaction.
+
+    An unknown id (or another tenant's hold) is `HoldNotFound`; a hold released already is
+    `HoldReleased`.
+    """
+    if not is_id_of("hold", hold_id):
+        raise HoldNotFound(hold_id)
     hold = await session.scalar(
         select(LegalHold).where(LegalHold.id == hold_id, LegalHold.tenant_id == principal.tenant_id).with_for_update()
     )
-    if hold is None or hold.released_at is not None:
-        raise InvalidInput("no active hold with this id for this tenant")
+    if hold is None:
+        raise HoldNotFound(hold_id)
+    if hold.released_at is not None:
+        raise HoldReleased(hold.id)
     hold.released_at = await session.scalar(select(func.now()))
     hold.released_by = operator or principal.key_id
     await auditor.append(

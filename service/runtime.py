@@ -23,12 +23,14 @@ from .auth import ROLES
 from .auth_failures import AuthFailureLimits, AuthFailures
 from .config import Settings
 from .context import ServiceContext
+from .conversations import recompute_deadlines
 from .crypto import verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
 from .leases import reap_expired_leases
 from .models import Tenant
 from .policy import PolicyError, load_policy
+from .retention import RunSummary, run_retention
 from .secret_files import load_keyring, load_pepper, load_signer
 from .telemetry import describe, tracer_provider_from_env
 from .tenants import create_tenant, issue_key
@@ -38,6 +40,13 @@ __all__ = ["Runtime", "build_runtime"]
 
 DEMO_TENANT = "demo"
 logger = logging.getLogger("custody.runtime")
+# How long `aclose` lets a running retention run reach the end of its batch before cancelling it.
+_RETENTION_STOP_SECONDS = 10.0
+
+
+class ShutdownRequested(Exception):
+    """Raised at a batch boundary of the periodic retention run when the service stops: the run
+    ends there (its record gives the reason `shutdown_requested`) and the next one carries on."""
 
 
 @dataclass
@@ -49,6 +58,8 @@ class Runtime:
     demo_keys: dict[str, str] = field(default_factory=dict)
     _closers: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _retention_task: asyncio.Task[None] | None = None
+    _retention_stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start_checkpoints(self, every_seconds: float) -> None:
         """Sign the audit chains' heads every `every_seconds` while the service runs."""
@@ -97,6 +108,72 @@ class Runtime:
 
         self._tasks.append(asyncio.get_running_loop().create_task(loop()))
 
+    def start_retention(self, every_seconds: float) -> None:
+        """Bring retention deadlines up to the policy now (so a changed policy is picked up at
+        startup), then run the retention runner as `scheduler` at once and every `every_seconds`
+        (0: the recompute only). Every replica may run it: runners share the work safely. A
+        failed round is logged by its type and retried next time; `aclose` ends a running round
+        at its next batch."""
+
+        async def loop() -> None:
+            try:
+                if recomputed := await recompute_deadlines(self.ctx):
+                    logger.warning(
+                        "retention deadlines of %d conversation(s) recomputed for policy %s",
+                        recomputed,
+                        self.ctx.policy.version,
+                    )
+            except Exception as exc:  # noqa: BLE001 - every run and start recomputes first
+                logger.error(
+                    "recomputing retention deadlines failed (%s); the next run or start retries", type(exc).__name__
+                )
+            while every_seconds > 0 and not self._retention_stop.is_set():
+                await self._retention_round()
+                try:
+                    await asyncio.wait_for(self._retention_stop.wait(), timeout=every_seconds)
+                except TimeoutError:
+                    pass
+
+        self._retention_task = asyncio.get_running_loop().create_task(loop())
+
+    async def _retention_round(self) -> None:
+        def stop_at_batch_end(_: RunSummary) -> None:
+            if self._retention_stop.is_set():
+                raise ShutdownRequested
+
+        try:
+            summary = await run_retention(self.ctx, started_by="scheduler", progress=stop_at_batch_end)
+        except ShutdownRequested:
+            return
+        except Exception as exc:  # noqa: BLE001 - a failed round is retried next time
+            logger.error("retention run failed (%s); will retry", type(exc).__name__)
+            return
+        level = logging.WARNING if summary.failed or summary.provider_pending else logging.INFO
+        logger.log(
+            level,
+            "retention run %s: %d purged, %d skipped, %d failed; provider copies %d deleted, %d failed, %d pending",
+            summary.run_id,
+            summary.purged,
+            summary.skipped,
+            summary.failed,
+            summary.provider_deleted,
+            summary.provider_failed,
+            summary.provider_pending,
+        )
+
+    async def _stop_retention(self) -> None:
+        """Let a running retention round end at its batch boundary, or cancel it after a bound
+        (the next run, in any replica, finds what is left)."""
+        task = self._retention_task
+        if task is None:
+            return
+        self._retention_stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=_RETENTION_STOP_SECONDS)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _flush_auth_failures(self) -> None:
         """At shutdown: every open window's summary, so no failed attempt goes unaccounted."""
         failures = self.ctx.auth_failures
@@ -110,6 +187,7 @@ class Runtime:
             )
 
     async def aclose(self) -> None:
+        await self._stop_retention()
         for task in self._tasks:
             task.cancel()
         # Wait for them, so no periodic flush is still writing when the final one runs.

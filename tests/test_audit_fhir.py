@@ -15,6 +15,7 @@ import rfc8785
 from fhir.resources.R4B.auditevent import AuditEvent
 
 from service.audit import ACTIONS, FHIR_NDJSON, to_fhir_audit_event, to_fhir_ndjson
+from service.config import REPO_ROOT
 
 HL7 = "http://terminology.hl7.org/CodeSystem/"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -31,6 +32,8 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
     "conversation.create": ((REST, "rest"), (RESTFUL, "create"), "C", "1"),
     "conversation.read": ((REST, "rest"), (RESTFUL, "read"), "R", "6"),
     "conversation.delete": ((REST, "rest"), (RESTFUL, "delete"), "D", "15"),
+    "conversation.list": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
+    "subject.erase": ((REST, "rest"), (RESTFUL, "delete"), "D", "15"),
     "turn.start": ((REST, "rest"), (RESTFUL, "create"), "C", "1"),
     "turn.create": ((REST, "rest"), (RESTFUL, "create"), "C", "1"),
     "history.read": ((REST, "rest"), (RESTFUL, "read"), "R", "6"),
@@ -42,8 +45,14 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
     "retention.run": ((DCM, "110100"), None, "E", None),
     "retention.purge": ((REST, "rest"), (RESTFUL, "delete"), "D", "15"),
     "retention.recompute": ((DCM, "110100"), None, "U", None),
+    "retention.preview": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
+    "retention.start": ((REST, "rest"), (RESTFUL, "create"), "C", "1"),
+    "retention.status": ((REST, "rest"), (RESTFUL, "read"), "R", "6"),
+    "policy.read": ((REST, "rest"), (RESTFUL, "read"), "R", "6"),
     "legal_hold.place": ((DCM, "110113"), (DCM, "110135"), "C", "1"),
     "legal_hold.release": ((DCM, "110113"), (DCM, "110135"), "U", None),
+    "legal_hold.list": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
+    "upstream.list": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
     "tenant.create": ((DCM, "110113"), (DCM, "110129"), "C", "1"),
     "tenant.list": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
     "api_key.issue": ((DCM, "110113"), (DCM, "110137"), "C", "1"),
@@ -59,6 +68,8 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
 # The resource each action's record names, by the action's first word.
 RESOURCE_TYPES = {
     "conversation": "conversation",
+    "subject": "conversation",
+    "policy": "policy",
     "turn": "turn",
     "history": "conversation",
     "auth": None,
@@ -279,6 +290,17 @@ def test_unknown_codes_are_refused(field: str, value: Any, refusal: str) -> None
     record[field] = value
     with pytest.raises(ValueError, match=refusal):
         to_fhir_audit_event(record)
+
+
+def test_every_resource_type_the_service_writes_has_an_entity_coding() -> None:
+    """Every resource type the service's code writes into records (retention.recompute's retention_policy among them) converts, so no real record breaks a FHIR export."""
+    written: set[str] = set()
+    for path in (REPO_ROOT / "service").rglob("*.py"):
+        written |= set(re.findall(r'resource_type="([a-z_]+)"', path.read_text()))
+    assert {"conversation", "legal_hold", "policy", "retention_policy", "retention_run"} <= written
+    for resource_type in sorted(written):
+        record = make_record("retention.recompute", resource={"type": resource_type, "id": None})
+        AuditEvent.model_validate(to_fhir_audit_event(record))
 
 
 def test_a_time_without_timezone_is_refused() -> None:

@@ -498,3 +498,95 @@ def test_check_data_classes_unknown_first() -> None:
         check_data_classes(r, ["phl", "pii"], CATALOGUE)
     assert isinstance(info.value, PolicyViolation)
     assert info.value.classes == ("phl",)
+
+
+# --- retention rules --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "rule", "field", "named"),
+    [
+        (
+            "data_classes",
+            "phi",
+            {"delete_after": "P30D", "keep_at_least": "P60D"},
+            "data_classes.phi.retention",
+            ("delete_after P30D", "keep_at_least P60D"),
+        ),
+        (
+            "routes",
+            "patient-intake",
+            {"delete_after": "P5Y", "keep_at_least": "P6Y"},
+            "routes.patient-intake.retention",
+            ("delete_after P5Y", "keep_at_least P6Y"),
+        ),
+        (
+            "routes",
+            "public-faq",
+            {"delete_after": "P1M", "keep_at_least": "P31D"},
+            "routes.public-faq.retention",
+            ("delete_after P1M", "keep_at_least P31D"),
+        ),
+    ],
+    ids=["on-a-class", "on-a-route", "a-month-is-30.44-days"],
+)
+def test_delete_after_shorter_than_keep_at_least_is_refused(
+    tmp_path: Path,
+    example_document: Document,
+    kind: str,
+    name: str,
+    rule: dict[str, str],
+    field: str,
+    named: tuple[str, str],
+) -> None:
+    """A delete_after shorter than the keep_at_least beside it is refused when the policy loads, naming the rule and both durations."""
+    document = copy.deepcopy(example_document)
+    document[kind][name]["retention"] = rule
+    path = write(tmp_path, document)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.path == field
+    assert all(part in info.value.problem for part in named), info.value.problem
+    assert "shorter than" in info.value.problem
+
+
+def test_contradicting_rules_on_different_sources_load(example_document: Document) -> None:
+    """A route's delete_after shorter than a class's keep_at_least is no contradiction: the strictest-rule table settles it."""
+    document = copy.deepcopy(example_document)
+    document["routes"]["billing-support"]["retention"] = {"delete_after": "P90D"}
+    document["data_classes"]["financial"]["retention"] = {"keep_at_least": "P5Y"}
+    governing = parse_policy(document, source="x").retention_for("billing-support", ["financial"])
+    assert (str(governing.delete_after), str(governing.keep_at_least)) == ("P5Y", "P5Y")
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "key", "value"),
+    [
+        ("routes", "public-faq", "delete_after", "30 days"),
+        ("routes", "public-faq", "provider_ttl", "P1.5D"),
+        ("data_classes", "pii", "keep_at_least", "PT"),
+        ("data_classes", "phi", "delete_after", "P"),
+        ("data_classes", "pan", "delete_after", "p30d"),
+        ("routes", "patient-intake", "keep_at_least", "P99999Y"),
+        ("data_classes", "public", "delete_after", 30),
+    ],
+    ids=["words", "fraction", "empty-time-part", "nothing", "lower-case", "too-many-years", "a-number"],
+)
+def test_malformed_duration_is_refused_naming_the_field(
+    tmp_path: Path, example_document: Document, kind: str, name: str, key: str, value: Any
+) -> None:
+    """A retention duration that is not an ISO 8601 duration of whole units is refused at load, naming its field."""
+    document = copy.deepcopy(example_document)
+    document[kind][name]["retention"] = {key: value}
+    path = write(tmp_path, document)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.path == f"{kind}.{name}.retention.{key}"
+    assert str(value) in info.value.problem
+
+
+def test_retention_rules_change_the_policy_version(example: Policy, example_document: Document) -> None:
+    """Adding a retention rule gives a new policy version, which is how stored deadlines know they are stale."""
+    document = copy.deepcopy(example_document)
+    document["data_classes"]["public"]["retention"] = {"delete_after": "P7D"}
+    assert parse_policy(document, source="x").version != example.version

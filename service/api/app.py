@@ -13,9 +13,11 @@ from ..context import ServiceContext
 from .audit import AuditController
 from .conversations import ConversationController
 from .health import healthz, readyz
+from .ops import OpsController
 from .problems import exception_handlers
 from .request_guards import check_request, refuse_encoded_slashes
 from .security import REQUEST_ID_REPLACED, assign_request_id, request_id_replaced
+from .subjects import SubjectController
 from .tracing import server_spans
 from .wire import StructSchemas
 
@@ -63,7 +65,7 @@ def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Lites
         before_send=[_echo_request_id, _allow_every_method],
         before_request=check_request,
         middleware=[*tracing, refuse_encoded_slashes],
-        route_handlers=[ConversationController, AuditController, healthz, readyz],
+        route_handlers=[ConversationController, SubjectController, AuditController, OpsController, healthz, readyz],
         state=State({"ctx": ctx}),
         exception_handlers=exception_handlers,
         request_max_body_size=max_body_bytes,
@@ -79,7 +81,9 @@ the model on every turn (store=false), under a route policy that says which data
 may carry.
 
 Every `/v1` operation needs an API key: `Authorization: Bearer cust_…`. Backends (role `backend`)
-use `/v1/conversations`; auditors (role `auditor`) use `/v1/audit`.
+use `/v1/conversations` and `/v1/subjects`; auditors (role `auditor`) use `/v1/audit`; operations
+(role `ops`) use `/v1/ops` (policy, retention, legal holds, pending provider-copy deletions), and
+never see conversation content.
 
 Every error is an RFC 9457 problem (`application/problem+json`, the `Problem` schema): branch on
 its `type`, and honour `Retry-After` on 429 and 503. A method a path does not support is answered
@@ -109,6 +113,7 @@ def _openapi_config() -> OpenAPIConfig:
         tags=[
             Tag(name="conversations", description="Conversations and their turns (role `backend`)."),
             Tag(name="audit", description="The tenant's audit chain: query, export, verify (role `auditor`)."),
+            Tag(name="ops", description="Policy, retention runs, legal holds, provider copies (role `ops`)."),
             Tag(name="health", description="Probes for the orchestrator; no API key."),
         ],
     )

@@ -1,4 +1,4 @@
-"""`/v1/conversations`: open, read, take turns on, read the history of, and delete conversations."""
+"""`/v1/conversations`: open, list, read, take turns on, read the history of, and delete conversations."""
 
 from __future__ import annotations
 
@@ -15,8 +15,15 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from ..audit import RequestMeta
 from ..auth import Principal
 from ..context import ServiceContext
-from ..conversations import delete_conversation, open_conversation, read_conversation, read_history
+from ..conversations import (
+    delete_conversation,
+    list_conversations,
+    open_conversation,
+    read_conversation,
+    read_history,
+)
 from ..errors import InvalidInput
+from ..ids import id_pattern
 from ..turns import TurnEngine, TurnRequest
 from .security import provide_meta, require_role
 from .wire import (
@@ -24,6 +31,8 @@ from .wire import (
     ApiOperation,
     ConversationCreate,
     ConversationOut,
+    ConversationsOut,
+    ConversationSummaryOut,
     DeletionReceiptOut,
     HistoryOut,
     HistoryStep,
@@ -91,6 +100,46 @@ class ConversationController(Controller):
             metadata=data.metadata,
         )
         return msgspec.convert(view, ConversationOut, from_attributes=True)
+
+    @get(
+        "/",
+        operation_id="ListConversations",
+        summary="List conversations",
+        operation_class=ApiOperation,
+        responses=problem_responses(400, *AUTHENTICATED),
+    )
+    async def index(
+        self,
+        request: Request[Any, Any, Any],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+        subject: Annotated[
+            str | None,
+            QueryParameter(
+                min_length=1,
+                description="Only this data subject's conversations (the identifier they were opened with); only "
+                "its keyed digest is used, and it is never logged or recorded.",
+            ),
+        ] = None,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(
+                pattern=id_pattern("conv"),
+                description="The `next_cursor` of the previous page; the first page without it.",
+            ),
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
+    ) -> ConversationsOut:
+        """The tenant's conversations, or one data subject's, in id order, `limit` at a time: each
+        one's route, data classes, policy version, turn and step counts, times and retention
+        deadlines (`keep_until`, `purge_at`). Never the subject, the metadata or any content.
+
+        `next_cursor` is the `cursor` of the next page, or null after the last conversation.
+        """
+        page = await list_conversations(_ctx(request), principal, meta, subject=subject, cursor=cursor, limit=limit)
+        return ConversationsOut(
+            conversations=[ConversationSummaryOut.of(c) for c in page.conversations], next_cursor=page.next_cursor
+        )
 
     @get(
         "/{conversation_id:str}",

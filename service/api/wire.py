@@ -15,6 +15,13 @@ from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, OpenAPIType, O
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.typing import FieldDefinition
 
+from ..conversations import ConversationSummary
+from ..ids import id_pattern
+from ..legal_holds import HoldView
+from ..policy import Policy
+from ..retention import Candidate
+from ..retention_rules import RetentionRule
+from ..retention_status import PendingCopies, RunView
 from ..turns import TurnResult
 from .problems import PROBLEM_JSON
 
@@ -27,13 +34,26 @@ __all__ = [
     "AuditEventsOut",
     "AuditVerifyOut",
     "ConversationCreate",
+    "ConversationHoldCreate",
     "ConversationOut",
+    "ConversationSummaryOut",
+    "ConversationsOut",
     "DeletionReceiptOut",
     "HistoryOut",
     "HistoryStep",
+    "HoldCreate",
+    "HoldOut",
+    "HoldsOut",
+    "PolicyOut",
     "Problem",
+    "ProviderCopiesOut",
+    "RetentionPreviewOut",
+    "RetentionRunCreate",
+    "RetentionRunOut",
     "StorageOut",
     "StructSchemas",
+    "SubjectHoldCreate",
+    "TenantHoldCreate",
     "TurnCreate",
     "TurnOut",
     "problem_responses",
@@ -131,7 +151,9 @@ class TurnOut(msgspec.Struct):
 class DeletionReceiptOut(msgspec.Struct):
     """A deletion receipt: `payload` says what was destroyed (each conversation's id, step count,
     data-key version, when, which provider copies were deleted or are still pending, and the seqs
-    of the audit records), signed with the audit key (Ed25519 over its RFC 8785 form)."""
+    of the audit records) and, for a subject erasure, what had to stay (`kept`: each conversation
+    with its reason, `legal_hold` with the `hold_id`, `minimum_retention` with `deletable_from`, or
+    `turn_in_progress`), signed with the audit key (Ed25519 over its RFC 8785 form)."""
 
     payload: dict[str, Any]
     key_id: str
@@ -141,6 +163,38 @@ class DeletionReceiptOut(msgspec.Struct):
     @classmethod
     def of(cls, receipt: dict[str, Any]) -> DeletionReceiptOut:
         return msgspec.convert(receipt, cls)
+
+
+class ConversationSummaryOut(msgspec.Struct):
+    """A conversation as a listing shows it: never its subject, metadata or content."""
+
+    id: str
+    route: str
+    data_classes: list[str]
+    policy_version: str
+    turn_count: int
+    step_count: int
+    created_at: datetime
+    updated_at: datetime
+    keep_until: Annotated[
+        datetime | None,
+        msgspec.Meta(description="No deletion before this time (minimum retention); null when no rule says."),
+    ]
+    purge_at: Annotated[
+        datetime | None,
+        msgspec.Meta(description="The retention runner purges the conversation from this time on; null: never."),
+    ]
+
+    @classmethod
+    def of(cls, summary: ConversationSummary) -> ConversationSummaryOut:
+        return msgspec.convert(summary, cls, from_attributes=True)
+
+
+class ConversationsOut(msgspec.Struct):
+    conversations: list[ConversationSummaryOut]
+    next_cursor: Annotated[
+        str | None, msgspec.Meta(description="The `cursor` of the next page; null after the last conversation.")
+    ]
 
 
 class HistoryStep(msgspec.Struct):
@@ -170,6 +224,242 @@ class AuditVerifyOut(msgspec.Struct):
     first_bad_seq: int | None
     reason: str | None
     checkpoint_seq: int | None
+
+
+# --- ops: the policy, retention, legal holds and the provider-copy ledger ------------------------
+
+
+class RetentionRuleOut(msgspec.Struct):
+    """ISO 8601 durations: delete after this long without activity; keep at least this long from creation."""
+
+    delete_after: str | None
+    keep_at_least: str | None
+
+    @classmethod
+    def of(cls, rule: RetentionRule) -> RetentionRuleOut:
+        return cls(
+            delete_after=rule.delete_after.iso if rule.delete_after else None,
+            keep_at_least=rule.keep_at_least.iso if rule.keep_at_least else None,
+        )
+
+
+class DataClassOut(msgspec.Struct):
+    description: str
+    provider_storage: bool
+    retention: RetentionRuleOut
+
+
+class RouteOut(msgspec.Struct):
+    """A route of the policy. `settings` are what Custody sends the model with every turn (model or
+    agent, system instruction, tools, generation config, response format): the operator's
+    configuration, never conversation content."""
+
+    description: str
+    data_classes: list[str]
+    provider_storage: bool
+    retention: RetentionRuleOut
+    provider_ttl: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="How long a provider copy may live before Custody deletes it; null: the provider's own expiry."
+        ),
+    ]
+    settings: dict[str, Any]
+
+
+class PolicyOut(msgspec.Struct):
+    """The policy this service runs under."""
+
+    version: Annotated[str, msgspec.Meta(description="The digest of the policy's content, as records name it.")]
+    data_classes: dict[str, DataClassOut]
+    routes: dict[str, RouteOut]
+
+    @classmethod
+    def of(cls, policy: Policy) -> PolicyOut:
+        return cls(
+            version=policy.version,
+            data_classes={
+                name: DataClassOut(c.description, c.provider_storage, RetentionRuleOut.of(c.retention))
+                for name, c in sorted(policy.data_classes.items())
+            },
+            routes={
+                name: RouteOut(
+                    description=route.description,
+                    data_classes=sorted(route.data_classes),
+                    provider_storage=route.provider_storage,
+                    retention=RetentionRuleOut.of(route.retention),
+                    provider_ttl=route.provider_ttl.iso if route.provider_ttl else None,
+                    settings=route.upstream_settings(),
+                )
+                for name, route in sorted(policy.routes.items())
+            },
+        )
+
+
+class RetentionCandidateOut(msgspec.Struct):
+    """A conversation a run would purge now, and why: the rule that governs it and the deadline it gives."""
+
+    conversation_id: str
+    route: str
+    data_classes: list[str]
+    delete_after: str | None
+    keep_at_least: str | None
+    purge_at: str
+
+    @classmethod
+    def of(cls, candidate: Candidate) -> RetentionCandidateOut:
+        return cls(
+            conversation_id=candidate.conversation_id,
+            route=candidate.route,
+            data_classes=candidate.data_classes,
+            delete_after=candidate.delete_after,
+            keep_at_least=candidate.keep_at_least,
+            purge_at=candidate.purge_at,
+        )
+
+
+class RetentionPreviewOut(msgspec.Struct):
+    candidates: list[RetentionCandidateOut]
+    more: Annotated[bool, msgspec.Meta(description="More conversations are due than `limit` listed.")]
+
+
+_RUN_LIMIT = Annotated[int, msgspec.Meta(ge=1, le=1_000_000, description="Purge at most this many conversations.")]
+
+
+class RetentionRunCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """How to run: a dry run lists what it would purge (as counts) and changes nothing."""
+
+    dry_run: bool = False
+    limit: _RUN_LIMIT | None = None
+
+
+class RetentionRunOut(msgspec.Struct):
+    """A retention run of the caller's tenant: its status, counts and times; never content."""
+
+    id: str
+    dry_run: bool
+    status: Annotated[str, msgspec.Meta(description="`running`, `completed` or `failed`.")]
+    started_by: Annotated[str, msgspec.Meta(description="The API key id (or CLI operator) that started it.")]
+    policy_version: str
+    counts: Annotated[
+        dict[str, Any],
+        msgspec.Meta(
+            description="What the run has done so far: purged, skipped (held, busy, or purged by another runner), "
+            "failed, provider_deleted, provider_failed, provider_pending, oldest_pending_seconds, recomputed, "
+            "seconds, and receipts (a dry run: would_purge)."
+        ),
+    ]
+    started_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, run: RunView) -> RetentionRunOut:
+        return msgspec.convert(run, cls, from_attributes=True)
+
+
+_REASON = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=500,
+        # Something besides whitespace, and no NUL (which Postgres text cannot hold).
+        pattern=r"^[^\x00]*[^\s\x00][^\x00]*$",
+        description="Why the hold is placed (a case reference, say): shown to ops, never put in audit records.",
+        examples=["litigation hold, case 2026-114"],
+    ),
+]
+
+
+class TenantHoldCreate(msgspec.Struct, forbid_unknown_fields=True, tag_field="scope", tag="tenant"):
+    """Hold every conversation of the tenant."""
+
+    reason: _REASON
+
+
+class ConversationHoldCreate(msgspec.Struct, forbid_unknown_fields=True, tag_field="scope", tag="conversation"):
+    """Hold one conversation of the tenant."""
+
+    reason: _REASON
+    conversation_id: Annotated[
+        str, msgspec.Meta(pattern=id_pattern("conv"), description="A conversation of the caller's tenant.")
+    ]
+
+
+class SubjectHoldCreate(msgspec.Struct, forbid_unknown_fields=True, tag_field="scope", tag="subject"):
+    """Hold every conversation of one data subject, present and future."""
+
+    reason: _REASON
+    subject: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            description="The data subject's identifier, as conversations were opened with it; only its keyed "
+            "digest is kept, and it is never shown or recorded.",
+        ),
+    ]
+
+
+HoldCreate = TenantHoldCreate | ConversationHoldCreate | SubjectHoldCreate
+
+
+class HoldOut(msgspec.Struct):
+    """A legal hold. A subject hold never shows its subject (only a keyed digest of it is kept)."""
+
+    id: str
+    scope: Annotated[str, msgspec.Meta(description="`tenant`, `conversation` or `subject`.")]
+    conversation_id: str | None
+    reason: str
+    active: bool
+    created_by: str
+    created_at: datetime
+    released_at: datetime | None
+    released_by: str | None
+
+    @classmethod
+    def of(cls, hold: HoldView) -> HoldOut:
+        return cls(
+            id=hold.id,
+            scope=hold.scope,
+            conversation_id=hold.conversation_id,
+            reason=hold.reason,
+            active=hold.released_at is None,
+            created_by=hold.created_by,
+            created_at=hold.created_at,
+            released_at=hold.released_at,
+            released_by=hold.released_by,
+        )
+
+
+class HoldsOut(msgspec.Struct):
+    holds: list[HoldOut]
+
+
+class ProviderCopyOut(msgspec.Struct):
+    """A copy the provider still holds although Custody asked for its deletion (or its conversation is gone)."""
+
+    interaction_id: str
+    conversation_id: str
+    created_at: str
+    delete_attempts: int
+    last_error: Annotated[
+        str | None, msgspec.Meta(description="The type of the last deletion error (e.g. `APIError`), never its text.")
+    ]
+
+
+class ProviderCopiesOut(msgspec.Struct):
+    count: int
+    oldest_seconds: Annotated[
+        float | None, msgspec.Meta(description="The oldest pending copy's age in seconds; null when none is pending.")
+    ]
+    copies: list[ProviderCopyOut]
+
+    @classmethod
+    def of(cls, pending: PendingCopies) -> ProviderCopiesOut:
+        return cls(
+            count=len(pending.copies),
+            oldest_seconds=pending.oldest_seconds,
+            copies=[msgspec.convert(copy, ProviderCopyOut) for copy in pending.copies],
+        )
 
 
 # --- errors, as the document describes them ------------------------------------------------------

@@ -11,6 +11,17 @@
 # conversation.read   rest / read                  R   6   a REST read (metadata only)
 # conversation.delete rest / delete                D   15  crypto-shredded: the data key is
 #                                                          destroyed, not flagged
+# conversation.list   rest / search-type           R   6   a backend lists its conversations (all,
+#                                                          or one subject's) by criteria: metadata
+#                                                          only, as tenant.list
+# subject.erase       rest / delete                D   15  every conversation of one data subject
+#                                                          (GDPR Art. 17), crypto-shredded as in
+#                                                          conversation.delete; a conditional
+#                                                          delete is still rest/delete. The subject
+#                                                          is never named (no identifier, no
+#                                                          digest): the entity is the conversation
+#                                                          type without an id, and each erased one
+#                                                          has its own conversation.delete
 # turn.start          rest / create                C   1   start of the turn-create interaction
 #                                                          (a guess: nothing writes it yet)
 # turn.create         rest / create                C   1   a REST create of a turn
@@ -34,9 +45,22 @@
 # retention.purge     rest / delete                D   15  crypto-shredding; DICOM's one delete
 #                                                          event (110105) is for DICOM studies
 # retention.recompute 110100 Application Activity  U   -   deadlines brought to a new policy
+# retention.preview   rest / search-type           R   6   the dry run: the conversations past their
+#                                                          deadline (metadata), found by criteria
+# retention.start     rest / create                C   1   ops create a run (a job resource), coded
+#                                                          as the other creations (tenant.create,
+#                                                          api_key.issue); the run itself is its
+#                                                          retention.run, its purges retention.purge
+# retention.status    rest / read                  R   6   one run's status and counts, read as
+#                                                          conversation.read reads metadata
+# policy.read         rest / read                  R   6   the policy as configured: routes, classes,
+#                                                          rules and settings, no conversation data
 # legal_hold.place    110113 / 110135 Object       C   1   a hold changes whether an object may
 #                     Security Attributes Changed          be deleted
 # legal_hold.release  110113 / 110135              U   -   the hold's state changes
+# legal_hold.list     rest / search-type           R   6   ops list holds, as api_key.list
+# upstream.list       rest / search-type           R   6   the ledger's provider copies pending
+#                                                          deletion (ids, ages, error types)
 # tenant.create       110113 / 110129 Security     C   1   a tenant is a new isolation boundary;
 #                     Configuration                        110136 Security Roles Changed does
 #                                                          not fit: no role definition changes
@@ -55,8 +79,10 @@
 #
 # outcome: success 0, denied 4 (minor failure), error 8 (serious failure); outcomeDesc = reason.
 # entity.type / entity.role (audit-entity-type / object-role) per resource type: api_key, keyring,
-# audit_log 2 System Object / 13 Security Resource; retention_run 2 / 20 Job; tenant 3
-# Organization / 19 Customer ("the recipient of services"); every other type 2 / 4 Domain Resource.
+# audit_log 2 System Object / 13 Security Resource; policy and retention_policy (the route policy,
+# which decides where data may go and how long it stays: security configuration, as a keyring is)
+# 2 / 13; retention_run 2 / 20 Job; tenant 3 Organization / 19 Customer ("the recipient of
+# services"); every other type 2 / 4 Domain Resource.
 #
 # The subject entity's last detail, `record`, is the native record itself (valueBase64Binary of its
 # RFC 8785 JSON): the string details cannot tell 3 from "3" or null from "null", and the hash covers
@@ -124,6 +150,8 @@ _ACTIONS: Final[Mapping[str, _Coded]] = {
     "conversation.create": _rest("create", "C", "1"),
     "conversation.read": _rest("read", "R", "6"),
     "conversation.delete": _rest("delete", "D", "15"),
+    "conversation.list": _rest("search-type", "R", "6"),
+    "subject.erase": _rest("delete", "D", "15"),
     "turn.start": _rest("create", "C", "1"),
     "turn.create": _rest("create", "C", "1"),
     "history.read": _rest("read", "R", "6"),
@@ -135,8 +163,14 @@ _ACTIONS: Final[Mapping[str, _Coded]] = {
     "retention.run": _Coded((_DCM, "110100"), None, "E", None),
     "retention.purge": _rest("delete", "D", "15"),
     "retention.recompute": _Coded((_DCM, "110100"), None, "U", None),
+    "retention.preview": _rest("search-type", "R", "6"),
+    "retention.start": _rest("create", "C", "1"),
+    "retention.status": _rest("read", "R", "6"),
+    "policy.read": _rest("read", "R", "6"),
     "legal_hold.place": _alert("110135", "C", "1"),
     "legal_hold.release": _alert("110135", "U"),
+    "legal_hold.list": _rest("search-type", "R", "6"),
+    "upstream.list": _rest("search-type", "R", "6"),
     "tenant.create": _alert("110129", "C", "1"),
     "tenant.list": _rest("search-type", "R", "6"),
     "api_key.issue": _alert("110137", "C", "1"),
@@ -158,6 +192,8 @@ _ENTITY_KINDS: Final[Mapping[str, tuple[str, str]]] = {
     "upstream_interaction": ("2", "4"),
     "legal_hold": ("2", "4"),
     "retention_run": ("2", "20"),
+    "policy": ("2", "13"),
+    "retention_policy": ("2", "13"),
     "api_key": ("2", "13"),
     "keyring": ("2", "13"),
     "audit_log": ("2", "13"),

@@ -1,4 +1,4 @@
-"""The `custody` command line: serve, migrate, tenants, keys, keyring, secrets, audit, simulator.
+"""The `custody` command line: serve, migrate, tenants, keys, keyring, secrets, audit, retention, simulator.
 
 Every ordinary mistake (a bad argument, a missing file, a setting that does not parse, a
 refusal) ends in one line on stderr and an exit code, never a traceback: 2 when the command
@@ -16,6 +16,7 @@ from ..errors import ConfigurationError, CustodyError
 from ._admin import add_admin_commands
 from ._audit import add_audit_commands
 from ._common import CommandFailed, say
+from ._retention import add_retention_commands
 from ._run import add_run_commands
 
 __all__ = ["build_parser", "main"]
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(commands)
     add_admin_commands(commands)
     add_audit_commands(commands)
+    add_retention_commands(commands)
     return parser
 
 

@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
             runtime.start_checkpoints(settings.audit_checkpoint_seconds)
             runtime.start_reaper()
             runtime.start_auth_failure_accounting()
+            runtime.start_retention(settings.retention_interval_seconds)
             config = uvicorn.Config(
                 app,
                 host=settings.host,

@@ -1,6 +1,8 @@
-"""Conversations: lifecycle, sealed history, retention deadlines, provider copies and deletion receipts."""
+"""Conversations: lifecycle, listing, subject erasure, sealed history, retention deadlines, provider
+copies and deletion receipts."""
 
 from ._deadlines import interval, last_activity_deadline, recompute_deadlines, rule_values
+from ._erasure import erase_subject
 from ._history import (
     ConversationCipher,
     append_steps,
@@ -19,17 +21,21 @@ from ._lifecycle import (
     check_deletable,
     delete_conversation,
     erase,
+    erase_owned,
     open_conversation,
     owned_conversation,
     read_conversation,
     read_history,
 )
+from ._listing import ConversationPage, ConversationSummary, list_conversations
 from ._provider_copies import delete_provider_copies
 from ._receipts import RECEIPT_FORMAT, Destroyed, Kept, issue_receipt, receipt_valid
 
 __all__ = [
     "RECEIPT_FORMAT",
     "ConversationCipher",
+    "ConversationPage",
+    "ConversationSummary",
     "ConversationView",
     "Deleted",
     "Destroyed",
@@ -44,9 +50,12 @@ __all__ = [
     "delete_provider_copies",
     "encode_json",
     "erase",
+    "erase_owned",
+    "erase_subject",
     "interval",
     "issue_receipt",
     "last_activity_deadline",
+    "list_conversations",
     "load_cipher",
     "open_conversation",
     "owned_conversation",

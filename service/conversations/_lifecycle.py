@@ -38,6 +38,7 @@ __all__ = [
     "check_deletable",
     "delete_conversation",
     "erase",
+    "erase_owned",
     "read_conversation",
     "read_history",
     "open_conversation",
@@ -205,19 +206,7 @@ async def delete_conversation(
     Refused while a turn waits for the model (409), while a legal hold covers the conversation
     (409 naming the hold) and before its minimum retention has passed (409 with the date).
     """
-    entry = AuditEntry(
-        "conversation.delete",
-        principal,
-        meta,
-        resource_type="conversation",
-        resource_id=audited_conversation_id(conversation_id),
-    )
-    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-        conversation = await owned_conversation(session, principal, conversation_id, lock=True)
-        await check_deletable(ctx, session, conversation)
-        erased = await erase(session, conversation)
-        entry.data_classes = erased.data_classes
-        entry.details["provider_copies"] = len(erased.provider_copies)
+    entry, erased = await erase_owned(ctx, principal, meta, conversation_id)
     deleted, pending = await delete_provider_copies(ctx, principal, meta, conversation_id, erased.provider_copies)
     async with ctx.sessions.begin() as session:
         receipt = await issue_receipt(
@@ -229,6 +218,34 @@ async def delete_conversation(
             destroyed=[erased.destroyed(entry, deleted, pending)],
         )
     return Deleted(erased.data_classes, erased.provider_copies, receipt)
+
+
+async def erase_owned(
+    ctx: ServiceContext,
+    principal: Principal,
+    meta: RequestMeta | None,
+    conversation_id: str,
+    *,
+    details: dict[str, Any] | None = None,
+) -> tuple[AuditEntry, Erased]:
+    """Erase one of the caller's conversations (data key first, then rows) in one audited
+    `conversation.delete` transaction, if `check_deletable` allows it; `details` go into its
+    record (a subject erasure says so). The provider's copies are the caller's to delete next."""
+    entry = AuditEntry(
+        "conversation.delete",
+        principal,
+        meta,
+        resource_type="conversation",
+        resource_id=audited_conversation_id(conversation_id),
+        details=dict(details or {}),
+    )
+    async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
+        conversation = await owned_conversation(session, principal, conversation_id, lock=True)
+        await check_deletable(ctx, session, conversation)
+        erased = await erase(session, conversation)
+        entry.data_classes = erased.data_classes
+        entry.details["provider_copies"] = len(erased.provider_copies)
+    return entry, erased
 
 
 async def check_deletable(ctx: ServiceContext, session: AsyncSession, conversation: Conversation) -> None:

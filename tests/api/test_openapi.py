@@ -124,8 +124,27 @@ def test_the_export_documents_its_line_formats_and_headers() -> None:
 def test_request_bodies_refuse_unknown_members() -> None:
     """The bodies the service refuses unknown members in say so (additionalProperties: false)."""
     schemas = DOCUMENT["components"]["schemas"]
-    assert schemas["ConversationCreate"]["additionalProperties"] is False
-    assert schemas["TurnCreate"]["additionalProperties"] is False
+    for name in (
+        "ConversationCreate",
+        "TurnCreate",
+        "TenantHoldCreate",
+        "ConversationHoldCreate",
+        "SubjectHoldCreate",
+        "RetentionRunCreate",
+    ):
+        assert schemas[name]["additionalProperties"] is False, name
+
+
+def test_a_hold_body_is_one_of_three_scopes_and_a_run_body_is_optional() -> None:
+    """Placing a hold takes exactly one of the three scoped bodies, and starting a run may send no body at all."""
+    hold = DOCUMENT["paths"]["/v1/ops/holds"]["post"]["requestBody"]
+    arms = hold["content"]["application/json"]["schema"]["oneOf"]
+    names = [arm["$ref"].rsplit("/", 1)[1] for arm in arms]
+    assert names == ["TenantHoldCreate", "ConversationHoldCreate", "SubjectHoldCreate"]
+    scopes = [DOCUMENT["components"]["schemas"][name]["properties"]["scope"]["const"] for name in names]
+    assert scopes == ["tenant", "conversation", "subject"]
+    assert hold["required"] is True
+    assert DOCUMENT["paths"]["/v1/ops/retention/runs"]["post"]["requestBody"]["required"] is False
 
 
 async def test_real_client_errors_match_the_document(api: httpx.AsyncClient, tenant: Tenant) -> None:
@@ -160,6 +179,29 @@ async def test_real_client_errors_match_the_document(api: httpx.AsyncClient, ten
     assert_documented_problem(unknown, 422, conversations, "post")
     empty = await api.post(f"{conversations}/{conversation}/turns", json={"input": " "}, headers=tenant.headers())
     assert assert_documented_problem(empty, 422, turns, "post")["pointer"] == "/input"
+
+
+async def test_ops_and_erasure_errors_match_the_document(api: httpx.AsyncClient, tenant: Tenant) -> None:
+    """The ops API's 404s and 409 and 422, a strict run body's 400, and an erasure path with a slash answer documented problems."""
+    ops = tenant.headers("ops")
+    unknown_hold = await api.delete("/v1/ops/holds/hold_" + "0" * 30, headers=ops)
+    assert_documented_problem(unknown_hold, 404, "/v1/ops/holds/{hold_id}", "delete")
+    placed = await api.post("/v1/ops/holds", json={"scope": "tenant", "reason": "case 1"}, headers=ops)
+    assert placed.status_code == 201, placed.text
+    hold = placed.json()["id"]
+    assert (await api.delete(f"/v1/ops/holds/{hold}", headers=ops)).status_code == 200
+    again = await api.delete(f"/v1/ops/holds/{hold}", headers=ops)
+    assert_documented_problem(again, 409, "/v1/ops/holds/{hold_id}", "delete")
+    foreign = {"scope": "conversation", "conversation_id": "conv_" + "0" * 30, "reason": "case 2"}
+    refused = await api.post("/v1/ops/holds", json=foreign, headers=ops)
+    assert assert_documented_problem(refused, 422, "/v1/ops/holds", "post")["pointer"] == "/conversation_id"
+    unknown_run = await api.get("/v1/ops/retention/runs/run_" + "0" * 30, headers=ops)
+    assert_documented_problem(unknown_run, 404, "/v1/ops/retention/runs/{run_id}", "get")
+    for lenient in ({"dry_run": 0}, {"dry_run": "true"}, {"limit": "5"}):
+        coerced = await api.post("/v1/ops/retention/runs", json=lenient, headers=ops)
+        assert_documented_problem(coerced, 400, "/v1/ops/retention/runs", "post")
+    slashed = await api.delete("/v1/subjects/MRN%2F0042", headers=tenant.headers())
+    assert_documented_problem(slashed, 404, "/v1/subjects/{subject}", "delete")
 
 
 async def test_a_steps_cursor_past_any_position_is_a_documented_400(api: httpx.AsyncClient, tenant: Tenant) -> None:
@@ -211,7 +253,7 @@ async def test_an_unsupported_method_is_405_with_allow(api: httpx.AsyncClient) -
     PROBLEM.validate(response.json())
     assert {method.strip() for method in response.headers["allow"].split(",")} == {"GET", "DELETE", "OPTIONS"}
     refused = await api.put("/v1/conversations")
-    assert {method.strip() for method in refused.headers["allow"].split(",")} == {"POST", "OPTIONS"}
+    assert {method.strip() for method in refused.headers["allow"].split(",")} == {"GET", "POST", "OPTIONS"}
 
 
 async def test_options_lists_every_method_of_the_path(api: httpx.AsyncClient) -> None:

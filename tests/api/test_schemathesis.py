@@ -46,6 +46,8 @@ ACCEPTED_OR_REFUSED_BY_POLICY = ["2xx", "3xx", "401", "403", "404", "409", "422"
 # Every built-in check is on (the default); the only one left off is `max_response_time`, which
 # is off unless given a limit and would be a timed assert. `positive_data_acceptance` is tuned as
 # above for the two operations whose answers depend on the policy.
+# Placing a conversation hold is likewise refused (422) when the conversation the body names, in
+# the shape the schema gives, is not one of the tenant's: whether it exists is no schema's to say.
 CONFIG = {
     # The same cases on every run, so that CI does not pass and fail by turns on one commit.
     "seed": 20261124,
@@ -55,7 +57,7 @@ CONFIG = {
             "include-operation-id": operation,
             "checks": {"positive_data_acceptance": {"expected-statuses": ACCEPTED_OR_REFUSED_BY_POLICY}},
         }
-        for operation in ("CreateConversation", "CreateTurn")
+        for operation in ("CreateConversation", "CreateTurn", "PlaceHold")
     ],
 }
 
@@ -75,6 +77,9 @@ class Fuzzed:
     conversation: str
     # Deleted.
     doomed: str
+    # A legal hold (on a conversation of its own) to release, and a retention run (a dry one) to read.
+    hold: str
+    run: str
     # For making more tenants.
     ctx: ServiceContext
     database_url: str
@@ -138,13 +143,18 @@ def fuzzed(ctx: ServiceContext, database_url: str, gemini: RunningSimulator, fuz
     asgi.shutdown_lifespans()
     APP.on_startup.append(lifespan.open)
     APP.on_shutdown.append(lifespan.close)
-    headers = fuzz_tenant.headers("backend")
+    headers, ops = fuzz_tenant.headers("backend"), fuzz_tenant.headers("ops")
     with asgi.get_client(cast(Any, APP)) as client:  # Litestar types its ASGI scope more narrowly
         conversation = _open(client, headers)
         turn = client.post(f"/v1/conversations/{conversation}/turns", json={"input": "hello"}, headers=headers)
         assert turn.status_code == 200, turn.text
         doomed = _open(client, headers)
-    FUZZED.append(Fuzzed(fuzz_tenant, conversation, doomed, ctx, database_url))
+        held = {"scope": "conversation", "conversation_id": _open(client, headers), "reason": "fuzzing"}
+        hold = client.post("/v1/ops/holds", json=held, headers=ops)
+        assert hold.status_code == 201, hold.text
+        run = client.post("/v1/ops/retention/runs", json={"dry_run": True}, headers=ops)
+        assert run.status_code == 202, run.text
+    FUZZED.append(Fuzzed(fuzz_tenant, conversation, doomed, hold.json()["id"], run.json()["id"], ctx, database_url))
     yield FUZZED[0]
     FUZZED.clear()
     asgi.shutdown_lifespans()
@@ -164,22 +174,25 @@ class ApiKey(requests.auth.AuthBase):
         return request
 
 
-SCHEMA.auth.set_from_requests(ApiKey("backend")).apply_to(path_regex="^/v1/conversations")
+SCHEMA.auth.set_from_requests(ApiKey("backend")).apply_to(path_regex="^/v1/(conversations|subjects)")
 SCHEMA.auth.set_from_requests(ApiKey("auditor")).apply_to(path_regex="^/v1/audit")
+SCHEMA.auth.set_from_requests(ApiKey("ops")).apply_to(path_regex="^/v1/ops")
 
 
-# Cases are generated before the conversations exist (examples at collection), so generation
-# picks this stand-in and the test puts the real id in its place.
-SEEDED = "seeded-conversation"
+# Cases are generated before the conversations, the hold and the run exist (examples at
+# collection), so generation picks this stand-in and the test puts the real id in its place.
+SEEDED = "seeded-id"
+SEEDED_PARAMETERS = ("conversation_id", "hold_id", "run_id")
 
 
 @SCHEMA.hook
 def flatmap_path_parameters(context: schemathesis.HookContext, path_parameters: dict[str, Any] | None) -> Any:
-    """A generated id names nothing, so half the cases aim at a real conversation instead: the
-    handlers past the 404 get fuzzed too."""
-    if not path_parameters or "conversation_id" not in path_parameters:
+    """A generated id names nothing, so half the cases aim at a real conversation, hold or run
+    instead: the handlers past the 404 get fuzzed too."""
+    name = next((name for name in SEEDED_PARAMETERS if name in (path_parameters or {})), None)
+    if not path_parameters or name is None:
         return st.just(path_parameters)
-    return st.sampled_from([path_parameters, {**path_parameters, "conversation_id": SEEDED}])
+    return st.sampled_from([path_parameters, {**path_parameters, name: SEEDED}])
 
 
 # A route and data classes of the test policy (ops/policy.example.yaml), which the document can
@@ -203,10 +216,15 @@ def flatmap_body(context: schemathesis.HookContext, body: Any) -> Any:
 
 
 def _aim_at_seeded(case: OpenApiCase) -> None:
-    if case.path_parameters and case.path_parameters.get("conversation_id") == SEEDED:
-        seeded = FUZZED[0]
+    seeded = FUZZED[0]
+    parameters = case.path_parameters or {}
+    if parameters.get("conversation_id") == SEEDED:
         real = seeded.doomed if case.method.upper() == "DELETE" else seeded.conversation
-        case.path_parameters["conversation_id"] = real
+        parameters["conversation_id"] = real
+    if parameters.get("hold_id") == SEEDED:
+        parameters["hold_id"] = seeded.hold
+    if parameters.get("run_id") == SEEDED:
+        parameters["run_id"] = seeded.run
 
 
 @SCHEMA.parametrize()
