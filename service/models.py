@@ -40,6 +40,7 @@ __all__ = [
     "IdempotencyRecord",
     "KeyringSentinel",
     "LegalHold",
+    "ReceiptItem",
     "RetentionRun",
     "Step",
     "Tenant",
@@ -180,7 +181,8 @@ class Step(Base):
 
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
-    turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), nullable=False)
+    # Indexed: deleting a conversation's turns finds their steps through this key.
+    turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True, nullable=False)
     # The KEK version bound into this step's associated data when it was sealed; never changes.
     key_version: Mapped[int] = mapped_column(Integer, nullable=False)
     sealed: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
@@ -259,13 +261,32 @@ class RetentionRun(Base):
 
 
 class DeletionReceipt(Base):
-    """A signed receipt of a deletion or purge (see service.retention)."""
+    """A signed receipt of a deletion or purge (service.conversations._receipts). Written, still
+    owed (`receipt` empty), in the transaction that destroys the first conversation it covers, and
+    signed once the provider's copies were asked for; the deleting process holds it meanwhile
+    (`held_until`, renewed), and a retention run signs the ones whose hold lapsed."""
 
     __tablename__ = "deletion_receipts"
+    __table_args__ = (Index("ix_deletion_receipts_owed", "held_until", postgresql_where=text("receipt IS NULL")),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(40), index=True, nullable=False)
-    receipt: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    chain: Mapped[str] = mapped_column(String(40), nullable=False)
+    cause: Mapped[str] = mapped_column(String(40), nullable=False)
+    receipt: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+    held_until: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReceiptItem(Base):
+    """One destroyed conversation a receipt will cover, written in the transaction that destroyed it."""
+
+    __tablename__ = "receipt_items"
+
+    receipt_id: Mapped[str] = mapped_column(ForeignKey("deletion_receipts.id", ondelete="CASCADE"), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    item: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = _now()
 
 

@@ -10,7 +10,10 @@
   digest); an active hold blocks purge and deletion.
 - `retention_runs`: one row per run of the runner (progress, counts, who started it).
 - `deletion_receipts`: the signed receipts of deletions and purges, kept for whoever must prove
-  them later.
+  them later; a row without its signed receipt yet is one still owed (`receipt_items` holds what
+  it will cover), held by the process deleting (`held_until`), which a retention run issues once
+  that hold lapses (the process stopped).
+- an index on `steps.turn_id`, which deleting a conversation's turns needs.
 
 Revision ID: 0004
 Revises: 0003
@@ -79,15 +82,45 @@ def upgrade() -> None:
         "deletion_receipts",
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
-        sa.Column("receipt", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("chain", sa.String(length=40), nullable=False),
+        sa.Column("cause", sa.String(length=40), nullable=False),
+        sa.Column("receipt", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.Column("held_until", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("issued_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deletion_receipts")),
     )
     op.create_index("ix_deletion_receipts_tenant_id", "deletion_receipts", ["tenant_id"])
-    op.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON legal_holds, retention_runs, deletion_receipts TO custody_app")
+    op.create_index(
+        "ix_deletion_receipts_owed", "deletion_receipts", ["held_until"], postgresql_where=sa.text("receipt IS NULL")
+    )
+    op.create_table(
+        "receipt_items",
+        sa.Column("receipt_id", sa.String(length=40), nullable=False),
+        sa.Column("conversation_id", sa.String(length=40), nullable=False),
+        sa.Column("item", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["receipt_id"],
+            ["deletion_receipts.id"],
+            name=op.f("fk_receipt_items_receipt_id_deletion_receipts"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("receipt_id", "conversation_id", name=op.f("pk_receipt_items")),
+    )
+    # Deleting a conversation's turns makes Postgres find their steps through this foreign key:
+    # without the index, that is a scan of the whole steps table per turn.
+    op.create_index("ix_steps_turn_id", "steps", ["turn_id"])
+    op.execute(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON legal_holds, retention_runs, deletion_receipts, receipt_items"
+        " TO custody_app"
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_steps_turn_id", table_name="steps")
+    op.drop_table("receipt_items")
+    op.drop_index("ix_deletion_receipts_owed", table_name="deletion_receipts")
     op.drop_index("ix_deletion_receipts_tenant_id", table_name="deletion_receipts")
     op.drop_table("deletion_receipts")
     op.drop_table("retention_runs")

@@ -1,7 +1,7 @@
 """Retention runner throughput: purge rate with one runner and with two at once, and a dry run's time.
 
 Run: .venv/bin/python ops/bench/retention.py [--conversations 10000] [--turns 10] [--provider-share 0.1]
-                                             [--limit 1000] [--with-turn-id-index]
+                                             [--limit N]
 
 Seeds a database of its own on the local Postgres (BENCH_ADMIN_URL, default the test server's
 `postgres` database) once: N conversations opened through the service's own audited open path
@@ -16,16 +16,11 @@ an operator or a cron job runs; their in-process simulator answers the provider 
   - one runner: one run purging every due conversation;
   - two runners: two runs started at once over the same set.
 
-For the purges, only the first `--limit` conversations (0: all) are left due in the copy: the
-rest stay in the database (the tables keep their size) with deadlines in the future. (The
-runner's own `--limit` would not do here: it counts the candidates a runner looks at, so two
-runners with half the limit each purge well under it between them.)
-
-With the schema as it is, deleting a conversation's turns makes Postgres look for the steps of
-each turn through the foreign key steps.turn_id -> turns.id, which has no index: a scan of the
-whole steps table per turn, so the purge rate falls as the table grows; hence the default limit.
-`--with-turn-id-index` adds that index to the seeded database first (what-if: the schema does not
-have it) and shows the rate without the scans.
+With `--limit N`, only the first N conversations are left due in the copy for the purges (the
+rest stay in the database, so the tables keep their size, with deadlines in the future); by
+default every one of them is due. (The runner's own `--limit` would not do here: it counts the
+candidates a runner looks at, so two runners with half the limit each purge well under it between
+them.)
 
 Rates are conversations purged per second over the runs' own window (earliest start to latest
 finish, from the retention_runs rows: process start-up excluded); the wall time of the processes
@@ -314,12 +309,6 @@ async def main_async(args: argparse.Namespace) -> None:
             started = time.monotonic()
             seeded, copies = await seed(env, args.conversations, args.turns, args.provider_share)
             seeding = time.monotonic() - started
-            if args.with_turn_id_index:
-                connection = await asyncpg.connect(url_of(template))
-                try:
-                    await connection.execute("CREATE INDEX ix_steps_turn_id_bench ON steps (turn_id)")
-                finally:
-                    await connection.close()
             results = [
                 await measure("dry run", template, env, ["--dry-run"], 1),
                 await measure("purge, one runner", template, env, [], 1, args.limit),
@@ -332,14 +321,7 @@ async def main_async(args: argparse.Namespace) -> None:
         f"retention runner: {seeded} due conversations x {args.turns} turns ({2 * args.turns} sealed steps each), "
         f"{copies} provider copies on the ledger; seeded in {seeding:.0f} s"
     )
-    print(
-        f"purges: {'all due conversations' if not args.limit else f'the first {args.limit} due'}, "
-        + (
-            "with an index on steps.turn_id added (what-if: not in the schema)"
-            if args.with_turn_id_index
-            else "schema as migrated (no index on steps.turn_id)"
-        )
-    )
+    print(f"purges: {'all due conversations' if not args.limit else f'the first {args.limit} due'}")
     print(
         f"{'measurement':<28} | {'runners':>7} | {'purged':>6} | {'listed':>6} | {'copies deleted':>14} | "
         f"{'run s':>7} | {'wall s':>7} | {'conversations/s':>15}"
@@ -362,10 +344,7 @@ def main() -> None:
         "--provider-share", type=float, default=0.1, help="share of conversations with provider copies (one per turn)"
     )
     parser.add_argument(
-        "--limit", type=int, default=1000, help="conversations left due for each purge measurement (0: all)"
-    )
-    parser.add_argument(
-        "--with-turn-id-index", action="store_true", help="what-if: add the index on steps.turn_id the schema lacks"
+        "--limit", type=int, default=0, help="conversations left due for each purge measurement (0: all)"
     )
     asyncio.run(main_async(parser.parse_args()))
 

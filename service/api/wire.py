@@ -153,7 +153,8 @@ class DeletionReceiptOut(msgspec.Struct):
     data-key version, when, which provider copies were deleted or are still pending, and the seqs
     of the audit records) and, for a subject erasure, what had to stay (`kept`: each conversation
     with its reason, `legal_hold` with the `hold_id`, `minimum_retention` with `deletable_from`, or
-    `turn_in_progress`), signed with the audit key (Ed25519 over its RFC 8785 form)."""
+    `turn_in_progress`), signed with the audit key (Ed25519 over its RFC 8785 form). A receipt a
+    retention run signed because the deleting process stopped first carries `recovered: true`."""
 
     payload: dict[str, Any]
     key_id: str

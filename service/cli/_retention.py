@@ -131,6 +131,7 @@ def _report(summary: RunSummary, tenant_names: dict[str, str]) -> list[str]:
             ("provider copies pending", str(summary.provider_pending)),
             ("oldest pending copy", _age(summary.oldest_pending_seconds)),
             ("deadlines recomputed", str(summary.recomputed)),
+            ("receipts recovered", str(summary.receipts_recovered)),
             ("seconds", f"{summary.seconds:.2f}"),
         ]
     )

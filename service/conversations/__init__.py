@@ -16,7 +16,6 @@ from ._history import (
 from ._lifecycle import (
     ConversationView,
     Deleted,
-    Erased,
     HistoryPage,
     check_deletable,
     delete_conversation,
@@ -29,7 +28,17 @@ from ._lifecycle import (
 )
 from ._listing import ConversationPage, ConversationSummary, list_conversations
 from ._provider_copies import delete_provider_copies
-from ._receipts import RECEIPT_FORMAT, Destroyed, Kept, issue_receipt, receipt_valid
+from ._receipts import (
+    RECEIPT_FORMAT,
+    Destroyed,
+    Erased,
+    Kept,
+    OwedReceipt,
+    holding,
+    owing_receipt,
+    receipt_valid,
+    recover_receipt,
+)
 
 __all__ = [
     "RECEIPT_FORMAT",
@@ -42,6 +51,7 @@ __all__ = [
     "Erased",
     "HistoryPage",
     "Kept",
+    "OwedReceipt",
     "append_steps",
     "check_deletable",
     "create_cipher",
@@ -52,18 +62,20 @@ __all__ = [
     "erase",
     "erase_owned",
     "erase_subject",
+    "holding",
     "interval",
-    "issue_receipt",
     "last_activity_deadline",
     "list_conversations",
     "load_cipher",
     "open_conversation",
+    "owing_receipt",
     "owned_conversation",
     "read_conversation",
     "read_history",
     "read_steps",
     "receipt_valid",
     "recompute_deadlines",
+    "recover_receipt",
     "rule_values",
     "shred_data_key",
 ]

@@ -6,8 +6,9 @@ into any record, span, log line or answer. Each conversation is erased as a dele
 first, then rows, in its own audited `conversation.delete` transaction whose record says it was a
 subject erasure; then the provider's copies), unless a legal hold covers it, its minimum
 retention has not passed or a turn is waiting for the model: those stay, and the receipt lists
-each with its reason. One receipt, signed with the audit key, covers them all; it is kept in the
-transaction of the `subject.erase` record, which counts what went and what stayed.
+each with its reason. One receipt, signed with the audit key, covers them all; it is owed from the
+start (a stopped erasure is signed by the next retention run, covering what went before it
+stopped), and a `subject.erase` record, naming it, counts what went and what stayed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..errors import ConversationNotFound, LegalHoldActive, MinimumRetention, Tu
 from ..models import Conversation
 from ._lifecycle import Deleted, erase_owned
 from ._provider_copies import delete_provider_copies
-from ._receipts import Destroyed, Kept, issue_receipt
+from ._receipts import Kept, owing_receipt
 
 __all__ = ["erase_subject"]
 
@@ -47,30 +48,32 @@ async def erase_subject(ctx: ServiceContext, principal: Principal, meta: Request
                 .order_by(Conversation.created_at, Conversation.id)
             )
         )
-    destroyed: list[Destroyed] = []
     kept: list[Kept] = []
     classes: set[str] = set()
     copies: list[str] = []
-    for conversation_id in found:
-        try:
-            entry, erased = await erase_owned(ctx, principal, meta, conversation_id, details={"cause": CAUSE})
-        except LegalHoldActive as exc:
-            kept.append(Kept(conversation_id, "legal_hold", hold_id=exc.hold_id))
-            continue
-        except MinimumRetention as exc:
-            kept.append(Kept(conversation_id, "minimum_retention", deletable_from=exc.deletable_from))
-            continue
-        except TurnInProgress:
-            kept.append(Kept(conversation_id, "turn_in_progress"))
-            continue
-        except ConversationNotFound:
-            continue  # deleted meanwhile (by its owner, or purged): nothing of it is left to erase
-        deleted, pending = await delete_provider_copies(
-            ctx, principal, meta, conversation_id, erased.provider_copies
-        )
-        destroyed.append(erased.destroyed(entry, deleted, pending))
-        classes.update(erased.data_classes)
-        copies.extend(erased.provider_copies)
+    async with owing_receipt(ctx, tenant_id=principal.tenant_id, chain=principal.tenant_id, cause=CAUSE) as owed:
+        async with ctx.sessions.begin() as session:
+            await owed.record(session)  # owed even when nothing can go: it then lists what stays
+        for conversation_id in found:
+            try:
+                erased = await erase_owned(ctx, principal, meta, conversation_id, owed, details={"cause": CAUSE})
+            except LegalHoldActive as exc:
+                kept.append(Kept(conversation_id, "legal_hold", hold_id=exc.hold_id))
+                continue
+            except MinimumRetention as exc:
+                kept.append(Kept(conversation_id, "minimum_retention", deletable_from=exc.deletable_from))
+                continue
+            except TurnInProgress:
+                kept.append(Kept(conversation_id, "turn_in_progress"))
+                continue
+            except ConversationNotFound:
+                continue  # deleted meanwhile (by its owner, or purged): nothing of it is left to erase
+            await delete_provider_copies(ctx, principal, meta, conversation_id, erased.provider_copies)
+            classes.update(erased.data_classes)
+            copies.extend(erased.provider_copies)
+        receipt = await owed.sign(kept)
+    assert receipt is not None  # noqa: S101 - the owed row was recorded above
+    destroyed = receipt["payload"]["destroyed"]
     reasons = Counter(k.reason for k in kept)
     summary = AuditEntry(
         "subject.erase",
@@ -83,18 +86,9 @@ async def erase_subject(ctx: ServiceContext, principal: Principal, meta: Request
             "erased": len(destroyed),
             "kept": len(kept),
             "kept_reasons": dict(sorted(reasons.items())),
-            "provider_copies_pending": sum(len(d.provider_copies_pending) for d in destroyed),
+            "provider_copies_pending": sum(len(d["provider_copies_pending"]) for d in destroyed),
+            "receipt_id": receipt["payload"]["receipt_id"],
         },
     )
-    async with ctx.auditor.action(ctx.sessions, summary) as (session, summary):
-        receipt = await issue_receipt(
-            session,
-            ctx.auditor.signer,
-            tenant_id=principal.tenant_id,
-            chain=principal.tenant_id,
-            cause=CAUSE,
-            destroyed=destroyed,
-            kept=kept,
-        )
-        summary.details["receipt_id"] = receipt["payload"]["receipt_id"]
+    await ctx.auditor.record(ctx.sessions, summary)
     return Deleted(sorted(classes), copies, receipt)

@@ -28,13 +28,12 @@ from ..policy import check_data_classes
 from ._deadlines import rule_values
 from ._history import create_cipher, load_cipher, read_steps, shred_data_key
 from ._provider_copies import delete_provider_copies
-from ._receipts import Destroyed, issue_receipt
+from ._receipts import Erased, OwedReceipt, owing_receipt
 
 __all__ = [
     "ConversationView",
     "Deleted",
     "HistoryPage",
-    "Erased",
     "check_deletable",
     "delete_conversation",
     "erase",
@@ -200,23 +199,18 @@ async def delete_conversation(
     ctx: ServiceContext, principal: Principal, meta: RequestMeta | None, conversation_id: str
 ) -> Deleted:
     """Delete one of the caller's conversations: data key first, then rows (one audited
-    transaction), then every copy the provider still holds (each attempt audited; a failure stays
-    on the ledger to be retried); returns what was destroyed, with its signed receipt.
+    transaction, which also owes the receipt), then every copy the provider still holds (each
+    attempt audited; a failure stays on the ledger to be retried); returns what was destroyed,
+    with its signed receipt.
 
     Refused while a turn waits for the model (409), while a legal hold covers the conversation
     (409 naming the hold) and before its minimum retention has passed (409 with the date).
     """
-    entry, erased = await erase_owned(ctx, principal, meta, conversation_id)
-    deleted, pending = await delete_provider_copies(ctx, principal, meta, conversation_id, erased.provider_copies)
-    async with ctx.sessions.begin() as session:
-        receipt = await issue_receipt(
-            session,
-            ctx.auditor.signer,
-            tenant_id=principal.tenant_id,
-            chain=principal.tenant_id,
-            cause="deletion",
-            destroyed=[erased.destroyed(entry, deleted, pending)],
-        )
+    async with owing_receipt(ctx, tenant_id=principal.tenant_id, chain=principal.tenant_id, cause="deletion") as owed:
+        erased = await erase_owned(ctx, principal, meta, conversation_id, owed)
+        await delete_provider_copies(ctx, principal, meta, conversation_id, erased.provider_copies)
+        receipt = await owed.sign()
+    assert receipt is not None  # noqa: S101 - erase_owned recorded the item, or raised
     return Deleted(erased.data_classes, erased.provider_copies, receipt)
 
 
@@ -225,12 +219,14 @@ async def erase_owned(
     principal: Principal,
     meta: RequestMeta | None,
     conversation_id: str,
+    receipt: OwedReceipt,
     *,
     details: dict[str, Any] | None = None,
-) -> tuple[AuditEntry, Erased]:
+) -> Erased:
     """Erase one of the caller's conversations (data key first, then rows) in one audited
-    `conversation.delete` transaction, if `check_deletable` allows it; `details` go into its
-    record (a subject erasure says so). The provider's copies are the caller's to delete next."""
+    `conversation.delete` transaction, if `check_deletable` allows it, recording it for `receipt`
+    in the same transaction; `details` go into its record (a subject erasure says so). The
+    provider's copies are the caller's to delete next."""
     entry = AuditEntry(
         "conversation.delete",
         principal,
@@ -243,9 +239,10 @@ async def erase_owned(
         conversation = await owned_conversation(session, principal, conversation_id, lock=True)
         await check_deletable(ctx, session, conversation)
         erased = await erase(session, conversation)
+        await receipt.record(session, erased, action=entry.action)
         entry.data_classes = erased.data_classes
         entry.details["provider_copies"] = len(erased.provider_copies)
-    return entry, erased
+    return erased
 
 
 async def check_deletable(ctx: ServiceContext, session: AsyncSession, conversation: Conversation) -> None:
@@ -264,32 +261,6 @@ async def check_deletable(ctx: ServiceContext, session: AsyncSession, conversati
         deadline_now = await session.scalar(select(ctx.clock.now()))
         if deadline_now is not None and conversation.keep_until > deadline_now:
             raise MinimumRetention(utc_instant(conversation.keep_until))
-
-
-@dataclass(frozen=True)
-class Erased:
-    """What `erase` destroyed, for the audit record and the receipt."""
-
-    conversation_id: str
-    data_classes: list[str]
-    step_count: int
-    data_key_version: int | None
-    destroyed_at: str
-    provider_copies: list[str]  # interaction ids the provider may still hold
-
-    def destroyed(self, entry: AuditEntry, deleted: list[int], pending: list[str]) -> Destroyed:
-        """The receipt's account of it, once the provider copies were asked for (`deleted` are the
-        seqs of their upstream.delete records)."""
-        seqs = [entry.written["seq"]] if entry.written else []
-        return Destroyed(
-            conversation_id=self.conversation_id,
-            step_count=self.step_count,
-            data_key_version=self.data_key_version,
-            destroyed_at=self.destroyed_at,
-            provider_copies_deleted=[c for c in self.provider_copies if c not in pending],
-            provider_copies_pending=list(pending),
-            audit_seqs=[*seqs, *deleted],
-        )
 
 
 async def erase(session: AsyncSession, conversation: Conversation) -> Erased:

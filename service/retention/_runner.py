@@ -8,10 +8,12 @@ A run:
    `FOR UPDATE SKIP LOCKED` and checks the conditions again, so any number of runners (in any
    number of replicas) can run at once and each conversation is purged exactly once. The purge
    destroys the data key first, then the rows, with its `retention.purge` record in the same
-   transaction; then every copy the provider still holds is deleted (each attempt audited), and
-   a signed receipt is kept;
-3. retries the deletions of provider copies that failed earlier, and deletes copies older than
-   their route's `provider_ttl` even while their conversation goes on;
+   transaction, which also owes the conversation's receipt; then every copy the provider still
+   holds is deleted (each attempt audited), and the receipt is signed;
+3. signs the receipts owed by deletions whose process stopped before signing (see
+   service.conversations._receipts), after asking for the copies they left; retries the
+   deletions of provider copies that failed earlier, and deletes copies older than their
+   route's `provider_ttl` even while their conversation goes on;
 4. writes the run's `retention.run` record with its counts.
 
 A run is one trace (`custody.retention.run`) whose children are the purges and provider-copy
@@ -34,7 +36,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import SYSTEM_CHAIN, AuditEntry, utc_instant
 from ..context import ServiceContext
-from ..conversations import delete_provider_copies, erase, interval, issue_receipt, recompute_deadlines
+from ..conversations import (
+    delete_provider_copies,
+    erase,
+    holding,
+    interval,
+    owing_receipt,
+    recompute_deadlines,
+    recover_receipt,
+)
 from ..database import database_now
 from ..ids import new_id
 from ..leases import close_abandoned
@@ -76,6 +86,7 @@ class RunSummary:
     provider_pending: int = 0  # still pending after this run
     oldest_pending_seconds: float | None = None
     recomputed: int = 0
+    receipts_recovered: int = 0  # owed by a deletion whose process stopped, signed by this run
     seconds: float = 0.0
     candidates: list[Candidate] = field(default_factory=list)
     receipts: list[str] = field(default_factory=list)
@@ -122,6 +133,7 @@ async def run_retention(
             summary.recomputed = await recompute_deadlines(ctx)
             await _purge_due(ctx, summary, tenant_id, limit, progress)
             if not dry_run:
+                await _recover_receipts(ctx, summary, tenant_id)
                 await _sweep_provider_copies(ctx, summary, tenant_id)
             summary.provider_pending, summary.oldest_pending_seconds = await _pending_stats(ctx, tenant_id)
         except BaseException:
@@ -237,44 +249,59 @@ async def _purge_one(ctx: ServiceContext, summary: RunSummary, candidate: Candid
             "purge_at": candidate.purge_at,
         },
     )
-    async with ctx.sessions.begin() as session:
-        conversation = await session.scalar(
-            select(Conversation)
-            .where(
-                Conversation.id == candidate.conversation_id,
-                Conversation.purge_at <= ctx.clock.now(),
-                ~held(),
+    async with owing_receipt(ctx, tenant_id=candidate.tenant_id, chain=candidate.tenant_id, cause="retention") as owed:
+        async with ctx.sessions.begin() as session:
+            conversation = await session.scalar(
+                select(Conversation)
+                .where(
+                    Conversation.id == candidate.conversation_id,
+                    Conversation.purge_at <= ctx.clock.now(),
+                    ~held(),
+                )
+                .with_for_update(skip_locked=True)
             )
-            .with_for_update(skip_locked=True)
+            if conversation is None:
+                return None
+            now = await database_now(session)
+            if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
+                return None  # a turn is waiting for the model: the next run purges it
+            if conversation.lease_token:
+                await close_abandoned(ctx.auditor, session, conversation, closed_by="retention")
+            erased = await erase(session, conversation)
+            # The purge, its record and the receipt it is owed commit together, or none does.
+            await owed.record(session, erased, action=entry.action)
+            entry.data_classes = erased.data_classes
+            entry.details["provider_copies"] = len(erased.provider_copies)
+            await ctx.auditor.append(session, entry)
+        _, pending = await delete_provider_copies(
+            ctx, None, None, candidate.conversation_id, erased.provider_copies, tenant_id=candidate.tenant_id
         )
-        if conversation is None:
-            return None
-        now = await database_now(session)
-        if conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now:
-            return None  # a turn is waiting for the model: the next run purges it
-        if conversation.lease_token:
-            await close_abandoned(ctx.auditor, session, conversation, closed_by="retention")
-        erased = await erase(session, conversation)
-        entry.data_classes = erased.data_classes
-        entry.details["provider_copies"] = len(erased.provider_copies)
-        # The purge and its record commit together, or neither does.
-        await ctx.auditor.append(session, entry)
-    seqs, pending = await delete_provider_copies(
-        ctx, None, None, candidate.conversation_id, erased.provider_copies, tenant_id=candidate.tenant_id
-    )
-    summary.provider_deleted += len(erased.provider_copies) - len(pending)
-    summary.provider_failed += len(pending)
-    async with ctx.sessions.begin() as session:
-        receipt = await issue_receipt(
-            session,
-            ctx.auditor.signer,
-            tenant_id=candidate.tenant_id,
-            chain=candidate.tenant_id,
-            cause="retention",
-            destroyed=[erased.destroyed(entry, seqs, pending)],
-        )
-    receipt_id: str = receipt["payload"]["receipt_id"]
-    return receipt_id
+        summary.provider_deleted += len(erased.provider_copies) - len(pending)
+        summary.provider_failed += len(pending)
+        receipt = await owed.sign()
+    return receipt["payload"]["receipt_id"] if receipt is not None else None
+
+
+async def _recover_receipts(ctx: ServiceContext, summary: RunSummary, tenant_id: str | None) -> None:
+    """Finish the deletions whose process stopped before their receipt was signed (a killed
+    runner, a replica gone mid-DELETE): ask for the provider copies still held, then sign."""
+    while (owed := await recover_receipt(ctx, tenant_id)) is not None:
+        try:
+            async with holding(owed):
+                for conversation_id, copies in await owed.provider_copies():
+                    _, pending = await delete_provider_copies(
+                        ctx, None, None, conversation_id, copies, tenant_id=owed.tenant_id
+                    )
+                    summary.provider_deleted += len(copies) - len(pending)
+                    summary.provider_failed += len(pending)
+                receipt = await owed.sign()
+        except Exception as exc:  # noqa: BLE001 - one receipt's failure must not stop the run
+            logger.error("recovering a deletion receipt failed (%s); the next run retries it", type(exc).__name__)
+            summary.failed += 1
+            continue
+        if receipt is not None:
+            summary.receipts.append(receipt["payload"]["receipt_id"])
+            summary.receipts_recovered += 1
 
 
 async def _sweep_provider_copies(ctx: ServiceContext, summary: RunSummary, tenant_id: str | None) -> None:

@@ -41,7 +41,7 @@ def summary_of(stdout: str) -> dict[str, str]:
     rows = {}
     for line in stdout.splitlines():
         if match := re.fullmatch(
-            r"(run|purged|skipped|failed|provider copies \w+|oldest pending copy|deadlines recomputed|seconds)\s{2,}(.+)",
+            r"(run|purged|skipped|failed|provider copies \w+|oldest pending copy|deadlines recomputed|receipts recovered|seconds)\s{2,}(.+)",
             line,
         ):
             rows[match[1]] = match[2]

@@ -94,6 +94,14 @@ async def scenario(
                 first.send_signal(signal.SIGKILL)
             finally:
                 first.wait(timeout=30)
+            # The purge cut by the kill left its receipt owed, held by the dead runner until its
+            # hold lapses (a turn lease, renewed by no one now): only then may a run recover it.
+            deadline = time.monotonic() + 60
+            while await deployment.scalar(
+                "SELECT count(*) FROM deletion_receipts WHERE receipt IS NULL AND held_until >= now()"
+            ):
+                assert time.monotonic() < deadline, "the dead runner's hold never lapsed"
+                await asyncio.sleep(0.2)
             second = deployment.run("retention", "run")
             yield Scenario(deployment, simulator, conversations, copies, first.returncode, purged_at_the_kill, second)
 
@@ -138,20 +146,30 @@ async def test_pending_provider_copies_are_retried_and_deleted(scenario: Scenari
     assert deleted == Counter(scenario.copies)
 
 
-class MissingReceipt(AssertionError):
-    """A purged conversation that no deletion receipt names."""
+async def test_every_purged_conversation_gets_exactly_one_signed_receipt(scenario: Scenario) -> None:
+    """Each of the thirty purged conversations is named in exactly one signed receipt, the one purged just before the kill included, and no receipt is left owed."""
+    deployment = scenario.deployment
+    assert await deployment.scalar("SELECT count(*) FROM deletion_receipts WHERE receipt IS NULL") == 0
+    receipts: list[dict[str, Any]] = await deployment.column("SELECT receipt FROM deletion_receipts")
+    receipted = Counter(d["conversation_id"] for r in receipts for d in r["payload"]["destroyed"])
+    assert set(receipted) == set(scenario.conversations)
+    assert set(receipted.values()) == {1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MissingReceipt,
-    reason="known defect: a purge commits before its provider copies are deleted and its receipt is issued "
-    "(service/retention/_runner.py _purge_one); a runner killed in between leaves a purged conversation "
-    "that no run ever gives a receipt",
-)
-async def test_every_purged_conversation_gets_its_receipt(scenario: Scenario) -> None:
-    """Each of the thirty purged conversations is named in a deletion receipt, the one purged just before the kill included."""
-    receipts: list[dict[str, Any]] = await scenario.deployment.column("SELECT receipt FROM deletion_receipts")
-    receipted = {d["conversation_id"] for r in receipts for d in r["payload"]["destroyed"]}
-    if missing := set(scenario.conversations) - receipted:
-        raise MissingReceipt(f"{len(missing)} purged conversation(s) without a receipt: {sorted(missing)}")
+async def test_the_receipt_the_kill_cut_is_recovered_with_its_copy_deleted(scenario: Scenario) -> None:
+    """The second run signs the receipt the killed runner owed, marked recovered, naming the copy whose deletion the kill cut as deleted and the audit records of both attempts' outcomes."""
+    deployment = scenario.deployment
+    assert summary_of(scenario.second.stdout)["receipts recovered"] == "1"
+    receipts: list[dict[str, Any]] = await deployment.column("SELECT receipt FROM deletion_receipts")
+    recovered = [r["payload"] for r in receipts if r["payload"].get("recovered")]
+    assert len(recovered) == 1
+    [destroyed] = recovered[0]["destroyed"]
+    cut_by_the_kill = scenario.copies[DELETES_BEFORE_THE_KILL - 1]
+    assert destroyed["provider_copies_deleted"] == [cut_by_the_kill]
+    assert destroyed["provider_copies_pending"] == []
+    purge = await deployment.records("retention.purge", outcome="success")
+    deletion = await deployment.records("upstream.delete", outcome="success")
+    expected = {r["seq"] for r in purge if r["resource"]["id"] == destroyed["conversation_id"]} | {
+        r["seq"] for r in deletion if r["resource"]["id"] == cut_by_the_kill
+    }
+    assert set(destroyed["audit_seqs"]) == expected
