@@ -49,7 +49,7 @@ from ..database import database_now
 from ..ids import new_id
 from ..leases import close_abandoned
 from ..legal_holds import held
-from ..models import Conversation, RetentionRun, UpstreamInteraction
+from ..models import Conversation, ReceiptItem, RetentionRun, UpstreamInteraction
 
 __all__ = ["Candidate", "RunSummary", "pending_provider_copies", "preview", "run_retention"]
 
@@ -325,7 +325,10 @@ async def _stale_copies(
 ) -> list[tuple[str, str, list[str]]]:
     """(conversation id, tenant id, interaction ids) of the copies to delete now."""
     gone = ~exists().where(Conversation.id == UpstreamInteraction.conversation_id)
-    conditions = [or_(UpstreamInteraction.delete_attempts > 0, gone)]
+    # A copy whose conversation an owed receipt names is being deleted by the process that holds
+    # that receipt (or will be by whoever recovers it): not this sweep's, or two would ask at once.
+    owed = exists().where(ReceiptItem.conversation_id == UpstreamInteraction.conversation_id)
+    conditions = [and_(or_(UpstreamInteraction.delete_attempts > 0, gone), ~owed)]
     for name, route in ctx.policy.routes.items():
         if route.provider_ttl is not None:
             conditions.append(

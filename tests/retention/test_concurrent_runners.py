@@ -14,6 +14,7 @@ from service.audit import RequestMeta
 from service.auth import Principal, authenticate
 from service.conversations import open_conversation
 from service.retention import run_retention
+from service.simulator import FaultSpec, RunningSimulator
 
 from .conftest import RetentionService
 
@@ -87,3 +88,29 @@ async def test_two_runners_over_a_thousand_conversations_purge_each_exactly_once
     runs = await records(retention, "retention.run")
     assert sorted(r["details"]["started_by"] for r in runs) == ["runner-a", "runner-b"]
     assert sum(r["details"]["purged"] for r in runs) == CONVERSATIONS
+
+
+async def test_two_runners_ask_the_provider_to_delete_each_copy_once(
+    retention: RetentionService, gemini: RunningSimulator
+) -> None:
+    """Two runners started at once over forty due conversations with a provider copy each send one DELETE per copy between them, each with one upstream.delete record: neither sweeps up the copies the other is deleting."""
+    opened = []
+    for index in range(40):
+        conversation = await retention.open("public-faq", ["public"])
+        await retention.turn(conversation, f"opening hours, question {index}?")
+        opened.append(conversation)
+    copies = [r.response["id"] for r in gemini.app.create_requests()]
+    assert len(copies) == len(opened)
+    gemini.app.reset()
+    # Slow deletions, so that one runner reaches its sweep while the other's are still in flight.
+    gemini.app.inject(FaultSpec(latency_ms=100, count=len(copies)))
+    retention.advance_days(8)
+    first, second = await asyncio.gather(
+        run_retention(retention.ctx, started_by="runner-a"), run_retention(retention.ctx, started_by="runner-b")
+    )
+    assert first.purged + second.purged == len(opened)
+    deletes = Counter(r.path.rsplit("/", 1)[-1] for r in gemini.app.requests if r.method == "DELETE")
+    assert deletes == Counter(copies)
+    recorded = Counter(r["resource"]["id"] for r in await records(retention, "upstream.delete"))
+    assert recorded == Counter(copies)
+    assert first.provider_deleted + second.provider_deleted == len(copies)
