@@ -164,8 +164,7 @@ class _Module:
             users = entry[1]
             _close_quietly(entry[0])
             del self.logins[config.token_label]
-        # A read-write session: rotation creates token objects, and PKCS#11 refuses a read-only
-        # session's C_Login while a read-write one is open elsewhere in the process.
+        # Read-write, like the keyrings' own sessions (rotation creates objects on the token).
         session = token.open(rw=True, user_pin=config.pin)
         self.logins[config.token_label] = (session, users, config.pin)
 
