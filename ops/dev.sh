@@ -23,11 +23,28 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -
   touch "$stamp"
 fi
 
+# The PKCS#11 keyring's tests run against SoftHSM2 (a software HSM, Debian package `softhsm2`).
+# Installed here when missing and we may (root, apt-get); otherwise say how, rather than skip them.
+ensure_softhsm() {
+  if command -v softhsm2-util >/dev/null 2>&1; then
+    return
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "ops/dev.sh: installing softhsm2 for the PKCS#11 keyring's tests" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+  else
+    echo "ops/dev.sh: the tests need SoftHSM2 (softhsm2-util and libsofthsm2.so), which is not installed;" >&2
+    echo "  install it as root (Debian/Ubuntu: sudo apt-get install softhsm2), then run this again" >&2
+    exit 2
+  fi
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
   serve) exec .venv/bin/custody serve "$@" ;;
-  test) exec .venv/bin/python -m pytest "$@" ;;
+  test) ensure_softhsm; exec .venv/bin/python -m pytest "$@" ;;
   bench) exec .venv/bin/python ops/bench/run_all.py "$@" ;;
   *) echo "usage: ops/dev.sh serve|test|bench [args...]" >&2; exit 2 ;;
 esac

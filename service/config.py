@@ -77,6 +77,11 @@ class Settings:
     # The secrets outside the database; generated in the data dir only by the zero-config run.
     pepper_path: Path | None = None
     audit_signing_key_path: Path | None = None
+    # The KEKs in an HSM instead of a keyring file (service/crypto/_pkcs11_keyring.py): the vendor's
+    # PKCS#11 module, the token's label and a file holding its user PIN. All three, or none.
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_pin_path: Path | None = None
     # How often the service signs the audit chains' heads (0 turns it off; see `custody audit checkpoint`).
     audit_checkpoint_seconds: float = 300.0
 
@@ -134,6 +139,9 @@ class Settings:
             use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),
             pepper_path=_path(env, "CUSTODY_PEPPER_FILE"),
             audit_signing_key_path=_path(env, "CUSTODY_AUDIT_SIGNING_KEY"),
+            pkcs11_module=_path(env, "CUSTODY_PKCS11_MODULE"),
+            pkcs11_token_label=env.get("CUSTODY_PKCS11_TOKEN_LABEL", "").strip() or None,
+            pkcs11_pin_path=_path(env, "CUSTODY_PKCS11_PIN_FILE"),
             audit_checkpoint_seconds=_number(env, "CUSTODY_AUDIT_CHECKPOINT_SECONDS", 300.0),
             auth_failure_limit=_count(env, "CUSTODY_AUTH_FAILURE_LIMIT", 20),
             auth_failure_key_limit=_count(env, "CUSTODY_AUTH_FAILURE_KEY_LIMIT", 50),
@@ -161,6 +169,12 @@ class Settings:
         if self.turn_store_retry_seconds < self.turn_store_wait_seconds:
             raise ConfigurationError(
                 "CUSTODY_TURN_STORE_RETRY_SECONDS must be at least CUSTODY_TURN_STORE_WAIT_SECONDS"
+            )
+        # The rest of the PKCS#11 settings is checked where the keyring is loaded (secret_files).
+        if self.pkcs11_module is None and (self.pkcs11_token_label or self.pkcs11_pin_path):
+            raise ConfigurationError(
+                "CUSTODY_PKCS11_TOKEN_LABEL or CUSTODY_PKCS11_PIN_FILE is set without CUSTODY_PKCS11_MODULE: "
+                "set the module for the PKCS#11 keyring, or unset them for the keyring file"
             )
         # Back-to-back runs would only load the database: each run walks every due conversation.
         if 0 < self.retention_interval_seconds < 1:

@@ -24,14 +24,14 @@ from .auth_failures import AuthFailureLimits, AuthFailures
 from .config import Settings
 from .context import ServiceContext
 from .conversations import recompute_deadlines
-from .crypto import verify_keyring
+from .crypto import Pkcs11Keyring, verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
 from .leases import reap_expired_leases
 from .models import Tenant
 from .policy import PolicyError, load_policy
 from .retention import RunSummary, run_retention
-from .secret_files import load_keyring, load_pepper, load_signer
+from .secret_files import keyring_source, load_keyring, load_pepper, load_signer
 from .telemetry import describe, tracer_provider_from_env
 from .tenants import create_tenant, issue_key
 from .upstream import Upstream
@@ -243,6 +243,9 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
     closers: list[Any] = []
     # The secrets first: a deployment missing one stops here, before anything is started.
     keyring = load_keyring(settings, announce)
+    if isinstance(keyring, Pkcs11Keyring):
+        closers.append(keyring.close)  # its session, and the process's login to the token
+        announce.append(f"KEKs in the HSM: {keyring.source}, versions {keyring.versions()}")
     pepper = load_pepper(settings, announce)
     signer = load_signer(settings, announce)
     if not settings.upstream.configured and settings.deployment and not settings.use_simulator:
@@ -269,7 +272,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
     if warning := await _audit_role_warning(engine):
         announce.append(warning)
     sessions = make_sessions(engine)
-    await verify_keyring(sessions, keyring, source=str(keyring.path))
+    await verify_keyring(sessions, keyring, source=keyring_source(keyring))
     announce.append(f"policy {settings.policy_path} ({policy.version}), routes: {', '.join(sorted(policy.routes))}")
 
     if settings.upstream.configured:

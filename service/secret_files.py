@@ -1,6 +1,8 @@
 """The three secrets Custody keeps outside its database, and how they are found or made.
 
 - the keyring (`CUSTODY_KEYRING`): the key-encryption keys that wrap every conversation's data key;
+  or, when they live in an HSM, the PIN of its token (`CUSTODY_PKCS11_PIN_FILE`, beside
+  `CUSTODY_PKCS11_MODULE` and `CUSTODY_PKCS11_TOKEN_LABEL`), which is never generated;
 - the pepper (`CUSTODY_PEPPER_FILE`): keys the HMACs of API-key secrets, data-subject ids,
   Idempotency-Keys and request fingerprints;
 - the audit signing key (`CUSTODY_AUDIT_SIGNING_KEY`): the Ed25519 key that signs audit checkpoints.
@@ -21,10 +23,18 @@ from pathlib import Path
 
 from .audit import AuditSigner
 from .config import Settings
-from .crypto import FileKeyring, KeyringError, LocalKeyring
+from .crypto import FileKeyring, Keyring, KeyringError, LocalKeyring, Pkcs11Config, Pkcs11Keyring
 from .errors import ConfigurationError
 
-__all__ = ["SecretPaths", "init_secrets", "load_keyring", "load_pepper", "load_signer"]
+__all__ = [
+    "SecretPaths",
+    "init_secrets",
+    "keyring_source",
+    "load_keyring",
+    "load_pepper",
+    "load_signer",
+    "pkcs11_config",
+]
 
 _PEPPER_BYTES = 32
 _INIT_HINT = "create them with `custody secrets init DIR` and set the variables it prints"
@@ -59,7 +69,14 @@ def _locate(settings: Settings, given: Path | None, variable: str, default_name:
     return settings.data_dir / default_name, True
 
 
-def load_keyring(settings: Settings, announce: list[str]) -> FileKeyring:
+def load_keyring(settings: Settings, announce: list[str]) -> Keyring:
+    """The file keyring, or the PKCS#11 keyring when CUSTODY_PKCS11_MODULE is set."""
+    config = pkcs11_config(settings)
+    if config is not None:
+        try:
+            return Pkcs11Keyring(config)
+        except KeyringError as exc:
+            raise ConfigurationError(str(exc)) from None
     path, may_generate = _locate(settings, settings.keyring_path, "CUSTODY_KEYRING", "keyring.json")
     try:
         if may_generate and not path.exists():
@@ -71,6 +88,56 @@ def load_keyring(settings: Settings, announce: list[str]) -> FileKeyring:
         return FileKeyring(path)
     except KeyringError as exc:
         raise ConfigurationError(str(exc)) from None
+
+
+def keyring_source(keyring: Keyring) -> str:
+    """How startup messages name a keyring: its file, or its token (never key bytes or a PIN)."""
+    if isinstance(keyring, FileKeyring):
+        return str(keyring.path)
+    if isinstance(keyring, Pkcs11Keyring):
+        return keyring.source
+    return repr(keyring)
+
+
+def pkcs11_config(settings: Settings) -> Pkcs11Config | None:
+    """Where the HSM's KEKs are, with the PIN read from its file; None for the file keyring."""
+    module, label, pin_path = settings.pkcs11_module, settings.pkcs11_token_label, settings.pkcs11_pin_path
+    if module is None:
+        return None
+    if label is None or pin_path is None:
+        unset = "CUSTODY_PKCS11_TOKEN_LABEL" if label is None else "CUSTODY_PKCS11_PIN_FILE"
+        raise ConfigurationError(f"CUSTODY_PKCS11_MODULE is set but {unset} is not: the PKCS#11 keyring needs both")
+    if settings.keyring_path is not None:
+        raise ConfigurationError(
+            "both CUSTODY_KEYRING and CUSTODY_PKCS11_MODULE are set: name one keyring, the file or the HSM"
+        )
+    if not module.is_file():
+        raise ConfigurationError(f"CUSTODY_PKCS11_MODULE={module} does not exist (the HSM vendor's PKCS#11 library)")
+    return Pkcs11Config(module=module, token_label=label, pin=_read_pin(pin_path))
+
+
+def _read_pin(path: Path) -> str:
+    """The token's user PIN from its file: fail closed, as for every other secret."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigurationError(f"CUSTODY_PKCS11_PIN_FILE={path} does not exist") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot open CUSTODY_PKCS11_PIN_FILE={path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        # fstat on the open descriptor, so the mode we check is the file we read.
+        mode = os.fstat(file.fileno()).st_mode
+        if mode & 0o077:
+            raise ConfigurationError(f"{path} is readable by group or others: run chmod 600 {path}")
+        raw = file.read()
+    try:
+        # One trailing newline is how editors and `echo` end a file; it is not part of the PIN.
+        pin = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"the PIN in {path} is not UTF-8 text") from None
+    if not pin:
+        raise ConfigurationError(f"the PIN file {path} is empty")
+    return pin
 
 
 def load_pepper(settings: Settings, announce: list[str]) -> bytes:

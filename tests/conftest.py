@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -26,13 +26,14 @@ from service.auth_failures import AuthFailures
 from service.background import BackgroundTasks
 from service.config import REPO_ROOT, UpstreamSettings
 from service.context import ServiceContext
-from service.crypto import FileKeyring, LocalKeyring
+from service.crypto import FileKeyring, Keyring, LocalKeyring, Pkcs11Keyring
 from service.database import make_engine, make_sessions, migrate
 from service.policy import load_policy
 from service.simulator import RunningSimulator, SimulatorConfig, start_simulator
 from service.tenants import create_tenant, issue_key
 from service.upstream import Upstream
 
+from .softhsm import SoftHsm, Token
 from .wycheproof import missing_message
 
 
@@ -135,6 +136,51 @@ def session_keyring(keyring_path: Path) -> FileKeyring:
     return FileKeyring(keyring_path)
 
 
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """SoftHSM2 with a token directory of the session's own (SOFTHSM2_CONF points every process
+    of the session at it); fails, never skips, where SoftHSM2 is not installed."""
+    hsm = SoftHsm(tmp_path_factory.mktemp("softhsm"))
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    yield hsm
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous
+
+
+@pytest.fixture
+def token(softhsm: SoftHsm) -> Token:
+    """An empty SoftHSM2 token of the test's own."""
+    return softhsm.take()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyringUnderTest:
+    """A keyring with KEK version 1, and the variables that point a `custody` process at it."""
+
+    keyring: Keyring
+    environment: dict[str, str]
+
+
+@pytest.fixture(params=["file", "pkcs11"])
+def keyring_under_test(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KeyringUnderTest]:
+    """Each kind of keyring in turn, new and of the test's own: a keyring file, and KEKs in a
+    SoftHSM2 token."""
+    if request.param == "file":
+        path = tmp_path / "keyring.json"
+        LocalKeyring.generate(path)
+        yield KeyringUnderTest(FileKeyring(path), {"CUSTODY_KEYRING": str(path)})
+        return
+    token: Token = request.getfixturevalue("token")
+    keyring = Pkcs11Keyring.initialize(token.config)
+    try:
+        yield KeyringUnderTest(keyring, token.environment())
+    finally:
+        keyring.close()
+
+
 def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
     settings = UpstreamSettings(
         api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None
@@ -151,12 +197,16 @@ def pepper_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def deployment_env(database_url: str, keyring: Path, signing_key: Path, pepper: Path, **extra: str) -> dict[str, str]:
+def deployment_env(
+    database_url: str, keyring: Path | Mapping[str, str], signing_key: Path, pepper: Path, **extra: str
+) -> dict[str, str]:
     """The environment of a `custody` process run as a deployment: DATABASE_URL and the three
-    secrets it must name, and the simulator asked for explicitly (no Gemini key in tests)."""
+    secrets it must name, and the simulator asked for explicitly (no Gemini key in tests). The
+    keyring is a file, or the variables of another keyring (`KeyringUnderTest.environment`)."""
+    keyring_env = {"CUSTODY_KEYRING": str(keyring)} if isinstance(keyring, Path) else dict(keyring)
     return {
         "DATABASE_URL": database_url,
-        "CUSTODY_KEYRING": str(keyring),
+        **keyring_env,
         "CUSTODY_PEPPER_FILE": str(pepper),
         "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key),
         "CUSTODY_USE_SIMULATOR": "true",

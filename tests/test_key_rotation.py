@@ -1,11 +1,13 @@
-"""KEK rotation: data keys move to the new version, content stays readable, running replicas follow."""
+"""KEK rotation: data keys move to the new version, content stays readable, running replicas follow.
+
+Every test runs with each kind of keyring: a keyring file, and KEKs in a PKCS#11 token (SoftHSM2).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,31 +19,31 @@ from sqlalchemy import text
 
 from service.api import create_app
 from service.context import ServiceContext
-from service.crypto import FileKeyring, rewrap_data_keys
+from service.crypto import rewrap_data_keys
 from service.database import make_engine, make_sessions
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import asgi_transport, deployment_env, make_tenant
+from .conftest import KeyringUnderTest, asgi_transport, deployment_env, make_tenant
 
 
 @pytest.fixture
 async def replica(
-    ctx: ServiceContext, fresh_database: str, keyring_path: Path, tmp_path: Path
+    ctx: ServiceContext, fresh_database: str, keyring_under_test: KeyringUnderTest
 ) -> AsyncIterator[ServiceContext]:
-    """A service on a database and keyring file of its own (rotation rewraps every data key)."""
-    path = tmp_path / "keyring.json"
-    shutil.copy(keyring_path, path)
-    path.chmod(0o600)
+    """A service on a database and keyring of its own (rotation rewraps every data key)."""
     engine = make_engine(fresh_database)
-    yield dataclasses.replace(ctx, sessions=make_sessions(engine), keyring=FileKeyring(path))
+    yield dataclasses.replace(ctx, sessions=make_sessions(engine), keyring=keyring_under_test.keyring)
     await engine.dispose()
 
 
 async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
-    replica: ServiceContext, fresh_database: str, signing_key_path: Path, pepper_path: Path
+    replica: ServiceContext,
+    keyring_under_test: KeyringUnderTest,
+    fresh_database: str,
+    signing_key_path: Path,
+    pepper_path: Path,
 ) -> None:
     """After `custody keyring rotate`, every data key is under the new KEK, steps are untouched, and a replica that loaded the old keyring still reads and writes."""
-    assert isinstance(replica.keyring, FileKeyring)
     tenant = await make_tenant(replica)
     transport = asgi_transport(create_app(replica))
     async with httpx.AsyncClient(transport=transport, base_url="http://replica") as api:
@@ -59,7 +61,9 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
                 .all()
             )
 
-        env = os.environ | deployment_env(fresh_database, replica.keyring.path, signing_key_path, pepper_path)
+        env = os.environ | deployment_env(
+            fresh_database, keyring_under_test.environment, signing_key_path, pepper_path
+        )
         rotated = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "service", "keyring", "rotate"],
@@ -97,12 +101,11 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
         assert replica.keyring.current_version == 1  # loaded before the rotation...
         after = await take_turn(api, tenant.headers(), conversation, "what did I say first?")
         assert after["output_text"] == 'You first said: "before rotation".'
-        assert replica.keyring.current_version == 2  # ...and followed the file when it met version 2
+        assert replica.keyring.current_version == 2  # ...and followed the keyring when it met version 2
 
 
 async def test_rewrap_is_resumable(replica: ServiceContext) -> None:
     """Running the rewrap again when every key is current rewraps nothing."""
-    assert isinstance(replica.keyring, FileKeyring)
     tenant = await make_tenant(replica)
     async with httpx.AsyncClient(transport=asgi_transport(create_app(replica)), base_url="http://r") as api:
         await open_conversation(api, tenant.headers())

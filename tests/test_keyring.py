@@ -23,6 +23,7 @@ from service.crypto import (
 )
 from service.crypto._keyring import _write_private
 
+from .conftest import KeyringUnderTest
 from .wycheproof import declared_count, vector_cases
 
 KW_CASES = vector_cases("aes_wrap_test.json")
@@ -171,15 +172,11 @@ def test_malformed_file_error_names_path_not_keys(keyring_path: Path, content: b
     assert "SSSS" not in str(excinfo.value)
 
 
-def test_rotate_adds_current_version_and_keeps_old_keys(keyring_path: Path) -> None:
-    """rotate makes a new current version, keeps old DEKs unwrappable, and saves a 0600 file."""
+def test_rotate_saves_a_private_file_that_reloads(keyring_path: Path) -> None:
+    """LocalKeyring.rotate saves the new current version in a 0600 file, and a reload unwraps old data keys."""
     keyring = LocalKeyring.generate(keyring_path)
     old = keyring.wrap(b"a" * 32)
     assert keyring.rotate(keyring_path) == 2
-    assert keyring.current_version == 2
-    assert keyring.versions() == [1, 2]
-    assert keyring.wrap(b"b" * 32).kek_version == 2
-    assert keyring.unwrap(old) == b"a" * 32
     assert _mode(keyring_path) == 0o600
     reloaded = LocalKeyring.load(keyring_path)
     assert reloaded.current_version == 2
@@ -197,20 +194,34 @@ def test_rotate_refuses_when_file_changed_since_load(keyring_path: Path) -> None
     assert LocalKeyring.load(keyring_path).versions() == [1, 2]
 
 
-def test_rewrap_moves_data_key_to_current_version(keyring_path: Path) -> None:
+# --- the Keyring protocol, for each kind of keyring: a file, and KEKs in a PKCS#11 token ----------
+
+
+def test_rotation_adds_a_current_version_and_keeps_old_ones(keyring_under_test: KeyringUnderTest) -> None:
+    """rotate makes a new current version that new wraps use, and data keys under the old one still unwrap."""
+    keyring = keyring_under_test.keyring
+    old = keyring.wrap(b"a" * 32)
+    assert keyring.rotate() == 2
+    assert keyring.current_version == 2
+    assert keyring.versions() == [1, 2]
+    assert keyring.wrap(b"b" * 32).kek_version == 2
+    assert keyring.unwrap(old) == b"a" * 32
+
+
+def test_rewrap_moves_data_key_to_current_version(keyring_under_test: KeyringUnderTest) -> None:
     """rewrap returns the same data key wrapped under the current KEK version."""
-    keyring = LocalKeyring.generate(keyring_path)
+    keyring = keyring_under_test.keyring
     old = keyring.wrap(b"c" * 32)
-    keyring.rotate(keyring_path)
+    keyring.rotate()
     new = keyring.rewrap(old)
     assert new.kek_version == 2
     assert new.wrapped != old.wrapped
     assert keyring.unwrap(new) == b"c" * 32
 
 
-def test_unwrap_rejects_every_flipped_bit(keyring_path: Path) -> None:
+def test_unwrap_rejects_every_flipped_bit(keyring_under_test: KeyringUnderTest) -> None:
     """Flipping any single bit of a wrapped data key makes unwrap raise KeyUnwrapError."""
-    keyring = LocalKeyring.generate(keyring_path)
+    keyring = keyring_under_test.keyring
     wrapped = keyring.wrap(b"e" * 32)
     for bit in range(len(wrapped.wrapped) * 8):
         tampered = bytearray(wrapped.wrapped)
@@ -219,11 +230,18 @@ def test_unwrap_rejects_every_flipped_bit(keyring_path: Path) -> None:
             keyring.unwrap(WrappedKey(wrapped.kek_version, bytes(tampered)))
 
 
-def test_unwrap_rejects_wrong_or_unknown_version(keyring_path: Path) -> None:
+@pytest.mark.parametrize("size", [0, 8, 32, 39, 41, 48])
+def test_unwrap_rejects_wrapped_keys_of_another_length(keyring_under_test: KeyringUnderTest, size: int) -> None:
+    """A wrapped data key that is not 40 bytes fails to unwrap with KeyUnwrapError."""
+    with pytest.raises(KeyUnwrapError, match="invalid length"):
+        keyring_under_test.keyring.unwrap(WrappedKey(1, bytes(size)))
+
+
+def test_unwrap_rejects_wrong_or_unknown_version(keyring_under_test: KeyringUnderTest) -> None:
     """A wrapped key labelled with another existing version or an unknown one fails to unwrap."""
-    keyring = LocalKeyring.generate(keyring_path)
+    keyring = keyring_under_test.keyring
     wrapped = keyring.wrap(b"f" * 32)
-    keyring.rotate(keyring_path)
+    keyring.rotate()
     with pytest.raises(KeyUnwrapError):
         keyring.unwrap(WrappedKey(2, wrapped.wrapped))
     with pytest.raises(KeyUnwrapError, match="unknown KEK version 7"):
@@ -231,10 +249,19 @@ def test_unwrap_rejects_wrong_or_unknown_version(keyring_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", [16, 24, 31, 33, 64])
-def test_wrap_requires_256_bit_data_keys(size: int) -> None:
-    """LocalKeyring.wrap refuses data keys that are not 32 bytes."""
+def test_wrap_requires_256_bit_data_keys(keyring_under_test: KeyringUnderTest, size: int) -> None:
+    """wrap refuses data keys that are not 32 bytes."""
     with pytest.raises(ValueError, match="32 bytes"):
-        LocalKeyring({1: bytes(32)}, current=1).wrap(bytes(size))
+        keyring_under_test.keyring.wrap(bytes(size))
+
+
+def test_wrapping_is_deterministic(keyring_under_test: KeyringUnderTest) -> None:
+    """A data key wraps deterministically (RFC 3394 has no nonce): the same key under the same version gives the same 40 bytes, which unwrap back."""
+    keyring = keyring_under_test.keyring
+    first, again = keyring.wrap(b"h" * 32), keyring.wrap(b"h" * 32)
+    assert first == again
+    assert len(first.wrapped) == 40
+    assert keyring.unwrap(first) == b"h" * 32
 
 
 def test_constructor_requires_256_bit_keks() -> None:

@@ -2,8 +2,9 @@
 
 Run: .venv/bin/python ops/bench/turn_latency.py [--samples 40] [--sizes 1,20,200]
 
-Starts `custody simulator` and `custody serve` as separate processes (the service on a fresh
-database on the local Postgres, DATABASE_URL of the benchmark's choosing via BENCH_ADMIN_URL),
+Starts `custody simulator` and `custody serve` as separate processes (the service as a deployment
+on a fresh database of the local Postgres, the server of BENCH_ADMIN_URL, with secrets from
+`custody secrets init`; ops/bench/keyrings.py reuses this to run it on another keyring),
 then for each history size N: builds a conversation with N stored turns through Custody, and
 measures, interleaved sample by sample,
   - direct: `client.aio.interactions.with_raw_response.create(input=<the same N-turn history +
@@ -25,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
@@ -119,13 +122,29 @@ async def main_async(args: argparse.Namespace, custody: str, simulator: str, key
             )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=40)
-    parser.add_argument("--slowest", type=int, default=0, help="also list the N slowest samples per size")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200])
-    args = parser.parse_args()
+@contextmanager
+def running_simulator() -> Iterator[str]:
+    """`custody simulator` in its own process; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "simulator", "--port", str(port), "--request-log-limit", "0"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/_simulator/health", process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
 
+
+@contextmanager
+def running_custody(simulator: str, keyring_env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+    """`custody serve` in its own process, as a deployment on a fresh database of the local
+    Postgres, with secrets made by `custody secrets init` (`keyring_env` replaces its keyring
+    file, e.g. with the CUSTODY_PKCS11_* settings), calling `simulator`; yields (its URL, a
+    backend key)."""
     database = f"custody_bench_{secrets.token_hex(4)}"
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
@@ -137,17 +156,27 @@ def main() -> None:
             await connection.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{database}"'))
-    processes: list[subprocess.Popen[bytes]] = []
+    process: subprocess.Popen[bytes] | None = None
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            env = os.environ | {"DATABASE_URL": url, "CUSTODY_DATA_DIR": scratch}
-            subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True, capture_output=True)
-            subprocess.run(
-                [sys.executable, "-m", "service", "tenants", "create", "bench"],
-                env=env,
+            made = subprocess.run(
+                [sys.executable, "-m", "service", "secrets", "init", f"{scratch}/secrets"],
                 check=True,
                 capture_output=True,
-            )
+                text=True,
+            ).stdout
+            env = os.environ | dict(line.split("=", 1) for line in made.split())
+            if keyring_env is not None:
+                env = {k: v for k, v in env.items() if k != "CUSTODY_KEYRING"} | keyring_env
+            env |= {
+                "DATABASE_URL": url,
+                "CUSTODY_DATA_DIR": scratch,
+                "GEMINI_API_KEY": "bench",
+                "GOOGLE_GEMINI_BASE_URL": simulator,
+                "CUSTODY_PORT": str(free_port()),
+            }
+            for command in (["migrate"], ["tenants", "create", "bench"]):
+                subprocess.run([sys.executable, "-m", "service", *command], env=env, check=True, capture_output=True)
             key = subprocess.run(
                 [sys.executable, "-m", "service", "keys", "issue", "--tenant", "bench", "--role", "backend"],
                 env=env,
@@ -155,27 +184,25 @@ def main() -> None:
                 capture_output=True,
                 text=True,
             ).stdout.strip()
-            sim_port, custody_port = free_port(), free_port()
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "service", "simulator", "--port", str(sim_port), "--request-log-limit", "0"],
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            simulator = f"http://127.0.0.1:{sim_port}"
-            wait_ready(f"{simulator}/_simulator/health", processes[-1])
-            env |= {"GEMINI_API_KEY": "bench", "GOOGLE_GEMINI_BASE_URL": simulator, "CUSTODY_PORT": str(custody_port)}
-            processes.append(
-                subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stderr=subprocess.DEVNULL)
-            )
-            custody = f"http://127.0.0.1:{custody_port}"
-            wait_ready(f"{custody}/readyz", processes[-1])
-            asyncio.run(main_async(args, custody, simulator, key))
+            process = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stderr=subprocess.DEVNULL)
+            custody = f"http://127.0.0.1:{env['CUSTODY_PORT']}"
+            wait_ready(f"{custody}/readyz", process)
+            yield custody, key
     finally:
-        for process in processes:
+        if process is not None:
             process.terminate()
             process.wait()
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--slowest", type=int, default=0, help="also list the N slowest samples per size")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 200])
+    args = parser.parse_args()
+    with running_simulator() as simulator, running_custody(simulator) as (custody, key):
+        asyncio.run(main_async(args, custody, simulator, key))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ import argparse
 from typing import Any
 
 from ..audit import SYSTEM_CHAIN, AuditEntry
-from ..crypto import ensure_current_sentinel, rewrap_data_keys
+from ..config import Settings
+from ..crypto import KEK_LABEL_PREFIX, Pkcs11Keyring, ensure_current_sentinel, rewrap_data_keys
+from ..errors import ConfigurationError
 from ..runtime import Runtime
-from ..secret_files import init_secrets
+from ..secret_files import init_secrets, pkcs11_config
 from ..tenants import create_tenant, find_tenant, issue_key, list_keys, list_tenants, revoke_key
 from ._common import say, with_runtime
 
@@ -116,6 +118,23 @@ def _keyring_rotate(args: argparse.Namespace) -> int:
     return with_runtime(args, work)
 
 
+def _keyring_init(args: argparse.Namespace) -> int:
+    """The PKCS#11 keyring's first KEK: generated inside the token, where it stays. (The file
+    keyring's first KEK comes with `custody secrets init`.)"""
+    settings = Settings.from_env()
+    settings.check()
+    config = pkcs11_config(settings)
+    if config is None:
+        raise ConfigurationError(
+            "`custody keyring init` creates the first KEK in an HSM: set CUSTODY_PKCS11_MODULE, "
+            "CUSTODY_PKCS11_TOKEN_LABEL and CUSTODY_PKCS11_PIN_FILE (a keyring file comes from `custody secrets init`)"
+        )
+    # A KeyringError (the token already holds a KEK, a wrong PIN) ends in one line, exit 1.
+    Pkcs11Keyring.initialize(config).close()
+    say(f"custody: created KEK version 1 ({KEK_LABEL_PREFIX}1) in {config.source}; it cannot be read out of the token")
+    return 0
+
+
 def _secrets_init(args: argparse.Namespace) -> int:
     created = init_secrets(args.directory)
     say(f"custody: created the keyring, the pepper and the audit signing key in {args.directory} (mode 0600)")
@@ -155,9 +174,12 @@ def add_admin_commands(commands: argparse._SubParsersAction[Any]) -> None:
     init.add_argument("directory", type=Path, metavar="DIR")
     init.set_defaults(handler=_secrets_init)
 
-    keyring = commands.add_parser("keyring", help="rotate the key-encryption key").add_subparsers(
+    keyring = commands.add_parser("keyring", help="create or rotate the key-encryption key").add_subparsers(
         dest="action", required=True
     )
+    keyring.add_parser(
+        "init", help="create KEK version 1 in the HSM named by the CUSTODY_PKCS11_* settings (an empty token only)"
+    ).set_defaults(handler=_keyring_init)
     rotate = keyring.add_parser("rotate", help="add a new KEK version and rewrap every data key under it")
     rotate.add_argument("--rewrap-only", action="store_true", help="finish an interrupted rewrap; add no version")
     rotate.set_defaults(handler=_keyring_rotate)

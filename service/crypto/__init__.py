@@ -1,4 +1,5 @@
-"""Encryption at rest: the envelope scheme, the keyrings that wrap data keys, rotation and sentinels."""
+"""Encryption at rest: the envelope scheme, the keyrings that wrap data keys (a file, or an HSM
+through PKCS#11), rotation and sentinels."""
 
 from ._envelope import (
     KEY_SIZE,
@@ -25,11 +26,13 @@ from ._keyring import (
     aes_kw_unwrap,
     aes_kw_wrap,
 )
+from ._pkcs11_keyring import KEK_LABEL_PREFIX, Pkcs11Config, Pkcs11Keyring
 from ._rotation import RotationResult, rewrap_data_keys
 from ._sentinels import ensure_current_sentinel, unreadable_versions, verify_keyring
 
 __all__ = [
     "FORMAT",
+    "KEK_LABEL_PREFIX",
     "KEK_SIZE",
     "KEY_SIZE",
     "NONCE_SIZE",
@@ -40,6 +43,8 @@ __all__ = [
     "Keyring",
     "KeyringError",
     "LocalKeyring",
+    "Pkcs11Config",
+    "Pkcs11Keyring",
     "RotationResult",
     "WrappedKey",
     "aes_kw_unwrap",

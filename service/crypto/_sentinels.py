@@ -54,6 +54,7 @@ async def verify_keyring(sessions: async_sessionmaker[AsyncSession], keyring: Ke
             raise ConfigurationError(
                 f"the keyring {source} cannot unwrap the data keys this database holds under KEK "
                 f"version(s) {versions}: it is not the keyring they were wrapped with, or it lost "
-                "those versions; point CUSTODY_KEYRING at the right keyring file"
+                "those versions; point CUSTODY_KEYRING at the right keyring file, or the CUSTODY_PKCS11_* "
+                "settings at the token that holds them"
             )
         await ensure_current_sentinel(session, keyring)
