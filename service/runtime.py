@@ -161,6 +161,11 @@ class Runtime:
             summary.provider_pending,
         )
 
+    def begin_shutdown(self) -> None:
+        """The replica has begun to drain: a running retention round ends at its next batch while
+        the requests in flight finish (`aclose` then waits for it)."""
+        self._retention_stop.set()
+
     async def _stop_retention(self) -> None:
         """Let a running retention round end at its batch boundary, or cancel it after a bound
         (the next run, in any replica, finds what is left)."""
