@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.simulator import FaultSpec, RunningSimulator
 
 from .api.helpers import take_turn
-from .conftest import Tenant, deployment_env
+from .conftest import CANARY, Tenant, deployment_env
 from .service_process import ServiceProcess, start_service
 from .turns.support import conversation_row, model_called, turns, wait_until
 
@@ -145,7 +145,7 @@ async def test_sigterm_lets_the_turn_in_flight_finish_and_store_it_then_exits_0(
 async def test_a_turn_outlasting_the_drain_is_given_back_so_the_next_starts_at_once(
     serve: StartService, tenant: Tenant, gemini: RunningSimulator, engine: AsyncEngine, api: httpx.AsyncClient
 ) -> None:
-    """A turn still at the model when the drain time runs out is cancelled: its caller gets 503 shutting-down, the process exits 0, the turn is closed failed/shutdown with nothing appended and its lease released, so the same turn retried with its Idempotency-Key runs at once elsewhere (leases here last 10 minutes)."""
+    """A turn still at the model when the drain time runs out is cancelled: its caller gets 503 shutting-down, the process exits 0 without the turn's content in its output, the turn is closed failed/shutdown with nothing appended and its lease released, so the same turn retried with its Idempotency-Key runs at once elsewhere (leases here last 10 minutes)."""
     drain_seconds = 1.0
     service = serve(drain_seconds)
     async with httpx.AsyncClient(base_url=service.url, timeout=60) as http:
@@ -156,7 +156,7 @@ async def test_a_turn_outlasting_the_drain_is_given_back_so_the_next_starts_at_o
             http.post(
                 f"/v1/conversations/{conversation}/turns",
                 headers=tenant.headers() | {"Idempotency-Key": "drained-1"},
-                json={"input": "a turn the model never finishes in time"},
+                json={"input": f"a turn the model never finishes in time {CANARY}"},
             )
         )
         await model_called(gemini, creates + 1)
@@ -167,6 +167,7 @@ async def test_a_turn_outlasting_the_drain_is_given_back_so_the_next_starts_at_o
     assert answered.status_code == 503, answered.text
     assert answered.json()["type"] == "urn:custody:problem:shutting-down"
     assert code == 0, service.output()
+    assert CANARY not in service.output()
     assert await turns(engine, conversation) == [(1, "failed", "shutdown")]
     row = await conversation_row(engine, conversation)
     assert row is not None
@@ -188,7 +189,7 @@ async def test_a_turn_outlasting_the_drain_is_given_back_so_the_next_starts_at_o
         api,
         tenant.headers(),
         conversation,
-        "a turn the model never finishes in time",
+        f"a turn the model never finishes in time {CANARY}",
         **{"Idempotency-Key": "drained-1"},
     )
     assert (retried["status"], retried["turn_number"]) == ("completed", 2)
