@@ -106,6 +106,13 @@ class Settings:
     retention_interval_seconds: float = 3600.0
     # --- end of retention ----------------------------------------------------------------------
 
+    # --- Draining (service/drain.py, `custody serve`) ----------------------------------------
+    # On SIGTERM, how long the requests in flight (turns waiting on the model) get to finish
+    # before they are cancelled and their turns given back. A Kubernetes pod's
+    # terminationGracePeriodSeconds must cover it (ops/k8s: this + the preStop pause + 15 s).
+    drain_seconds: float = 30.0
+    # --- end of draining -------------------------------------------------------------------------
+
     announcements: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -148,6 +155,7 @@ class Settings:
             auth_failure_window_seconds=_positive(env, "CUSTODY_AUTH_FAILURE_WINDOW_SECONDS", 60.0),
             trusted_proxies=_networks(env, "CUSTODY_TRUSTED_PROXIES"),
             retention_interval_seconds=_number(env, "CUSTODY_RETENTION_INTERVAL_SECONDS", 3600.0),
+            drain_seconds=_number(env, "CUSTODY_DRAIN_SECONDS", 30.0),
         )
 
     @property

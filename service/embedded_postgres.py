@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
 
-__all__ = ["EmbeddedPostgres", "start_embedded_postgres"]
+__all__ = ["EmbeddedPostgres", "check_installed", "start_embedded_postgres"]
 
 # The superuser pgserver's initdb creates; every local connection is trusted, so no password.
 _USER = "postgres"
@@ -34,6 +35,10 @@ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
 # these lines are the reason a newcomer needs, e.g. "initdb: error: directory … is not empty".
 _REASON_LINE = re.compile(r"^.*\b(?:error|fatal|panic):[ \t]+\S.*$", re.IGNORECASE | re.MULTILINE)
 _REASONS_SHOWN = 3
+_NOT_INSTALLED = (
+    "DATABASE_URL is not set and the zero-config run's embedded Postgres is not installed: set DATABASE_URL "
+    "to a Postgres server, or install the extra with pip install 'custody[embedded]'"
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,13 @@ class EmbeddedPostgres:
         self.stop()
 
 
+def check_installed() -> None:
+    """Refuse, saying what to do, when the embedded Postgres (an optional extra) is not installed:
+    a deployment, and the container image, have no use for a whole Postgres server in the package."""
+    if importlib.util.find_spec("pgserver") is None:
+        raise ConfigurationError(_NOT_INSTALLED)
+
+
 def start_embedded_postgres(data_dir: Path, database: str = "custody") -> EmbeddedPostgres:
     """Start (or join, if already running) the server under `data_dir / "postgres"`.
 
@@ -89,7 +101,10 @@ def start_embedded_postgres(data_dir: Path, database: str = "custody") -> Embedd
     # (containers, CI), warns that its lock lives under /tmp/runtime-<uid>, which is fine here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        from pgserver.postgres_server import get_server
+        try:
+            from pgserver.postgres_server import get_server
+        except ImportError:
+            raise ConfigurationError(_NOT_INSTALLED) from None
     reasons = _ReasonCapture()
     pgserver_logger = logging.getLogger("pgserver")
     pgserver_logger.addHandler(reasons)

@@ -26,6 +26,7 @@
     ├── IdempotencyKeyInFlight             same Idempotency-Key, first request running     (409)
     ├── UpstreamFailed                     the model call failed after Custody's retries (error, 502/504)
     ├── DatabaseUnavailable                the database cannot be reached right now      (error, 503)
+    ├── ShuttingDown                       this replica is draining: retry on another     (error, 503)
     ├── KeyringError                       the keyring is unusable or a key operation failed (error)
     │   └── KeyUnwrapError                 a wrapped data key failed its check            (error, 500)
     └── DecryptionError                    a sealed record failed its check               (error, 500)
@@ -67,6 +68,7 @@ __all__ = [
     "PolicyViolation",
     "RetentionRunNotFound",
     "SchemaBehindError",
+    "ShuttingDown",
     "TooManyAuthenticationFailures",
     "TurnInProgress",
     "UnknownDataClassError",
@@ -290,6 +292,17 @@ class DatabaseUnavailable(CustodyError):
     def __init__(self, message: str = "the database cannot be reached right now", *, retry_after: int = 2) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ShuttingDown(CustodyError):
+    """This replica is stopping (see service/drain.py): it takes no new request, and a turn still
+    at the model when the drain time ran out was given back. Retry, on another replica."""
+
+    outcome = "error"
+    retry_after = 1
+
+    def __init__(self, message: str = "this replica is shutting down; retry the request") -> None:
+        super().__init__(message)
 
 
 class KeyringError(CustodyError):

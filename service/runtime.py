@@ -161,6 +161,11 @@ class Runtime:
             summary.provider_pending,
         )
 
+    def begin_shutdown(self) -> None:
+        """The replica has begun to drain: a running retention round ends at its next batch while
+        the requests in flight finish (`aclose` then waits for it)."""
+        self._retention_stop.set()
+
     async def _stop_retention(self) -> None:
         """Let a running retention round end at its batch boundary, or cancel it after a bound
         (the next run, in any replica, finds what is left)."""
@@ -239,6 +244,12 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
     """The whole service from its settings; the CLI builds its runtime here too (without the demo
     keys, and without asking Gemini whether the key works: a CLI command does not call the model)."""
     settings.check()
+    if not settings.deployment:
+        # Before any secret is generated in the data dir: a zero-config run that cannot start
+        # leaves nothing behind.
+        from .embedded_postgres import check_installed
+
+        check_installed()
     announce: list[str] = []
     closers: list[Any] = []
     # The secrets first: a deployment missing one stops here, before anything is started.

@@ -34,6 +34,7 @@ __all__ = [
     "load_pepper",
     "load_signer",
     "pkcs11_config",
+    "stage_secrets",
 ]
 
 _PEPPER_BYTES = 32
@@ -206,6 +207,42 @@ def init_secrets(directory: Path) -> SecretPaths:
     _write_new_secret(paths.pepper, secrets.token_bytes(_PEPPER_BYTES))
     AuditSigner.load_or_generate(paths.audit_signing_key)
     return paths
+
+
+def stage_secrets(source: Path, target: Path) -> list[Path]:
+    """Copy every file of `source` into `target` with mode 0600, owned by the running user; the
+    copies, in the order of their names.
+
+    For Kubernetes: a Secret mounted as a volume is owned by root, so a non-root container reads
+    it only through `fsGroup`, which makes every file group-readable, and Custody refuses a
+    group-readable keyring or pepper. An init container running as the service's user stages the
+    files into a memory-backed emptyDir, where they are the user's own and private. The volume's
+    own entries (`..data` and the like) are skipped; a copy is written whole and renamed into
+    place, so staging again (the pod restarted) replaces it atomically.
+    """
+    if not source.is_dir():
+        raise ConfigurationError(f"{source} is not a directory (the mounted Secret to stage from)")
+    if not target.is_dir():
+        raise ConfigurationError(f"{target} is not a directory (where the secrets go)")
+    staged: list[Path] = []
+    for origin in sorted(source.iterdir()):
+        if origin.name.startswith(".") or not origin.is_file():
+            continue
+        try:
+            data = origin.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read {origin} ({exc.strerror}); in Kubernetes, give the pod an fsGroup so its user may"
+            ) from None
+        copy = target / origin.name
+        partial = target / f".{origin.name}.staging"
+        partial.unlink(missing_ok=True)
+        _write_new_secret(partial, data)
+        os.replace(partial, copy)
+        staged.append(copy)
+    if not staged:
+        raise ConfigurationError(f"{source} holds no file to stage")
+    return staged
 
 
 def _write_new_secret(path: Path, data: bytes) -> bytes:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +14,7 @@ import pytest
 from service.simulator import FaultSpec, RunningSimulator
 
 from .conftest import TEST_PEPPER, Tenant
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .service_process import ServiceProcess, start_service
 
 
 @pytest.fixture
@@ -33,46 +25,25 @@ def replicas(
     pepper = tmp_path / "pepper"
     pepper.write_bytes(TEST_PEPPER)
     pepper.chmod(0o600)
-    processes, urls = [], []
-    for index in range(2):
-        port = _free_port()
-        env = os.environ | {
-            "DATABASE_URL": database_url,
-            "GEMINI_API_KEY": "test-key",
-            "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
-            "CUSTODY_KEYRING": str(keyring_path),
-            "CUSTODY_PEPPER_FILE": str(pepper),
-            "CUSTODY_DATA_DIR": str(tmp_path / f"data{index}"),
-            "CUSTODY_PORT": str(port),
-            "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
-        }
-        log = (tmp_path / f"replica{index}.log").open("w")
-        processes.append(
-            subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        )
-        urls.append(f"http://127.0.0.1:{port}")
+    services: list[ServiceProcess] = []
     try:
-        for process, url in zip(processes, urls, strict=True):
-            for _ in range(300):
-                assert process.poll() is None, (tmp_path / "replica0.log").read_text() + (
-                    tmp_path / "replica1.log"
-                ).read_text()
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                import time
-
-                time.sleep(0.05)
-            else:
-                raise AssertionError(f"replica at {url} did not become ready")
-        yield urls
+        for index in range(2):
+            env = os.environ | {
+                "DATABASE_URL": database_url,
+                "GEMINI_API_KEY": "test-key",
+                "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
+                "CUSTODY_KEYRING": str(keyring_path),
+                "CUSTODY_PEPPER_FILE": str(pepper),
+                "CUSTODY_DATA_DIR": str(tmp_path / f"data{index}"),
+                "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
+            }
+            services.append(start_service(env, tmp_path / f"replica{index}.log"))
+        for service in services:
+            service.wait_ready()
+        yield [service.url for service in services]
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=15)
+        for service in services:
+            service.stop()
 
 
 async def test_racing_replicas_never_fork_history(

@@ -21,7 +21,7 @@ from service.crypto import FileKeyring, LocalKeyring, ensure_current_sentinel
 from service.errors import ConfigurationError
 from service.models import KeyringSentinel
 from service.runtime import build_runtime
-from service.secret_files import init_secrets, load_keyring, load_pepper, load_signer
+from service.secret_files import init_secrets, load_keyring, load_pepper, load_signer, stage_secrets
 
 from .conftest import TEST_PEPPER, asgi_transport
 
@@ -199,3 +199,67 @@ async def test_sentinels_are_left_for_the_current_version_only_once(ctx: Service
     async with ctx.sessions() as session:
         rows = (await session.scalars(KeyringSentinel.__table__.select())).all()
     assert len(rows) == 1
+
+
+def _mounted_secret(directory: Path) -> Path:
+    """A directory laid out as Kubernetes mounts a Secret with fsGroup: group-readable files behind `..data`."""
+    made = init_secrets(directory / "made")
+    data = directory / "mounted" / "..2026_11_30_10_00_00.000"
+    data.mkdir(parents=True)
+    for path in (made.keyring, made.pepper, made.audit_signing_key):
+        (data / path.name).write_bytes(path.read_bytes())
+        (data / path.name).chmod(0o440)
+    (directory / "mounted" / "..data").symlink_to(data.name)
+    for path in (made.keyring, made.pepper, made.audit_signing_key):
+        (directory / "mounted" / path.name).symlink_to(f"..data/{path.name}")
+    return directory / "mounted"
+
+
+def test_stage_copies_a_mounted_secret_into_private_files_the_loaders_accept(tmp_path: Path) -> None:
+    """`custody secrets stage` turns a Secret mounted group-readable (which the loaders refuse) into mode 0600 copies they accept, skipping the volume's own entries."""
+    mounted = _mounted_secret(tmp_path)
+    refused = _deployment(tmp_path, CUSTODY_PEPPER_FILE=str(mounted / "pepper"))
+    with pytest.raises(ConfigurationError, match="readable by group"):
+        load_pepper(refused, [])
+    target = tmp_path / "staged"
+    target.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "secrets", "stage", str(mounted), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in target.iterdir()) == ["audit-signing-key.pem", "keyring.json", "pepper"]
+    assert {stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()} == {0o600}
+    settings = _deployment(
+        tmp_path,
+        CUSTODY_KEYRING=str(target / "keyring.json"),
+        CUSTODY_PEPPER_FILE=str(target / "pepper"),
+        CUSTODY_AUDIT_SIGNING_KEY=str(target / "audit-signing-key.pem"),
+    )
+    assert load_pepper(settings, []) == (mounted / "pepper").read_bytes()
+    assert load_keyring(settings, []).current_version == 1
+    load_signer(settings, [])
+
+
+def test_staging_again_replaces_the_copies(tmp_path: Path) -> None:
+    """Staging into a directory that already holds copies (the pod restarted) replaces them with the Secret's current content and leaves no partial file."""
+    mounted = _mounted_secret(tmp_path)
+    target = tmp_path / "staged"
+    target.mkdir()
+    (target / "pepper").write_bytes(b"an older pepper, replaced")
+    staged = stage_secrets(mounted, target)
+    assert [path.name for path in staged] == ["audit-signing-key.pem", "keyring.json", "pepper"]
+    assert (target / "pepper").read_bytes() == (mounted / "pepper").read_bytes()
+    assert sorted(path.name for path in target.iterdir()) == ["audit-signing-key.pem", "keyring.json", "pepper"]
+
+
+def test_stage_refuses_an_empty_or_missing_source_in_one_line(tmp_path: Path) -> None:
+    """Staging from a missing directory, or one with no file, is a ConfigurationError naming it."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        stage_secrets(tmp_path / "missing", tmp_path)
+    with pytest.raises(ConfigurationError, match="no file to stage"):
+        stage_secrets(tmp_path / "empty", tmp_path)

@@ -12,6 +12,7 @@ from litestar.types import Message, Scope
 from ..context import ServiceContext
 from .audit import AuditController
 from .conversations import ConversationController
+from .draining import drain_gate
 from .health import healthz, readyz
 from .ops import OpsController
 from .problems import exception_handlers
@@ -60,11 +61,12 @@ async def _allow_every_method(message: Message, scope: Scope) -> None:
 
 def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
     # ctx is None only when the app is built to print its OpenAPI document.
-    tracing = [server_spans(ctx.auditor.tracer)] if ctx is not None else []
+    # Inside the server span, so a request refused or cancelled by the drain is traced with its 503.
+    serving = [server_spans(ctx.auditor.tracer), drain_gate(ctx.drain)] if ctx is not None else []
     return Litestar(
         before_send=[_echo_request_id, _allow_every_method],
         before_request=check_request,
-        middleware=[*tracing, refuse_encoded_slashes],
+        middleware=[*serving, refuse_encoded_slashes],
         route_handlers=[ConversationController, SubjectController, AuditController, OpsController, healthz, readyz],
         state=State({"ctx": ctx}),
         exception_handlers=exception_handlers,

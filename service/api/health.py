@@ -29,14 +29,18 @@ async def healthz() -> dict[str, str]:
     operation_class=ApiOperation,
     responses=problem_responses(
         notes={
-            503: "Not ready: the database does not answer, or the keyring cannot unwrap some of the data keys it "
-            "holds; retry after `Retry-After` seconds."
+            503: "Not ready: the replica is shutting down, the database does not answer, or the keyring cannot "
+            "unwrap some of the data keys it holds; retry after `Retry-After` seconds."
         }
     ),
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """The database answers and the keyring unwraps what it holds; the service can take traffic."""
+    """The replica is not shutting down, the database answers and the keyring unwraps what it holds: the
+    service can take traffic."""
     ctx: ServiceContext = request.app.state.ctx
+    if ctx.drain.draining:
+        # At once, before any query: the load balancer must stop sending traffic here.
+        return problem(503, "not-ready", "Not ready", "the replica is shutting down", retry_after=5)
     try:
         async with ctx.sessions() as session:
             await session.execute(text("SELECT 1"))

@@ -86,6 +86,11 @@ def _custody_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
         return problem(status, "upstream-failed", "The model call failed", str(exc), code=exc.code)
     if isinstance(exc, errors.DatabaseUnavailable):
         return _database_unavailable(str(exc), exc.retry_after)
+    if isinstance(exc, errors.ShuttingDown):
+        response = problem(503, "shutting-down", "Shutting down", str(exc), retry_after=exc.retry_after)
+        # The client's next request should open a connection the load balancer sends elsewhere.
+        response.headers["Connection"] = "close"
+        return response
     if isinstance(exc, errors.TooManyAuthenticationFailures):
         return problem(
             429,

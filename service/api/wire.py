@@ -510,7 +510,8 @@ _PROBLEMS: dict[int, str] = {
     429: "Too many failed authentications from this source or on this key id; retry after `Retry-After` seconds.",
     500: "The service failed, or a stored record failed its integrity check; nothing of it is returned.",
     502: "The model call failed after Custody's retries (`code` says why); the turn stored nothing.",
-    503: "The database cannot be reached right now; retry after `Retry-After` seconds.",
+    503: "The database cannot be reached right now, or this replica is shutting down (`shutting-down`); retry after "
+    "`Retry-After` seconds.",
     504: "The model call timed out after Custody's retries; the turn stored nothing.",
 }
 

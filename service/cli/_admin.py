@@ -10,7 +10,7 @@ from ..config import Settings
 from ..crypto import KEK_LABEL_PREFIX, Pkcs11Keyring, ensure_current_sentinel, rewrap_data_keys
 from ..errors import ConfigurationError
 from ..runtime import Runtime
-from ..secret_files import init_secrets, pkcs11_config
+from ..secret_files import init_secrets, pkcs11_config, stage_secrets
 from ..tenants import create_tenant, find_tenant, issue_key, list_keys, list_tenants, revoke_key
 from ._common import say, with_runtime
 
@@ -144,6 +144,12 @@ def _secrets_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secrets_stage(args: argparse.Namespace) -> int:
+    staged = stage_secrets(args.source, args.target)
+    say(f"custody: staged {', '.join(path.name for path in staged)} into {args.target} (mode 0600)")
+    return 0
+
+
 def add_admin_commands(commands: argparse._SubParsersAction[Any]) -> None:
     from pathlib import Path
 
@@ -173,6 +179,13 @@ def add_admin_commands(commands: argparse._SubParsersAction[Any]) -> None:
     )
     init.add_argument("directory", type=Path, metavar="DIR")
     init.set_defaults(handler=_secrets_init)
+    stage = secrets.add_parser(
+        "stage",
+        help="copy every file of SOURCE (a mounted Kubernetes Secret) into TARGET, mode 0600, owned by this user",
+    )
+    stage.add_argument("source", type=Path)
+    stage.add_argument("target", type=Path)
+    stage.set_defaults(handler=_secrets_stage)
 
     keyring = commands.add_parser("keyring", help="create or rotate the key-encryption key").add_subparsers(
         dest="action", required=True

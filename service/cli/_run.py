@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..api import create_app
     from ..runtime import build_runtime
+    from ._server import DrainingServer
 
     settings = Settings.from_env()
 
@@ -61,6 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
                 # FORWARDED_ALLOW_IPS, by default).
                 proxy_headers=bool(settings.trusted_proxies),
                 forwarded_allow_ips=list(settings.trusted_proxies),
+                # The drain (DrainingServer) has already waited for the requests in flight; this
+                # bounds uvicorn's own wait for whatever is left (a probe, a slow client).
+                timeout_graceful_shutdown=max(1, round(settings.turn_store_wait_seconds)),
             )
             say(f"custody: serving on http://{settings.host}:{settings.port}")
             # uvicorn re-raises the stop signal once it has shut down; with the default handler
@@ -71,7 +75,16 @@ def _serve(args: argparse.Namespace) -> int:
             # collector's reach, so full collections stop walking a million long-lived objects
             # (they cost 100+ ms pauses in the turn latency benchmark).
             gc.freeze()
-            await uvicorn.Server(config).serve()
+            server = DrainingServer(
+                config,
+                drain=runtime.ctx.drain,
+                drain_seconds=settings.drain_seconds,
+                # A cancelled turn gives its conversation back within this (it waits this long at
+                # most for the database to take the release).
+                cancel_wait_seconds=settings.turn_store_wait_seconds,
+                on_drain=runtime.begin_shutdown,
+            )
+            await server.serve()
         finally:
             await runtime.aclose()
 

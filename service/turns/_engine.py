@@ -58,6 +58,14 @@ logger = logging.getLogger("custody.turns")
 _OFF_LOOP_BYTES = 64_000
 
 
+def _aborted(ctx: ServiceContext, exc: BaseException) -> str:
+    """The error code of a turn stopped by something other than the model: `shutdown` when the
+    replica's drain cancelled it, so the audit trail tells a rolling update from a caller who left."""
+    if isinstance(exc, asyncio.CancelledError) and ctx.drain.was_cancelled(asyncio.current_task()):
+        return "shutdown"
+    return "turn_aborted"
+
+
 class TurnEngine:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
@@ -83,8 +91,9 @@ class TurnEngine:
                 store=claim.decision.provider_storage,
             )
         except BaseException as exc:
-            # Failed, cancelled (the client went away) or a bug: give the conversation back.
-            code, attempts = (exc.code, exc.attempts) if isinstance(exc, UpstreamFailed) else ("turn_aborted", 0)
+            # Failed, cancelled (the client went away, or the replica's drain time ran out) or a
+            # bug: give the conversation back.
+            code, attempts = (exc.code, exc.attempts) if isinstance(exc, UpstreamFailed) else (_aborted(ctx, exc), 0)
             partial_hops = exc.interaction_ids if isinstance(exc, UpstreamFailed) else []
             release = self._in_background(self._give_back(turn, code, attempts, partial_hops), heartbeat, claim)
             # The caller hears about the model's failure, not the database's: if the database is
