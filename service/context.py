@@ -12,6 +12,7 @@ from .auth_failures import AuthFailures
 from .background import BackgroundTasks
 from .clock import Clock
 from .crypto import Keyring
+from .metrics import Metrics
 from .policy import Policy
 from .upstream import Upstream
 
@@ -38,6 +39,8 @@ class ServiceContext:
     clock: Clock = field(default_factory=Clock)
     # This replica's failed-authentication limits and the summaries of failures it owes the log.
     auth_failures: AuthFailures = field(default_factory=AuthFailures)
+    # The instruments (service/metrics.py); recording nothing unless the runtime gave real ones.
+    metrics: Metrics = field(default_factory=Metrics.disabled)
 
     def subject_digest(self, tenant_id: str, subject: str) -> bytes:
         """A stable, keyed digest of a data subject's identifier, scoped to the tenant."""
