@@ -11,6 +11,8 @@ from pathlib import Path
 __all__ = [
     "API_REVISION",
     "EXAMPLE_POLICY",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "MIGRATIONS_DIR",
     "PACKAGE_DATA",
     "REPO_ROOT",
@@ -33,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # value but does not send it, so Custody pins it by header on every call.
 API_REVISION = "2026-05-20"
 _TRUE = {"1", "true", "yes", "on"}
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,19 @@ class Settings:
     # terminationGracePeriodSeconds must cover it (ops/k8s: this + the preStop pause + 15 s).
     drain_seconds: float = 30.0
     # --- end of draining -------------------------------------------------------------------------
+    # --- Metrics and logs (service/metrics_export.py, service/logs.py, `custody serve`) ---------
+    # The bearer token a scraper sends to GET /metrics (a file, mode 0600); unset in a deployment:
+    # /metrics is not served (OTLP export, if configured, goes on).
+    metrics_token_path: Path | None = None
+    # Add the tenant's id as a label to the per-tenant counters: more series, and the metrics then
+    # say who the tenants are; off unless the operator asks.
+    metrics_tenant_labels: bool = False
+    # `json` (one object per line on stdout) or `text`; None: json in a deployment, text otherwise.
+    log_format: str | None = None
+    log_level: str = "info"
+    # One line per HTTP request (method, route template, status, duration, request id).
+    access_log: bool = True
+    # --- end of metrics and logs ---------------------------------------------------------------
 
     announcements: list[str] = field(default_factory=list, compare=False)
 
@@ -156,7 +173,17 @@ class Settings:
             trusted_proxies=_networks(env, "CUSTODY_TRUSTED_PROXIES"),
             retention_interval_seconds=_number(env, "CUSTODY_RETENTION_INTERVAL_SECONDS", 3600.0),
             drain_seconds=_number(env, "CUSTODY_DRAIN_SECONDS", 30.0),
+            metrics_token_path=_path(env, "CUSTODY_METRICS_TOKEN_FILE"),
+            metrics_tenant_labels=_flag(env, "CUSTODY_METRICS_TENANT_LABELS"),
+            log_format=_choice(env, "CUSTODY_LOG_FORMAT", LOG_FORMATS),
+            log_level=_choice(env, "CUSTODY_LOG_LEVEL", LOG_LEVELS) or "info",
+            access_log=_flag(env, "CUSTODY_ACCESS_LOG", default=True),
         )
+
+    @property
+    def resolved_log_format(self) -> str:
+        """JSON lines for a deployment (log shippers parse them), readable text for the zero-config run."""
+        return self.log_format or ("json" if self.deployment else "text")
 
     @property
     def deployment(self) -> bool:
@@ -208,15 +235,29 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
     from .errors import ConfigurationError
 
     raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
     if raw in _TRUE:
         return True
-    if raw in {"", "0", "false", "no", "off"}:
+    if raw in {"0", "false", "no", "off"}:
         return False
     raise ConfigurationError(f"{name} must be true or false, not {raw[:40]!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    """One of `choices` (any case), or None when unset."""
+    from .errors import ConfigurationError
+
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, not {raw[:40]!r}")
+    return raw
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

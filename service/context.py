@@ -13,6 +13,7 @@ from .background import BackgroundTasks
 from .clock import Clock
 from .crypto import Keyring
 from .drain import Drain
+from .metrics import Metrics
 from .policy import Policy
 from .upstream import Upstream
 
@@ -41,6 +42,8 @@ class ServiceContext:
     auth_failures: AuthFailures = field(default_factory=AuthFailures)
     # Whether this replica is stopping, and its requests in flight (service/drain.py).
     drain: Drain = field(default_factory=Drain)
+    # The instruments (service/metrics.py); recording nothing unless the runtime gave real ones.
+    metrics: Metrics = field(default_factory=Metrics.disabled)
 
     def subject_digest(self, tenant_id: str, subject: str) -> bytes:
         """A stable, keyed digest of a data subject's identifier, scoped to the tenant."""

@@ -125,4 +125,5 @@ async def reap_expired_leases(ctx: ServiceContext, *, grace_seconds: float | Non
             for conversation in conversations:
                 closed += await close_abandoned(ctx.auditor, session, conversation, closed_by="reaper")
         if len(conversations) < _REAP_BATCH:
+            ctx.metrics.abandoned_turns(closed, "reaper")
             return closed

@@ -28,6 +28,7 @@ from .crypto import Pkcs11Keyring, verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
 from .leases import reap_expired_leases
+from .metrics_export import MetricsExport, load_metrics_token, metrics_export_from_env
 from .models import Tenant
 from .policy import PolicyError, load_policy
 from .retention import RunSummary, run_retention
@@ -56,6 +57,9 @@ class Runtime:
     engine: AsyncEngine
     announcements: list[str] = field(default_factory=list)
     demo_keys: dict[str, str] = field(default_factory=dict)
+    # Where the metrics go, and the token GET /metrics asks for (None: /metrics is not served).
+    metrics: MetricsExport | None = None
+    metrics_token: bytes | None = field(default=None, repr=False)
     _closers: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _retention_task: asyncio.Task[None] | None = None
@@ -286,9 +290,24 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
     await verify_keyring(sessions, keyring, source=keyring_source(keyring))
     announce.append(f"policy {settings.policy_path} ({policy.version}), routes: {', '.join(sorted(policy.routes))}")
 
+    # The tracer and meter providers, side by side: explicit ones, never the global providers.
+    provider = tracer_provider_from_env()
+    closers.append(provider.shutdown)
+    announce.append(describe())
+    metrics_token = load_metrics_token(settings, announce)
+    metrics = metrics_export_from_env(
+        prometheus=metrics_token is not None, tenant_labels=settings.metrics_tenant_labels
+    )
+    closers.append(metrics.shutdown)
+    announce.append(metrics.description)
+    metrics.metrics.observe_pool(engine.sync_engine)
+
     if settings.upstream.configured:
         upstream = Upstream(
-            settings.upstream, attempts=settings.upstream_attempts, timeout_seconds=settings.upstream_timeout_seconds
+            settings.upstream,
+            attempts=settings.upstream_attempts,
+            timeout_seconds=settings.upstream_timeout_seconds,
+            metrics=metrics.metrics,
         )
         if verify_upstream:
             await upstream.verify()
@@ -303,19 +322,17 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
             timeout_seconds=settings.upstream_timeout_seconds,
             base_url=simulator.base_url,
             api_key="simulator",
+            metrics=metrics.metrics,
         )
         why = "CUSTODY_USE_SIMULATOR is set" if settings.use_simulator else "EMBEDDED DEFAULT: no GEMINI_API_KEY"
         announce.append(f"{why}, calling the local Gemini SIMULATOR at {simulator.base_url}")
 
-    provider = tracer_provider_from_env()
-    closers.append(provider.shutdown)
-    announce.append(describe())
     ctx = ServiceContext(
         sessions=sessions,
         keyring=keyring,
         policy=policy,
         upstream=upstream,
-        auditor=Auditor(provider.get_tracer("custody"), signer),
+        auditor=Auditor(provider.get_tracer("custody"), signer, metrics=metrics.metrics),
         pepper=pepper,
         turn_lease_seconds=settings.turn_lease_seconds,
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
@@ -327,8 +344,11 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
                 window_seconds=settings.auth_failure_window_seconds,
             )
         ),
+        metrics=metrics.metrics,
     )
-    runtime = Runtime(settings, ctx, engine, announce, _closers=closers)
+    runtime = Runtime(
+        settings, ctx, engine, announce, metrics=metrics, metrics_token=metrics_token, _closers=closers
+    )
     if not settings.deployment and demo_keys:
         runtime.demo_keys = await _issue_demo_keys(ctx)
     return runtime

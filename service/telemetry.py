@@ -1,4 +1,8 @@
-"""Custody's OpenTelemetry tracer provider, built from the standard OTEL_* variables."""
+"""Custody's OpenTelemetry tracer provider, built from the standard OTEL_* variables.
+
+The OTLP settings are resolved here for every signal (traces, and metrics in service/metrics_export.py)
+from the mapping given, since the SDK's exporters read their variables from os.environ only.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from enum import Enum
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -21,22 +26,30 @@ from .errors import ConfigurationError
 
 __all__ = [
     "SPAN_ATTRIBUTE_PREFIX",
+    "Signal",
     "SpanAttributeValue",
     "describe",
+    "otlp_endpoint",
+    "otlp_exporter_options",
+    "resource_from_env",
     "safe_attributes",
     "tracer_provider_from_env",
+    "without_userinfo",
 ]
 
 SPAN_ATTRIBUTE_PREFIX = "custody."
 
 SpanAttributeValue = str | int | bool | float | list[str]
+# An OTLP signal, as its variables spell it (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_METRICS_ENDPOINT).
+Signal = Literal["traces", "metrics"]
 
 _ATTRIBUTE_KEY = re.compile(r"[a-z][a-z0-9_.]*")
 # OTLP carries integers as int64; one outside that range makes the encoder fail the whole batch.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # The spec's default; the exporter's own default (10) is in seconds, but we pass seconds explicitly.
 _DEFAULT_TIMEOUT_MILLIS = 10_000.0
-_TRACES_PATH = "/v1/traces"
+# What each signal is called in messages.
+_SIGNAL_ITEMS: dict[Signal, str] = {"traces": "spans", "metrics": "metrics"}
 _COMPRESSIONS = {member.value: member for member in Compression}
 
 
@@ -59,7 +72,7 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None, *, service_na
     # Resolve (and validate) the exporter before building the provider: TracerProvider registers
     # an atexit hook, so a provider built and then abandoned by a ConfigurationError would linger.
     exporter = _span_exporter(env)
-    provider = TracerProvider(resource=_resource(env, service_name))
+    provider = TracerProvider(resource=resource_from_env(env, service_name))
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
@@ -68,10 +81,10 @@ def tracer_provider_from_env(env: Mapping[str, str] | None = None, *, service_na
 def describe(env: Mapping[str, str] | None = None) -> str:
     """One line for the startup banner saying where spans go."""
     env = os.environ if env is None else env
-    endpoint = _traces_endpoint(env)
+    endpoint = otlp_endpoint(env, "traces")
     if endpoint is not None:
-        return f"traces exported over OTLP/HTTP to {_without_userinfo(endpoint)}"
-    if "none" in _exporter_names(env):
+        return f"traces exported over OTLP/HTTP to {without_userinfo(endpoint)}"
+    if "none" in _exporter_names(env, "traces"):
         return "traces not exported (OTEL_TRACES_EXPORTER=none)"
     return "traces not exported (set OTEL_EXPORTER_OTLP_ENDPOINT)"
 
@@ -100,64 +113,71 @@ def _setting(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name, "").strip() or None
 
 
-def _otlp_setting(env: Mapping[str, str], suffix: str) -> str | None:
+def _otlp_setting(env: Mapping[str, str], suffix: str, signal: Signal = "traces") -> str | None:
     # The per-signal variable wins over the generic one.
-    return _setting(env, f"OTEL_EXPORTER_OTLP_TRACES_{suffix}") or _setting(env, f"OTEL_EXPORTER_OTLP_{suffix}")
+    specific = _setting(env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_{suffix}")
+    return specific or _setting(env, f"OTEL_EXPORTER_OTLP_{suffix}")
 
 
-def _exporter_names(env: Mapping[str, str]) -> set[str]:
-    raw = _setting(env, "OTEL_TRACES_EXPORTER") or ""
+def _exporter_names(env: Mapping[str, str], signal: Signal) -> set[str]:
+    raw = _setting(env, f"OTEL_{signal.upper()}_EXPORTER") or ""
     return {name.strip().lower() for name in raw.split(",") if name.strip()}
 
 
-def _traces_endpoint(env: Mapping[str, str]) -> str | None:
-    """The URL spans are POSTed to, or None when they are not exported."""
-    names = _exporter_names(env)
+def otlp_endpoint(env: Mapping[str, str], signal: Signal) -> str | None:
+    """The URL a signal's data is POSTed to, or None when it is not exported over OTLP."""
+    names, items = _exporter_names(env, signal), _SIGNAL_ITEMS[signal]
     if "none" in names:
         return None
     if names - {"otlp"}:
         raise ConfigurationError(
-            f"OTEL_TRACES_EXPORTER={','.join(sorted(names))} is not supported: "
-            "Custody exports spans over OTLP/HTTP only (use otlp or none)"
+            f"OTEL_{signal.upper()}_EXPORTER={','.join(sorted(names))} is not supported: "
+            f"Custody exports {items} over OTLP/HTTP only (use otlp or none)"
         )
-    if (endpoint := _setting(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) is None:
+    if (endpoint := _setting(env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")) is None:
         base = _setting(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
         if base is None:
             return None
         # Per the spec the base endpoint gets the signal path appended, after any path it has;
         # the per-signal endpoint above is used exactly as given.
-        endpoint = base.rstrip("/") + _TRACES_PATH
+        endpoint = base.rstrip("/") + f"/v1/{signal}"
     # Only the HTTP/protobuf exporter is installed; sending it to a gRPC port would fail on
     # every batch, in a background thread, long after startup.
-    protocol = _otlp_setting(env, "PROTOCOL")
+    protocol = _otlp_setting(env, "PROTOCOL", signal)
     if protocol is not None and protocol != "http/protobuf":
         raise ConfigurationError(
-            f"OTLP protocol {protocol!r} is not supported: Custody exports spans over "
+            f"OTLP protocol {protocol!r} is not supported: Custody exports {items} over "
             "http/protobuf only (unset OTEL_EXPORTER_OTLP_PROTOCOL or set it to http/protobuf)"
         )
     return endpoint
 
 
+def otlp_exporter_options(env: Mapping[str, str], signal: Signal) -> dict[str, Any]:
+    """The keyword arguments of an OTLP/HTTP exporter for `signal`, every one resolved from `env`.
+
+    The SDK's exporters read their OTEL_* variables from os.environ only, never from a mapping we
+    pass, so every setting is resolved here and handed over explicitly.
+    """
+    return {
+        "certificate_file": _otlp_setting(env, "CERTIFICATE", signal),
+        "client_key_file": _otlp_setting(env, "CLIENT_KEY", signal),
+        "client_certificate_file": _otlp_setting(env, "CLIENT_CERTIFICATE", signal),
+        # The same parser the exporter uses: W3C-baggage style, percent-decoded.
+        "headers": dict(parse_env_headers(_otlp_setting(env, "HEADERS", signal) or "", liberal=True)),
+        "timeout": _timeout_seconds(env, signal),
+        "compression": _compression(env, signal),
+    }
+
+
 def _span_exporter(env: Mapping[str, str]) -> OTLPSpanExporter | None:
-    endpoint = _traces_endpoint(env)
+    endpoint = otlp_endpoint(env, "traces")
     if endpoint is None:
         return None
-    # OTLPSpanExporter reads its OTEL_* variables from os.environ only, never from a mapping we
-    # pass, so every setting is resolved here from `env` and handed over explicitly.
-    return OTLPSpanExporter(
-        endpoint=endpoint,
-        certificate_file=_otlp_setting(env, "CERTIFICATE"),
-        client_key_file=_otlp_setting(env, "CLIENT_KEY"),
-        client_certificate_file=_otlp_setting(env, "CLIENT_CERTIFICATE"),
-        # The same parser the exporter uses: W3C-baggage style, percent-decoded.
-        headers=dict(parse_env_headers(_otlp_setting(env, "HEADERS") or "", liberal=True)),
-        timeout=_timeout_seconds(env),
-        compression=_compression(env),
-    )
+    return OTLPSpanExporter(endpoint=endpoint, **otlp_exporter_options(env, "traces"))
 
 
-def _timeout_seconds(env: Mapping[str, str]) -> float:
-    raw = _otlp_setting(env, "TIMEOUT")
+def _timeout_seconds(env: Mapping[str, str], signal: Signal = "traces") -> float:
+    raw = _otlp_setting(env, "TIMEOUT", signal)
     # The spec gives this variable in milliseconds; the Python exporter reads it as seconds
     # (opentelemetry-python#4044), so 10000 would mean almost three hours. We follow the spec.
     try:
@@ -171,8 +191,8 @@ def _timeout_seconds(env: Mapping[str, str]) -> float:
     return millis / 1000
 
 
-def _compression(env: Mapping[str, str]) -> Compression:
-    raw = (_otlp_setting(env, "COMPRESSION") or "none").lower()
+def _compression(env: Mapping[str, str], signal: Signal) -> Compression:
+    raw = (_otlp_setting(env, "COMPRESSION", signal) or "none").lower()
     try:
         return _COMPRESSIONS[raw]
     except KeyError:
@@ -181,7 +201,8 @@ def _compression(env: Mapping[str, str]) -> Compression:
         ) from None
 
 
-def _resource(env: Mapping[str, str], default_service_name: str) -> Resource:
+def resource_from_env(env: Mapping[str, str], default_service_name: str = "custody") -> Resource:
+    """The resource every signal is described by: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES."""
     attributes: dict[str, str] = {}
     for item in (_setting(env, "OTEL_RESOURCE_ATTRIBUTES") or "").split(","):
         if not item.strip():
@@ -199,8 +220,8 @@ def _resource(env: Mapping[str, str], default_service_name: str) -> Resource:
     return Resource.create(attributes)
 
 
-def _without_userinfo(url: str) -> str:
-    # The banner is logged; credentials in an endpoint URL must not be.
+def without_userinfo(url: str) -> str:
+    """The URL without user and password: the banner is logged; credentials must not be."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url

@@ -25,6 +25,7 @@ from google.genai import types
 
 from .config import API_REVISION, UpstreamSettings
 from .errors import ConfigurationError, UpstreamFailed
+from .metrics import Metrics
 
 __all__ = ["Upstream", "UpstreamReply"]
 
@@ -58,6 +59,7 @@ class Upstream:
         timeout_seconds: float = 120.0,
         base_url: str | None = None,
         api_key: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         http_options = types.HttpOptions(
             base_url=base_url or settings.base_url,
@@ -79,6 +81,7 @@ class Upstream:
         else:
             self._client = genai.Client(api_key=key, http_options=http_options)
         self._attempts = max(1, attempts)
+        self._metrics = metrics or Metrics.disabled()
 
     async def create(self, *, settings: dict[str, Any], steps: list[Any], store: bool) -> UpstreamReply:
         """One turn with `steps` as its whole input; the reply's raw JSON.
@@ -103,6 +106,7 @@ class Upstream:
             except UpstreamFailed as exc:
                 exc.attempts += attempts
                 exc.interaction_ids = _hop_ids(hops)
+                self._metrics.upstream_failed(exc.code)
                 raise
             hops.append(body)
             attempts += used
@@ -110,6 +114,7 @@ class Upstream:
             if body.get("status") != "requires_continuation" or not isinstance(token, str) or not token:
                 break
             if len(hops) >= _MAX_HOPS:
+                self._metrics.upstream_failed("upstream_continuation_limit")
                 raise UpstreamFailed(
                     "upstream_continuation_limit",
                     f"the model asked to continue past {_MAX_HOPS} interactions",
@@ -129,10 +134,11 @@ class Upstream:
         """One interaction, with Custody's retries; (raw JSON body, requests sent)."""
         for attempt in range(1, self._attempts + 1):
             try:
-                raw = await self._client.aio.interactions.with_raw_response.create(
-                    **settings, store=store, extra_body=extra
-                )
-                body = json.loads(await raw.read())
+                with self._metrics.upstream_request("create", _request_outcome):
+                    raw = await self._client.aio.interactions.with_raw_response.create(
+                        **settings, store=store, extra_body=extra
+                    )
+                    body = json.loads(await raw.read())
             except sdk_errors.APITimeoutError:
                 raise UpstreamFailed(
                     "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
@@ -169,7 +175,8 @@ class Upstream:
     async def delete(self, interaction_id: str) -> bool:
         """Delete a provider-side copy; False when the provider no longer has it."""
         try:
-            await self._client.aio.interactions.delete(interaction_id)
+            with self._metrics.upstream_request("delete", _request_outcome):
+                await self._client.aio.interactions.delete(interaction_id)
         except sdk_errors.NotFoundError:
             return False
         return True
@@ -196,6 +203,21 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
+
+
+def _request_outcome(exc: BaseException) -> str:
+    """How a request to the model service ended, for the metrics: a code, never a message."""
+    if isinstance(exc, sdk_errors.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, sdk_errors.NotFoundError):
+        return "not_found"
+    if isinstance(exc, sdk_errors.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, sdk_errors.APIConnectionError):
+        return "unreachable"
+    if isinstance(exc, (json.JSONDecodeError, RecursionError)):
+        return "bad_response"
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
 
 
 def _hop_ids(hops: list[dict[str, Any]]) -> list[str]:

@@ -159,7 +159,7 @@ def test_deployment_has_three_replicas_probes_and_a_drain_long_enough(
 def test_secrets_reach_custody_as_private_files_staged_from_the_secret(
     rendered: dict[str, list[Manifest]], kustomization: str
 ) -> None:
-    """The keyring, pepper and audit signing key come from the Secret as files: the init container stages them, as the pod's user, into a memory-backed volume that Custody's variables point into; Custody never mounts the Secret itself."""
+    """The keyring, pepper, audit signing key and metrics scrape token come from the Secret as files: the init container stages them, as the pod's user, into a memory-backed volume that Custody's variables point into; Custody never mounts the Secret itself."""
     pod = custody_deployment(rendered[kustomization])["spec"]["template"]["spec"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     stage = container(pod, "stage-secrets")
@@ -178,6 +178,7 @@ def test_secrets_reach_custody_as_private_files_staged_from_the_secret(
         ("CUSTODY_KEYRING", "keyring.json"),
         ("CUSTODY_PEPPER_FILE", "pepper"),
         ("CUSTODY_AUDIT_SIGNING_KEY", "audit-signing-key.pem"),
+        ("CUSTODY_METRICS_TOKEN_FILE", "metrics-token"),
     ]:
         assert env[variable] == f"{target}/{name}"
         assert name in files

@@ -73,7 +73,7 @@ def zero_config_service() -> Iterator[tuple[str, Path, list[str]]]:
 def test_zero_config_run_announces_defaults_and_serves_the_walkthrough(
     zero_config_service: tuple[str, Path, list[str]],
 ) -> None:
-    """With nothing configured, every embedded default is announced, demo keys are printed, and the README walkthrough works."""
+    """With nothing configured, every embedded default is announced, demo keys are printed, the README walkthrough works, and /metrics answers the generated token."""
     base, data_dir, lines = zero_config_service
     output = "\n".join(lines)
     assert "EMBEDDED DEFAULT: no DATABASE_URL" in output
@@ -97,3 +97,10 @@ def test_zero_config_run_announces_defaults_and_serves_the_walkthrough(
         assert len(history["steps"]) == 8
         assert http.delete(f"/v1/conversations/{conversation}").status_code == 200
         assert http.get(f"/v1/conversations/{conversation}").status_code == 404
+
+    # /metrics, with the token the run generated and announced.
+    token_path = data_dir / "metrics-token"
+    assert f"generated the /metrics bearer token at {token_path}" in output
+    scrape = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token_path.read_text().strip()}"})
+    assert scrape.status_code == 200
+    assert 'custody_turns_total{route="patient-intake",status="completed"} 2.0' in scrape.text

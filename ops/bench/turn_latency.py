@@ -140,11 +140,13 @@ def running_simulator() -> Iterator[str]:
 
 
 @contextmanager
-def running_custody(simulator: str, keyring_env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
+def running_custody(
+    simulator: str, keyring_env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str]]:
     """`custody serve` in its own process, as a deployment on a fresh database of the local
     Postgres, with secrets made by `custody secrets init` (`keyring_env` replaces its keyring
-    file, e.g. with the CUSTODY_PKCS11_* settings), calling `simulator`; yields (its URL, a
-    backend key)."""
+    file, e.g. with the CUSTODY_PKCS11_* settings; `extra_env` adds settings), calling
+    `simulator`; yields (its URL, a backend key). Its logs are discarded."""
     database = f"custody_bench_{secrets.token_hex(4)}"
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
@@ -175,6 +177,7 @@ def running_custody(simulator: str, keyring_env: dict[str, str] | None = None) -
                 "GOOGLE_GEMINI_BASE_URL": simulator,
                 "CUSTODY_PORT": str(free_port()),
             }
+            env |= extra_env or {}
             for command in (["migrate"], ["tenants", "create", "bench"]):
                 subprocess.run([sys.executable, "-m", "service", *command], env=env, check=True, capture_output=True)
             key = subprocess.run(
@@ -184,7 +187,9 @@ def running_custody(simulator: str, keyring_env: dict[str, str] | None = None) -
                 capture_output=True,
                 text=True,
             ).stdout.strip()
-            process = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env, stderr=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
             custody = f"http://127.0.0.1:{env['CUSTODY_PORT']}"
             wait_ready(f"{custody}/readyz", process)
             yield custody, key

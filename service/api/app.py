@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.routes import HTTPRoute
-from litestar.types import Message, Scope
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..context import ServiceContext
 from .audit import AuditController
 from .conversations import ConversationController
 from .draining import drain_gate
 from .health import healthz, readyz
+from .metrics import MetricsEndpoint, metrics
 from .ops import OpsController
 from .problems import exception_handlers
 from .request_guards import check_request, refuse_encoded_slashes
 from .security import REQUEST_ID_REPLACED, assign_request_id, request_id_replaced
 from .subjects import SubjectController
-from .tracing import server_spans
+from .tracing import observe_requests
 from .wire import StructSchemas
 
-__all__ = ["create_app", "openapi_document"]
+__all__ = ["CustodyApp", "create_app", "openapi_document"]
 
 
 async def _echo_request_id(message: Message, scope: Scope) -> None:
@@ -59,20 +63,50 @@ async def _allow_every_method(message: Message, scope: Scope) -> None:
         ]
 
 
-def create_app(ctx: ServiceContext, *, max_body_bytes: int = 1_000_000) -> Litestar:
+class CustodyApp(Litestar):
+    """Litestar, with every HTTP request passing through the request observer (its server span,
+    access line and metric; see service/api/tracing.py), those no route matches included:
+    Litestar's own middleware only ever sees routed requests."""
+
+    def __init__(self, *, observe: Callable[[ASGIApp], ASGIApp] | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        # Litestar's entry point, typed for lifespan scopes too; the observer sees HTTP ones only.
+        entry = cast(ASGIApp, super().__call__)
+        self._observed = observe(entry) if observe is not None else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._observed is not None and scope["type"] == "http":
+            await self._observed(cast(Scope, scope), cast(Receive, receive), cast(Send, send))
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(
+    ctx: ServiceContext, *, max_body_bytes: int = 1_000_000, metrics_endpoint: MetricsEndpoint | None = None
+) -> CustodyApp:
+    """The HTTP application on `ctx`; `GET /metrics` is served only with a `metrics_endpoint`."""
     # ctx is None only when the app is built to print its OpenAPI document.
-    # Inside the server span, so a request refused or cancelled by the drain is traced with its 503.
-    serving = [server_spans(ctx.auditor.tracer), drain_gate(ctx.drain)] if ctx is not None else []
-    return Litestar(
+    observe = observe_requests(ctx.auditor.tracer, ctx.metrics) if ctx is not None else None
+    # Inside the request observer (which wraps the whole app), so a request refused or cancelled
+    # by the drain is traced, logged and counted with its 503.
+    gates = [drain_gate(ctx.drain)] if ctx is not None else []
+    handlers: list[Any] = [ConversationController, SubjectController, AuditController, OpsController, healthz, readyz]
+    if metrics_endpoint is not None:
+        handlers.append(metrics)
+    return CustodyApp(
+        observe=observe,
         before_send=[_echo_request_id, _allow_every_method],
         before_request=check_request,
-        middleware=[*serving, refuse_encoded_slashes],
-        route_handlers=[ConversationController, SubjectController, AuditController, OpsController, healthz, readyz],
-        state=State({"ctx": ctx}),
+        middleware=[*gates, refuse_encoded_slashes],
+        route_handlers=handlers,
+        state=State({"ctx": ctx, "metrics_endpoint": metrics_endpoint}),
         exception_handlers=exception_handlers,
         request_max_body_size=max_body_bytes,
         openapi_config=_openapi_config(),
         plugins=[StructSchemas()],
+        # Logging is the process's (service/logs.py, set up by `custody serve`); Litestar's default
+        # would replace the root logger's handlers with its own format on stderr.
+        logging_config=None,
         debug=False,
     )
 

@@ -102,6 +102,7 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
         claimed = _claimed_key_id(header)
         # A source over its limit costs no database work at all.
         if (retry_after := ctx.auth_failures.refused(meta.address, claimed)) is not None:
+            ctx.metrics.auth_failure("rate_limited")
             raise TooManyAuthenticationFailures(retry_after)
         failure: AuthenticationFailed | None = None
         async with ctx.sessions() as session:
@@ -114,6 +115,7 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
             await _account_failure(ctx, request, meta, key, reason)
             raise failure
         if caller.role not in roles:
+            ctx.metrics.auth_failure("forbidden", caller.tenant_id)
             await ctx.auditor.record(
                 ctx.sessions,
                 AuditEntry("access.denied", caller, meta, details={"operation": operation_name(request)}),
@@ -155,6 +157,7 @@ async def _account_failure(
     limit holds."""
     failures = ctx.auth_failures
     verdict = failures.failed(meta.address, key, reason)
+    ctx.metrics.auth_failure(reason, key.tenant_id if key is not None else None)
     if verdict.record_now:
         details: dict[str, Any] = {"operation": operation_name(request)}
         if verdict.retry_after is not None:

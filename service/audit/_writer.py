@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..auth import Principal
 from ..errors import CustodyError, snake_name
+from ..metrics import Metrics
 from ..models import AuditChainHead, AuditEvent
 from ..telemetry import safe_attributes
 from ._chain import GENESIS, AuditSigner, record_hash
@@ -240,12 +242,21 @@ def _storable(value: Any) -> Any:
 
 
 class Auditor:
-    """The one writer of audit records; holds the tracer (passed in, never the global one) and
-    the signer of checkpoints and export attestations."""
+    """The one writer of audit records; holds the tracer (passed in, never the global one), the
+    signer of checkpoints and export attestations, and the instruments it times appends with."""
 
-    def __init__(self, tracer: Tracer, signer: AuditSigner | None = None) -> None:
+    def __init__(self, tracer: Tracer, signer: AuditSigner | None = None, *, metrics: Metrics | None = None) -> None:
         self.tracer = tracer
         self.signer = signer
+        self._metrics = metrics or Metrics.disabled()
+
+    async def _timed_append(
+        self, session: AsyncSession, entry: AuditEntry, span: Span, outcome: str, reason: str | None
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        record = await _append(session, entry, span, outcome, reason)
+        self._metrics.audit_appended(time.perf_counter() - started)
+        return record
 
     @asynccontextmanager
     async def action(
@@ -257,7 +268,7 @@ class Auditor:
             try:
                 async with sessions.begin() as session:
                     yield session, entry
-                    await _append(session, entry, span, "success", None)
+                    await self._timed_append(session, entry, span, "success", None)
                 self._annotate(span, entry, "success", None)
             except BaseException as exc:
                 outcome, reason = outcome_of(exc)
@@ -281,7 +292,7 @@ class Auditor:
         """A record inside the caller's transaction (it commits or rolls back with it)."""
         with self._span(entry) as span:
             self._annotate(span, entry, outcome, reason)
-            return await _append(session, entry, span, outcome, reason)
+            return await self._timed_append(session, entry, span, outcome, reason)
 
     async def record(
         self,
@@ -295,7 +306,7 @@ class Auditor:
         with self._span(entry) as span:
             self._annotate(span, entry, outcome, reason)
             async with sessions.begin() as session:
-                return await _append(session, entry, span, outcome, reason)
+                return await self._timed_append(session, entry, span, outcome, reason)
 
     @asynccontextmanager
     async def job(self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry) -> AsyncIterator[AuditEntry]:
@@ -314,13 +325,13 @@ class Auditor:
                 raise
             self._annotate(span, entry, "success", None)
             async with sessions.begin() as session:
-                await _append(session, entry, span, "success", None)
+                await self._timed_append(session, entry, span, "success", None)
 
     async def _record_failure(
         self, sessions: async_sessionmaker[AsyncSession], entry: AuditEntry, outcome: str, reason: str, span: Span
     ) -> None:
         async with sessions.begin() as session:
-            await _append(session, entry, span, outcome, reason)
+            await self._timed_append(session, entry, span, outcome, reason)
 
     def _span(self, entry: AuditEntry) -> AbstractContextManager[Span]:
         return self.tracer.start_as_current_span(

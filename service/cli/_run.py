@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from ..config import Settings
 from ._common import say
 
 __all__ = ["add_run_commands"]
+
+_startup = logging.getLogger("custody.startup")
 
 
 def _database_url(settings: Settings) -> str:
@@ -31,21 +34,38 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import create_app
+    from ..api.metrics import MetricsEndpoint
+    from ..logs import configure_logging
     from ..runtime import build_runtime
     from ._server import DrainingServer
 
     settings = Settings.from_env()
+    # Before anything logs: JSON lines on stdout in a deployment, text in the zero-config run.
+    log_format = settings.resolved_log_format
+    configure_logging(log_format, level=settings.log_level, access_log=settings.access_log)
+
+    def announce(line: str) -> None:
+        """A startup line: a log line where logs are JSON (the log shipper reads those), else for
+        the person at the terminal, on stderr, as every command's messages are."""
+        if log_format == "json":
+            loud = line.startswith(("WARNING", "EMBEDDED DEFAULT"))
+            _startup.log(logging.WARNING if loud else logging.INFO, line)
+        else:
+            say(f"custody: {line}")
 
     async def run() -> None:
         runtime = await build_runtime(settings)
         try:
             for line in runtime.announcements:
-                say(f"custody: {line}")
+                announce(line)
             if runtime.demo_keys:
                 say("custody: demo tenant 'demo'; API keys (shown once):")
                 for role, key in runtime.demo_keys.items():
                     say(f"  {role:8} {key}")
-            app = create_app(runtime.ctx, max_body_bytes=settings.max_body_bytes)
+            scrape = None
+            if runtime.metrics is not None and runtime.metrics_token is not None:
+                scrape = MetricsEndpoint(runtime.metrics_token, runtime.metrics.prometheus_text)
+            app = create_app(runtime.ctx, max_body_bytes=settings.max_body_bytes, metrics_endpoint=scrape)
             runtime.start_checkpoints(settings.audit_checkpoint_seconds)
             runtime.start_reaper()
             runtime.start_auth_failure_accounting()
@@ -54,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
                 app,
                 host=settings.host,
                 port=settings.port,
+                # Custody's own logging (service/logs.py) formats uvicorn's lines too, and writes the
+                # one access line per request itself: uvicorn's would hold the raw path and query.
+                log_config=None,
                 access_log=False,
                 log_level="warning",
                 lifespan="on",
@@ -66,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
                 # bounds uvicorn's own wait for whatever is left (a probe, a slow client).
                 timeout_graceful_shutdown=max(1, round(settings.turn_store_wait_seconds)),
             )
-            say(f"custody: serving on http://{settings.host}:{settings.port}")
+            announce(f"serving on http://{settings.host}:{settings.port}")
             # uvicorn re-raises the stop signal once it has shut down; with the default handler
             # that would kill the process before the embedded Postgres and simulator are stopped.
             for stop_signal in (signal.SIGINT, signal.SIGTERM):

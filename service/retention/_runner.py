@@ -138,10 +138,12 @@ async def run_retention(
             summary.provider_pending, summary.oldest_pending_seconds = await _pending_stats(ctx, tenant_id)
         except BaseException:
             summary.seconds = time.monotonic() - started
+            ctx.metrics.retention_run(summary, whole=False)  # what it did before it broke
             await _finish_run(ctx, summary, "failed")
             raise
         summary.seconds = time.monotonic() - started
         await _finish_run(ctx, summary, "completed")
+        ctx.metrics.retention_run(summary, whole=tenant_id is None)
         entry.details |= summary.counts()
     return summary
 

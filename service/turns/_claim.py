@@ -57,6 +57,7 @@ class Claim:
     turn_id: str
     turn_number: int
     lease_token: str
+    route: str
     settings: dict[str, Any]
     decision: StorageDecision
     policy_version: str
@@ -96,6 +97,7 @@ async def claim_turn(
             # lease). Close its turn, with its outcome on record, before taking over.
             if closed := await close_abandoned(ctx.auditor, session, conversation, closed_by="takeover"):
                 entry.details["abandoned_turns_closed"] = closed
+                ctx.metrics.abandoned_turns(closed, "takeover")
         if key_digest is not None:
             earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
             if earlier is not None:
@@ -104,6 +106,7 @@ async def claim_turn(
                     entry.details["idempotent_replay"] = True
                     return replayed
         if leased:
+            ctx.metrics.lease_conflict("held", principal.tenant_id)
             raise TurnInProgress(request.conversation_id)
         try:
             route = ctx.policy.route(conversation.route)
@@ -129,6 +132,7 @@ async def claim_turn(
             turn_id=new_id("turn"),
             turn_number=conversation.turn_count + 1,
             lease_token=new_id("lease"),
+            route=conversation.route,
             settings=route.upstream_settings(),
             decision=decision,
             policy_version=ctx.policy.version,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, TypeVar
@@ -73,6 +74,7 @@ class TurnEngine:
     async def run(self, request: TurnRequest) -> TurnResult:
         """Run one turn; a repeated Idempotency-Key gets the first result back."""
         ctx = self._ctx
+        started = time.perf_counter()
         new_steps = normalize_client_input(request.raw_input)
         key = request.idempotency_key
         key_digest = idempotency_key_digest(ctx.pepper, request.principal.tenant_id, key) if key else None
@@ -80,6 +82,23 @@ class TurnEngine:
         claim = await claim_turn(ctx, request, new_steps, inspected, key_digest)
         if isinstance(claim, TurnResult):
             return claim
+        # The model's answer (completed, requires_action, failed), a failed call (failed), or
+        # anything else: the caller went away, the reply was not stored in time, a bug (error).
+        status = "error"
+        try:
+            result = await self._call_and_settle(request, new_steps, claim)
+            status = result.status
+            return result
+        except UpstreamFailed:
+            status = "failed"
+            raise
+        finally:
+            ctx.metrics.turn_finished(claim.route, status, time.perf_counter() - started, request.principal.tenant_id)
+
+    async def _call_and_settle(self, request: TurnRequest, new_steps: list[dict[str, Any]], claim: Claim) -> TurnResult:
+        """The model call, with the lease renewed meanwhile, then the reply stored (or the turn
+        given back when the call failed)."""
+        ctx = self._ctx
         turn = ClaimedTurn(ctx, request, new_steps, claim)
         heartbeat = ctx.tasks.spawn(
             renew_lease(ctx, request.conversation_id, claim.lease_token), name=f"lease:{claim.turn_id}"
@@ -186,6 +205,7 @@ class TurnEngine:
         work = partial(self._fingerprint_and_detect, request.conversation_id, new_steps)
         fingerprint, detected = await asyncio.to_thread(work) if request.input_bytes > _OFF_LOOP_BYTES else work()
         if detected:
+            ctx.metrics.detector_hits(detected, request.principal.tenant_id)
             # Recorded on its own, before the claim, so the hit stays on record even when the
             # turn is then refused because the route does not allow the class.
             await ctx.auditor.record(

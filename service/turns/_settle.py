@@ -130,6 +130,7 @@ class ClaimedTurn:
                 # the engine then releases the turn row and the key.)
                 if conversation is None:
                     raise ConversationNotFound(self.request.conversation_id)
+                self.ctx.metrics.lease_conflict("lost", self.request.principal.tenant_id)
                 raise LeaseLost(self.request.conversation_id)
             await self._record(session, conversation, outcome, result)
             entry.details |= {
