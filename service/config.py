@@ -101,6 +101,11 @@ class Settings:
     retention_interval_seconds: float = 3600.0
     # --- end of retention ----------------------------------------------------------------------
 
+    # The key store (service/key_store): a second, small Postgres database holding one expiry key
+    # per UTC day, kept apart from DATABASE_URL so that a backup of the service's database never
+    # holds them. Required with DATABASE_URL; the zero-config run makes one in its embedded Postgres.
+    key_store_url: str | None = None
+
     announcements: list[str] = field(default_factory=list, compare=False)
 
     @classmethod
@@ -140,6 +145,7 @@ class Settings:
             auth_failure_window_seconds=_positive(env, "CUSTODY_AUTH_FAILURE_WINDOW_SECONDS", 60.0),
             trusted_proxies=_networks(env, "CUSTODY_TRUSTED_PROXIES"),
             retention_interval_seconds=_number(env, "CUSTODY_RETENTION_INTERVAL_SECONDS", 3600.0),
+            key_store_url=env.get("CUSTODY_KEY_STORE_URL") or None,
         )
 
     @property

@@ -16,7 +16,7 @@ import pytest
 
 from service.simulator import FaultSpec, RunningSimulator
 
-from .conftest import TEST_PEPPER, Tenant
+from .conftest import TEST_PEPPER, Tenant, key_store_of
 
 
 def _free_port() -> int:
@@ -38,6 +38,7 @@ def replicas(
         port = _free_port()
         env = os.environ | {
             "DATABASE_URL": database_url,
+            "CUSTODY_KEY_STORE_URL": key_store_of(database_url),
             "GEMINI_API_KEY": "test-key",
             "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
             "CUSTODY_KEYRING": str(keyring_path),

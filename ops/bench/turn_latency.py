@@ -137,10 +137,15 @@ def main() -> None:
             await connection.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{database}"'))
+    asyncio.run(admin(f'CREATE DATABASE "{database}_keys"'))
     processes: list[subprocess.Popen[bytes]] = []
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            env = os.environ | {"DATABASE_URL": url, "CUSTODY_DATA_DIR": scratch}
+            env = os.environ | {
+                "DATABASE_URL": url,
+                "CUSTODY_KEY_STORE_URL": f"{url}_keys",
+                "CUSTODY_DATA_DIR": scratch,
+            }
             subprocess.run([sys.executable, "-m", "service", "migrate"], env=env, check=True, capture_output=True)
             subprocess.run(
                 [sys.executable, "-m", "service", "tenants", "create", "bench"],
@@ -176,6 +181,7 @@ def main() -> None:
             process.terminate()
             process.wait()
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}_keys" WITH (FORCE)'))
 
 
 if __name__ == "__main__":
