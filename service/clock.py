@@ -24,6 +24,11 @@ class Clock:
         """`now()` on the database, plus whatever the tests advanced the clock by."""
         return func.now() + self._offset if self._offset else func.now()
 
+    def current(self) -> ColumnElement:  # type: ignore[type-arg]
+        """`clock_timestamp()` plus the offset: the time as the statement runs, not as its
+        transaction began (`now()`), for decisions that must follow a lock just taken."""
+        return func.clock_timestamp() + self._offset if self._offset else func.clock_timestamp()
+
     def advance(self, seconds: float) -> None:
         self._offset += timedelta(seconds=seconds)
 

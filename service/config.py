@@ -129,6 +129,10 @@ class Settings:
     # One line per HTTP request (method, route template, status, duration, request id).
     access_log: bool = True
     # --- end of metrics and logs ---------------------------------------------------------------
+    # The key store (service/key_store): a second, small Postgres database holding one expiry key
+    # per UTC day, kept apart from DATABASE_URL so that a backup of the service's database never
+    # holds them. Required with DATABASE_URL; the zero-config run makes one in its embedded Postgres.
+    key_store_url: str | None = None
 
     announcements: list[str] = field(default_factory=list, compare=False)
 
@@ -178,6 +182,7 @@ class Settings:
             log_format=_choice(env, "CUSTODY_LOG_FORMAT", LOG_FORMATS),
             log_level=_choice(env, "CUSTODY_LOG_LEVEL", LOG_LEVELS) or "info",
             access_log=_flag(env, "CUSTODY_ACCESS_LOG", default=True),
+            key_store_url=env.get("CUSTODY_KEY_STORE_URL") or None,
         )
 
     @property

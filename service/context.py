@@ -13,6 +13,7 @@ from .background import BackgroundTasks
 from .clock import Clock
 from .crypto import Keyring
 from .drain import Drain
+from .key_store import ExpiryKeyStore
 from .metrics import Metrics
 from .policy import Policy
 from .upstream import Upstream
@@ -29,6 +30,8 @@ class ServiceContext:
     auditor: Auditor
     # Keys the HMACs of API-key secrets and subject identifiers; kept outside the database.
     pepper: bytes
+    # The expiry keys (one per UTC day), in a database of their own: see service.key_store.
+    expiry_keys: ExpiryKeyStore
     turn_lease_seconds: float = 10.0
     # See Settings: how long a finished turn keeps trying to store its reply while the database is
     # unreachable, and how long its caller waits for that.

@@ -51,8 +51,9 @@ class PostgresTarget:
     timeout: float | None  # seconds; None waits indefinitely (connect_timeout=0, as in libpq)
 
 
-def parse_database_url(url: str) -> PostgresTarget:
-    """DATABASE_URL in libpq's URL form, made ready for `asyncpg.connect`.
+def parse_database_url(url: str, variable: str = "DATABASE_URL") -> PostgresTarget:
+    """DATABASE_URL (or `variable`: CUSTODY_KEY_STORE_URL) in libpq's URL form, made ready for
+    `asyncpg.connect`; messages name `variable`.
 
     asyncpg's DSN parser understands libpq's parameters (sslmode, sslrootcert, sslcert, sslkey,
     host naming a socket directory, port, options, application_name, target_session_attrs...),
@@ -64,32 +65,33 @@ def parse_database_url(url: str) -> PostgresTarget:
     if not separator or scheme.lower().removesuffix("+asyncpg") not in _SCHEMES:
         # The URL itself is never repeated: it may carry the password.
         got = f", not {scheme}://" if separator and _SCHEME_SHAPE.fullmatch(scheme) else ""
-        raise ConfigurationError(f"DATABASE_URL must be {_ACCEPTED}{got}")
+        raise ConfigurationError(f"{variable} must be {_ACCEPTED}{got}")
     location, _, query = rest.partition("?")
     timeout: float | None = DEFAULT_CONNECT_TIMEOUT
     kept: list[str] = []
     for item in query.split("&") if query else []:
         name, _, value = item.partition("=")
         if unquote(name) == "connect_timeout":
-            timeout = _connect_timeout(unquote(value))
+            timeout = _connect_timeout(unquote(value), variable)
         elif item:
             kept.append(item)
     dsn = "postgresql://" + location + ("?" + "&".join(kept) if kept else "")
     return PostgresTarget(dsn=dsn, timeout=timeout)
 
 
-def _connect_timeout(value: str) -> float | None:
+def _connect_timeout(value: str, variable: str) -> float | None:
     """libpq's connect_timeout: whole seconds, at least 2; zero or negative waits indefinitely."""
     try:
         seconds = int(value)
     except ValueError:
-        raise ConfigurationError("DATABASE_URL: connect_timeout must be a whole number of seconds") from None
+        raise ConfigurationError(f"{variable}: connect_timeout must be a whole number of seconds") from None
     return None if seconds <= 0 else float(max(seconds, 2))
 
 
-def make_engine(url: str, **options: Any) -> AsyncEngine:
-    """An engine on DATABASE_URL; a URL that is not Postgres's is refused here, before any connect."""
-    target = parse_database_url(url)
+def make_engine(url: str, *, variable: str = "DATABASE_URL", **options: Any) -> AsyncEngine:
+    """An engine on DATABASE_URL (or the key store's URL, named `variable` in messages); a URL
+    that is not Postgres's is refused here, before any connect."""
+    target = parse_database_url(url, variable)
 
     async def connect() -> Any:
         return await asyncpg.connect(target.dsn, timeout=target.timeout)

@@ -48,6 +48,13 @@ class EmbeddedPostgres:
     url: str
     data_path: Path
     _server: PostgresServer = field(repr=False, compare=False)
+    _admin_url: str = field(default="", repr=False, compare=False)
+    _socket_query: str = field(default="", repr=False, compare=False)
+
+    def database_url(self, database: str) -> str:
+        """The URL of another database on this server, created when missing (the key store's)."""
+        _ensure_database(self._admin_url, database, self.data_path)
+        return f"postgresql://{_USER}@/{quote(database, safe='')}?{self._socket_query}"
 
     def stop(self) -> None:
         """Stop the server, unless another live process still uses it.
@@ -131,7 +138,9 @@ def start_embedded_postgres(data_dir: Path, database: str = "custody") -> Embedd
     admin_url = f"postgresql://{_USER}@/postgres?{socket_query}"
     _ensure_database(admin_url, database, data_path)
     url = f"postgresql://{_USER}@/{quote(database, safe='')}?{socket_query}"
-    return EmbeddedPostgres(url=url, data_path=data_path, _server=server)
+    return EmbeddedPostgres(
+        url=url, data_path=data_path, _server=server, _admin_url=admin_url, _socket_query=socket_query
+    )
 
 
 def _forget_dead_handles(data_path: Path) -> None:

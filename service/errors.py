@@ -29,6 +29,7 @@
     ├── ShuttingDown                       this replica is draining: retry on another     (error, 503)
     ├── KeyringError                       the keyring is unusable or a key operation failed (error)
     │   └── KeyUnwrapError                 a wrapped data key failed its check            (error, 500)
+    │       └── ExpiryKeyDestroyed         its day's expiry key is gone (crypto-shredded)  (error, 500)
     └── DecryptionError                    a sealed record failed its check               (error, 500)
 
 An over-long body is refused by Litestar itself (`request_max_body_size`). The HTTP layer maps
@@ -51,6 +52,7 @@ __all__ = [
     "DataClassNotAllowedError",
     "DatabaseUnavailable",
     "DecryptionError",
+    "ExpiryKeyDestroyed",
     "FunctionResultMismatch",
     "HoldNotFound",
     "HoldReleased",
@@ -105,10 +107,11 @@ class ConfigurationError(CustodyError):
 
 
 class SchemaBehindError(ConfigurationError):
-    def __init__(self, current: str | None, head: str | None) -> None:
+    def __init__(self, current: str | None, head: str | None, *, variable: str = "DATABASE_URL") -> None:
+        what = "the key store's schema" if variable == "CUSTODY_KEY_STORE_URL" else "the database schema"
         super().__init__(
-            f"the database schema is at revision {current or 'none'} but this code needs {head}: "
-            "run `custody migrate` (with the same DATABASE_URL) and start again"
+            f"{what} is at revision {current or 'none'} but this code needs {head}: "
+            f"run `custody migrate` (with the same {variable}) and start again"
         )
         self.current, self.head = current, head
 
@@ -316,6 +319,17 @@ class KeyringError(CustodyError):
 
 class KeyUnwrapError(KeyringError):
     """A wrapped key failed its integrity check or names a KEK version the keyring lacks."""
+
+
+class ExpiryKeyDestroyed(KeyUnwrapError):
+    """A data key is sealed under the expiry key of a day that the key store no longer holds: the
+    retention runner destroyed it (the day passed), so the data key cannot be opened, ever. On a
+    live database this never happens (the runner moves every live data key first); on a restored
+    backup it is crypto-shredding at work."""
+
+    def __init__(self, day: str) -> None:
+        super().__init__(f"the expiry key of {day} has been destroyed; the data key sealed under it is gone")
+        self.day = day
 
 
 class DecryptionError(CustodyError):

@@ -6,13 +6,14 @@ subject and metadata are AES-GCM ciphertext under the conversation's data key.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -129,17 +130,28 @@ class Conversation(Base):
 
 
 class DataKey(Base):
-    """A conversation's data key, wrapped by a version of the key-encryption key.
+    """A conversation's data key, wrapped by a version of the key-encryption key, and, when the
+    conversation has a deadline, sealed once more under the expiry key of `expiry_day` (the UTC
+    day of its `purge_at`; see service.crypto's expiry layer and service.key_store).
 
     Deleting this row is crypto-shredding: every ciphertext of the conversation becomes noise.
+    Destroying the day's expiry key does the same to every copy of the row in backups.
     """
 
     __tablename__ = "data_keys"
+    __table_args__ = (
+        # The retention runner finds the data keys still sealed under a day it is about to destroy.
+        Index("ix_data_keys_expiry_day", "expiry_day", postgresql_where=text("expiry_day IS NOT NULL")),
+    )
 
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True)
+    # The KEK version of the key wrap inside (also bound into the expiry layer's associated data).
     kek_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    # KW(KEK, data key), 40 bytes; or nonce || AES-GCM(expiry key, that) || tag, 68 bytes.
     wrapped: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = _now()
+    # NULL: no expiry layer (the conversation has no deadline).
+    expiry_day: Mapped[date | None] = mapped_column(Date)
 
 
 class Turn(Base):

@@ -1,9 +1,10 @@
 """Builds a running Custody from Settings: the database, keys, policy and Gemini client.
 
 Zero-config defaults, each announced loudly, only when DATABASE_URL is unset: an embedded
-Postgres under the data dir (migrated), the Gemini simulator in-process, and generated secrets
-(keyring, pepper, audit signing key; mode 0600) in the data dir. A deployment (DATABASE_URL set)
-must name every secret and real Gemini credentials (or ask for the simulator explicitly); a
+Postgres under the data dir (migrated) with the key store as a second database in it, the Gemini
+simulator in-process, and generated secrets (keyring, pepper, audit signing key; mode 0600) in
+the data dir. A deployment (DATABASE_URL set) must name every secret, its key store
+(CUSTODY_KEY_STORE_URL) and real Gemini credentials (or ask for the simulator explicitly); a
 DATABASE_URL, key or keyring that is set but does not work stops startup with a message saying
 so: there is never a silent fallback.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .audit import Auditor, checkpoint_all
 from .auth import ROLES
@@ -24,9 +25,16 @@ from .auth_failures import AuthFailureLimits, AuthFailures
 from .config import Settings
 from .context import ServiceContext
 from .conversations import recompute_deadlines
-from .crypto import Pkcs11Keyring, verify_keyring
+from .crypto import Keyring, Pkcs11Keyring, verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
+from .key_store import (
+    KEY_STORE_VARIABLE,
+    ExpiryKeyStore,
+    check_key_store_current,
+    migrate_key_store,
+    verify_key_store,
+)
 from .leases import reap_expired_leases
 from .metrics_export import MetricsExport, load_metrics_token, metrics_export_from_env
 from .models import Tenant
@@ -40,6 +48,8 @@ from .upstream import Upstream
 __all__ = ["Runtime", "build_runtime"]
 
 DEMO_TENANT = "demo"
+# The zero-config run's key store: a second database in the same embedded Postgres.
+EMBEDDED_KEY_STORE = "custody_keys"
 logger = logging.getLogger("custody.runtime")
 # How long `aclose` lets a running retention run reach the end of its batch before cancelling it.
 _RETENTION_STOP_SECONDS = 10.0
@@ -206,6 +216,7 @@ class Runtime:
         await self.ctx.tasks.drain(timeout=self.settings.turn_store_wait_seconds)
         await self.ctx.upstream.aclose()
         await self.engine.dispose()
+        await self.ctx.expiry_keys.aclose()
         for close in reversed(self._closers):
             close()
 
@@ -230,18 +241,31 @@ async def _audit_role_warning(engine: AsyncEngine) -> str | None:
     )
 
 
-async def _connect(url: str) -> AsyncEngine:
-    engine = make_engine(url)
+async def _connect(url: str, variable: str = "DATABASE_URL") -> AsyncEngine:
+    engine = make_engine(url, variable=variable)
     try:
         async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - reported by type: the message could carry the password
         await engine.dispose()
+        what = "the key store" if variable == KEY_STORE_VARIABLE else "the database"
         raise ConfigurationError(
-            f"cannot connect to the database at DATABASE_URL ({type(exc).__name__}); "
+            f"cannot connect to {what} at {variable} ({type(exc).__name__}); "
             "check the URL and that the server is running"
         ) from None
     return engine
+
+
+async def _open_key_store(url: str, sessions: async_sessionmaker[AsyncSession], keyring: Keyring) -> ExpiryKeyStore:
+    """The key store at `url`, reachable, migrated, and proven to be this database's."""
+    store = ExpiryKeyStore(await _connect(url, KEY_STORE_VARIABLE))
+    try:
+        await check_key_store_current(store.engine, url)
+        await verify_key_store(store, sessions, keyring)
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
 
 
 async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_upstream: bool = True) -> Runtime:
@@ -273,7 +297,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
     except PolicyError as exc:
         raise ConfigurationError(f"invalid policy: {exc}") from None
 
-    url = settings.database_url
+    url, key_store_url = settings.database_url, settings.key_store_url
     if url is None:
         from .embedded_postgres import start_embedded_postgres
 
@@ -282,12 +306,30 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         url = postgres.url
         announce.append(f"EMBEDDED DEFAULT: no DATABASE_URL, using an embedded Postgres in {postgres.data_path}")
         await asyncio.to_thread(migrate, url)
+        if key_store_url is None:
+            key_store_url = await asyncio.to_thread(postgres.database_url, EMBEDDED_KEY_STORE)
+            announce.append(
+                f"EMBEDDED DEFAULT: no {KEY_STORE_VARIABLE}, keeping the expiry keys in the database "
+                f"{EMBEDDED_KEY_STORE} of the same embedded Postgres (a backup of its data dir holds both)"
+            )
+        await asyncio.to_thread(migrate_key_store, key_store_url)
+    elif key_store_url is None:
+        raise ConfigurationError(
+            f"{KEY_STORE_VARIABLE} is not set: with DATABASE_URL set, Custody needs a key store, a Postgres "
+            "database of its own (on another server) for the expiry keys that make purges reach backups; "
+            "create one and run `custody migrate`"
+        )
     engine = await _connect(url)
     await check_schema_current(engine, url)
     if warning := await _audit_role_warning(engine):
         announce.append(warning)
     sessions = make_sessions(engine)
     await verify_keyring(sessions, keyring, source=keyring_source(keyring))
+    try:
+        expiry_keys = await _open_key_store(key_store_url, sessions, keyring)
+    except BaseException:
+        await engine.dispose()
+        raise
     announce.append(f"policy {settings.policy_path} ({policy.version}), routes: {', '.join(sorted(policy.routes))}")
 
     # The tracer and meter providers, side by side: explicit ones, never the global providers.
@@ -334,6 +376,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         upstream=upstream,
         auditor=Auditor(provider.get_tracer("custody"), signer, metrics=metrics.metrics),
         pepper=pepper,
+        expiry_keys=expiry_keys,
         turn_lease_seconds=settings.turn_lease_seconds,
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
         turn_store_wait_seconds=settings.turn_store_wait_seconds,

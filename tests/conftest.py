@@ -28,6 +28,7 @@ from service.config import REPO_ROOT, UpstreamSettings
 from service.context import ServiceContext
 from service.crypto import FileKeyring, Keyring, LocalKeyring, Pkcs11Keyring
 from service.database import make_engine, make_sessions, migrate
+from service.key_store import ExpiryKeyStore, migrate_key_store
 from service.policy import load_policy
 from service.simulator import RunningSimulator, SimulatorConfig, start_simulator
 from service.tenants import create_tenant, issue_key
@@ -61,6 +62,14 @@ def _with_database(url: str, name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
+def key_store_of(database_url: str) -> str:
+    """The key store that `migrated_database` made beside a database: `<name>_keys`, on the same
+    server (a test has no second server; a deployment puts it on another)."""
+    location, separator, query = database_url.partition("?")
+    base, _, name = location.rpartition("/")
+    return f"{base}/{name}_keys{separator}{query}"
+
+
 async def _admin(sql: str) -> None:
     connection = await asyncpg.connect(ADMIN_URL)
     try:
@@ -71,15 +80,19 @@ async def _admin(sql: str) -> None:
 
 @asynccontextmanager
 async def migrated_database(prefix: str) -> AsyncIterator[str]:
-    """A new database on the test server, migrated to head with Alembic, dropped afterwards."""
+    """A new database on the test server, migrated to head with Alembic, and its key store beside it
+    (`key_store_of(url)`), migrated too; both dropped afterwards."""
     name = f"{prefix}_{secrets.token_hex(4)}"
     await _admin(f'CREATE DATABASE "{name}"')
+    await _admin(f'CREATE DATABASE "{name}_keys"')
     url = _with_database(ADMIN_URL, name)
     try:
         await asyncio.to_thread(migrate, url)
+        await asyncio.to_thread(migrate_key_store, key_store_of(url))
         yield url
     finally:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _admin(f'DROP DATABASE IF EXISTS "{name}_keys" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -200,12 +213,14 @@ def pepper_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def deployment_env(
     database_url: str, keyring: Path | Mapping[str, str], signing_key: Path, pepper: Path, **extra: str
 ) -> dict[str, str]:
-    """The environment of a `custody` process run as a deployment: DATABASE_URL and the three
-    secrets it must name, and the simulator asked for explicitly (no Gemini key in tests). The
-    keyring is a file, or the variables of another keyring (`KeyringUnderTest.environment`)."""
+    """The environment of a `custody` process run as a deployment: DATABASE_URL, its key store and
+    the three secrets it must name, and the simulator asked for explicitly (no Gemini key in
+    tests). The keyring is a file, or the variables of another keyring
+    (`KeyringUnderTest.environment`)."""
     keyring_env = {"CUSTODY_KEYRING": str(keyring)} if isinstance(keyring, Path) else dict(keyring)
     return {
         "DATABASE_URL": database_url,
+        "CUSTODY_KEY_STORE_URL": key_store_of(database_url),
         **keyring_env,
         "CUSTODY_PEPPER_FILE": str(pepper),
         "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key),
@@ -229,6 +244,7 @@ def signing_key_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 async def ctx(
+    database_url: str,
     engine: AsyncEngine,
     gemini: RunningSimulator,
     session_keyring: FileKeyring,
@@ -239,6 +255,7 @@ async def ctx(
     provider.add_span_processor(SimpleSpanProcessor(spans))
     upstream = make_upstream(gemini, attempts=3, timeout_seconds=10)
     signer, _ = AuditSigner.load_or_generate(signing_key_path)
+    expiry_keys = ExpiryKeyStore.connect(key_store_of(database_url))
     yield ServiceContext(
         sessions=make_sessions(engine),
         keyring=session_keyring,
@@ -246,9 +263,11 @@ async def ctx(
         upstream=upstream,
         auditor=Auditor(provider.get_tracer("custody"), signer),
         pepper=TEST_PEPPER,
+        expiry_keys=expiry_keys,
         turn_lease_seconds=30,
     )
     await upstream.aclose()
+    await expiry_keys.aclose()
 
 
 def asgi_transport(app: Litestar, client: tuple[str, int] = ("127.0.0.1", 123)) -> httpx.ASGITransport:
@@ -335,8 +354,13 @@ async def own_service(
     the test died before dropping it)."""
     gemini.app.reset()
     engine = make_engine(fresh_database)
+    expiry_keys = ExpiryKeyStore.connect(key_store_of(fresh_database))
     own = dataclasses.replace(
-        ctx, sessions=make_sessions(engine), tasks=BackgroundTasks(), auth_failures=AuthFailures()
+        ctx,
+        sessions=make_sessions(engine),
+        expiry_keys=expiry_keys,
+        tasks=BackgroundTasks(),
+        auth_failures=AuthFailures(),
     )
     try:
         tenant = await make_tenant(own)
@@ -347,3 +371,4 @@ async def own_service(
         await own.tasks.drain(timeout=10)
     finally:
         await engine.dispose()
+        await expiry_keys.aclose()

@@ -45,6 +45,7 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
     "retention.run": ((DCM, "110100"), None, "E", None),
     "retention.purge": ((REST, "rest"), (RESTFUL, "delete"), "D", "15"),
     "retention.recompute": ((DCM, "110100"), None, "U", None),
+    "retention.expire_key": ((DCM, "110100"), None, "D", "15"),
     "retention.preview": ((REST, "rest"), (RESTFUL, "search-type"), "R", "6"),
     "retention.start": ((REST, "rest"), (RESTFUL, "create"), "C", "1"),
     "retention.status": ((REST, "rest"), (RESTFUL, "read"), "R", "6"),
@@ -83,6 +84,8 @@ RESOURCE_TYPES = {
     "keyring": "keyring",
     "audit": "audit_log",
 }
+# Where an action's resource is not the one its first word names.
+ACTION_RESOURCE_TYPES = {"retention.expire_key": "expiry_key"}
 # Actions run from the CLI or a local job: no key, no address, the system chain.
 LOCAL_ACTIONS = {
     "tenant.create",
@@ -93,6 +96,7 @@ LOCAL_ACTIONS = {
     "keyring.rotate",
     "retention.run",
     "retention.recompute",
+    "retention.expire_key",
 }
 
 # Every string the converter may write that does not come from the record.
@@ -169,7 +173,7 @@ def make_record(action: str, outcome: str = "success", seq: int = 12, **override
     """A record shaped as service.audit.append writes it, for the given action and outcome."""
     local = action in LOCAL_ACTIONS
     keyless = local or action == "auth.failure"
-    resource_type = RESOURCE_TYPES[action.split(".")[0]]
+    resource_type = ACTION_RESOURCE_TYPES.get(action, RESOURCE_TYPES[action.split(".")[0]])
     record: dict[str, Any] = {
         "seq": seq,
         "chain": "system" if keyless else TENANT,

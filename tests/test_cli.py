@@ -47,7 +47,11 @@ def test_simulator_runs_standalone() -> None:
 
 def test_unreachable_database_is_one_line_without_the_password() -> None:
     """`custody migrate` against a database nobody answers on exits 2 with one line, no traceback, no password."""
-    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/custody"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DATABASE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/custody",
+        "CUSTODY_KEY_STORE_URL": "postgresql://postgres:s3cret@127.0.0.1:1/custody_keys",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "service", "migrate"], env=env, capture_output=True, text=True, timeout=60
     )

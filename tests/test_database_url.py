@@ -442,3 +442,20 @@ def test_cli_refuses_a_bad_url_without_a_traceback(tmp_path: Path) -> None:
     assert "cannot start: DATABASE_URL must be a postgresql://" in result.stderr
     assert "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_a_key_store_url_that_is_not_postgres_is_refused_naming_its_variable(tmp_path: Path) -> None:
+    """`custody migrate` with a non-Postgres CUSTODY_KEY_STORE_URL exits 2 with one line naming that variable (not DATABASE_URL), no password."""
+    env = os.environ | {
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody",
+        "CUSTODY_KEY_STORE_URL": "mysql://root:s3cret@127.0.0.1/keys",
+        "CUSTODY_DATA_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "custody: cannot start: CUSTODY_KEY_STORE_URL must be a postgresql:// (or postgres://) URL in libpq's form, "
+        "e.g. postgresql://user:password@host:5432/dbname?sslmode=require, not mysql://"
+    ]

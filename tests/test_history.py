@@ -21,7 +21,7 @@ async def _history(ctx: ServiceContext, conversation_id: str) -> list[Any]:
     async with ctx.sessions() as session:
         conversation = await session.scalar(select(Conversation).where(Conversation.id == conversation_id))
         assert conversation is not None
-        cipher = await load_cipher(session, ctx.keyring, conversation)
+        cipher = await load_cipher(session, ctx, conversation)
         return await read_steps(session, cipher)
 
 

@@ -21,9 +21,10 @@ from service.api import create_app
 from service.context import ServiceContext
 from service.crypto import rewrap_data_keys
 from service.database import make_engine, make_sessions
+from service.key_store import ExpiryKeyStore
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import KeyringUnderTest, asgi_transport, deployment_env, make_tenant
+from .conftest import KeyringUnderTest, asgi_transport, deployment_env, key_store_of, make_tenant
 
 
 @pytest.fixture
@@ -32,8 +33,12 @@ async def replica(
 ) -> AsyncIterator[ServiceContext]:
     """A service on a database and keyring of its own (rotation rewraps every data key)."""
     engine = make_engine(fresh_database)
-    yield dataclasses.replace(ctx, sessions=make_sessions(engine), keyring=keyring_under_test.keyring)
+    expiry_keys = ExpiryKeyStore.connect(key_store_of(fresh_database))
+    yield dataclasses.replace(
+        ctx, sessions=make_sessions(engine), keyring=keyring_under_test.keyring, expiry_keys=expiry_keys
+    )
     await engine.dispose()
+    await expiry_keys.aclose()
 
 
 async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
@@ -110,7 +115,7 @@ async def test_rewrap_is_resumable(replica: ServiceContext) -> None:
     async with httpx.AsyncClient(transport=asgi_transport(create_app(replica)), base_url="http://r") as api:
         await open_conversation(api, tenant.headers())
     replica.keyring.rotate()
-    first = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring)
-    again = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring)
+    first = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring, replica.expiry_keys)
+    again = await rewrap_data_keys(replica.auditor, replica.sessions, replica.keyring, replica.expiry_keys)
     assert (first.rewrapped, again.rewrapped) == (1, 0)
     assert first.version == again.version == 2

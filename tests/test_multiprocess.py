@@ -13,7 +13,7 @@ import pytest
 
 from service.simulator import FaultSpec, RunningSimulator
 
-from .conftest import TEST_PEPPER, Tenant
+from .conftest import TEST_PEPPER, Tenant, key_store_of
 from .service_process import ServiceProcess, start_service
 
 
@@ -30,6 +30,7 @@ def replicas(
         for index in range(2):
             env = os.environ | {
                 "DATABASE_URL": database_url,
+                "CUSTODY_KEY_STORE_URL": key_store_of(database_url),
                 "GEMINI_API_KEY": "test-key",
                 "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
                 "CUSTODY_KEYRING": str(keyring_path),

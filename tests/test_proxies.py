@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.simulator import RunningSimulator
 
-from .conftest import TEST_PEPPER, Tenant
+from .conftest import TEST_PEPPER, Tenant, key_store_of
 
 SPOOFED = "203.0.113.9"
 
@@ -57,6 +57,7 @@ def serve(
         port = _free_port()
         env = os.environ | {
             "DATABASE_URL": database_url,
+            "CUSTODY_KEY_STORE_URL": key_store_of(database_url),
             "GEMINI_API_KEY": "test-key",
             "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
             "CUSTODY_KEYRING": str(keyring_path),

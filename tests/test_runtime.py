@@ -1,7 +1,8 @@
-"""Startup: a DATABASE_URL or API key that is set but does not work stops the service, clearly."""
+"""Startup: a DATABASE_URL, key store or API key that is set but does not work (or is missing) stops the service, clearly."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -17,7 +18,7 @@ from service.errors import ConfigurationError, SchemaBehindError
 from service.runtime import build_runtime
 from service.simulator import SimulatorConfig, start_simulator
 
-from .conftest import ADMIN_URL, TEST_PEPPER
+from .conftest import ADMIN_URL, TEST_PEPPER, key_store_of
 
 
 def _secrets(tmp_path: Path, keyring_path: Path) -> dict[str, str]:
@@ -36,7 +37,12 @@ def _secrets(tmp_path: Path, keyring_path: Path) -> dict[str, str]:
 
 
 def _settings(tmp_path: Path, keyring_path: Path, **env: str) -> Settings:
-    return Settings.from_env({"CUSTODY_DATA_DIR": str(tmp_path / "data")} | _secrets(tmp_path, keyring_path) | env)
+    """A deployment's settings; its key store is the one `migrated_database` made beside DATABASE_URL,
+    unless `env` names another (or `CUSTODY_KEY_STORE_URL=""`, none)."""
+    key_store = {"CUSTODY_KEY_STORE_URL": key_store_of(env["DATABASE_URL"])} if "DATABASE_URL" in env else {}
+    return Settings.from_env(
+        {"CUSTODY_DATA_DIR": str(tmp_path / "data")} | _secrets(tmp_path, keyring_path) | key_store | env
+    )
 
 
 async def test_unreachable_database_url_fails_clearly(tmp_path: Path, keyring_path: Path) -> None:
@@ -124,6 +130,7 @@ def test_serve_exits_with_the_message(tmp_path: Path, keyring_path: Path) -> Non
         | _secrets(tmp_path, keyring_path)
         | {
             "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/custody",
+            "CUSTODY_KEY_STORE_URL": "postgresql://postgres@127.0.0.1:1/custody_keys",
             "GEMINI_API_KEY": "k",
             "CUSTODY_DATA_DIR": str(tmp_path),
         }
@@ -133,3 +140,59 @@ def test_serve_exits_with_the_message(tmp_path: Path, keyring_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "cannot start: cannot connect to the database at DATABASE_URL" in result.stderr
+
+
+async def test_a_deployment_without_a_key_store_stops_naming_the_variable(
+    tmp_path: Path, keyring_path: Path, database_url: str
+) -> None:
+    """With DATABASE_URL set and CUSTODY_KEY_STORE_URL not, startup stops with a message naming the variable, and so does `custody migrate` (exit 2, one line)."""
+    settings = _settings(
+        tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="k", CUSTODY_KEY_STORE_URL=""
+    )
+    with pytest.raises(ConfigurationError, match="CUSTODY_KEY_STORE_URL is not set"):
+        await build_runtime(settings)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODY_")} | {
+        "DATABASE_URL": database_url,
+        "CUSTODY_DATA_DIR": str(tmp_path),
+    }
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "service", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("custody: cannot start: CUSTODY_KEY_STORE_URL is not set")
+
+
+async def test_a_key_store_url_naming_the_services_own_database_is_refused(
+    tmp_path: Path, keyring_path: Path, fresh_database: str
+) -> None:
+    """A key store in the service's own database (which a backup of it would then hold) stops startup with a message saying why."""
+    from service.key_store import migrate_key_store
+
+    await asyncio.to_thread(migrate_key_store, fresh_database)  # as if someone migrated it there
+    settings = _settings(
+        tmp_path, keyring_path, DATABASE_URL=fresh_database, GEMINI_API_KEY="k", CUSTODY_KEY_STORE_URL=fresh_database
+    )
+    with pytest.raises(ConfigurationError, match="names the service's own database"):
+        await build_runtime(settings)
+
+
+async def test_an_unreachable_key_store_stops_startup_without_its_password(
+    tmp_path: Path, keyring_path: Path, database_url: str
+) -> None:
+    """A key store nobody answers on is an error naming CUSTODY_KEY_STORE_URL, never repeating the URL's password."""
+    settings = _settings(
+        tmp_path,
+        keyring_path,
+        DATABASE_URL=database_url,
+        GEMINI_API_KEY="k",
+        CUSTODY_KEY_STORE_URL="postgresql://postgres:s3cret@127.0.0.1:1/keys",
+    )
+    with pytest.raises(ConfigurationError, match="cannot connect to the key store at CUSTODY_KEY_STORE_URL") as caught:
+        await build_runtime(settings)
+    assert "s3cret" not in str(caught.value)

@@ -23,7 +23,7 @@ from service.models import KeyringSentinel
 from service.runtime import build_runtime
 from service.secret_files import init_secrets, load_keyring, load_pepper, load_signer, stage_secrets
 
-from .conftest import TEST_PEPPER, asgi_transport
+from .conftest import TEST_PEPPER, asgi_transport, key_store_of
 
 
 def _deployment(tmp_path: Path, **env: str) -> Settings:
@@ -118,6 +118,7 @@ async def test_deployment_without_gemini_credentials_needs_the_simulator_asked_f
     pepper.chmod(0o600)
     secrets = {
         "DATABASE_URL": database_url,
+        "CUSTODY_KEY_STORE_URL": key_store_of(database_url),
         "CUSTODY_KEYRING": str(keyring_path),
         "CUSTODY_PEPPER_FILE": str(pepper),
         "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
@@ -142,6 +143,7 @@ async def test_startup_refuses_a_keyring_that_cannot_unwrap_the_database(
     pepper.chmod(0o600)
     env = {
         "DATABASE_URL": fresh_database,
+        "CUSTODY_KEY_STORE_URL": key_store_of(fresh_database),
         "CUSTODY_PEPPER_FILE": str(pepper),
         "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
         "CUSTODY_DATA_DIR": str(tmp_path / "data"),

@@ -22,7 +22,7 @@ from service.audit import AuditSigner
 from service.crypto import LocalKeyring
 from service.simulator import RunningSimulator
 
-from .conftest import ADMIN_URL
+from .conftest import ADMIN_URL, key_store_of
 
 # Builds the image's virtual environment with the image's own script: about a minute, with the
 # runtime dependencies fetched from the package index (or pip's cache) and checked against the
@@ -35,6 +35,9 @@ PACKAGE_DATA = [
     "service/migrations/env.py",
     "service/migrations/script.py.mako",
     "service/migrations/versions/0001_initial_schema.py",
+    "service/migrations/key_store/env.py",
+    "service/migrations/key_store/script.py.mako",
+    "service/migrations/key_store/versions/0001_expiry_keys.py",
     "service/schemas/policy.schema.json",
     "service/schemas/openapi.json",
     "service/schemas/audit-event.schema.json",
@@ -78,13 +81,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
 @pytest.fixture
 async def empty_database() -> AsyncIterator[str]:
-    """A new database on the test server with nothing in it (not migrated), dropped afterwards."""
+    """A new database on the test server with nothing in it (not migrated), and an empty key store
+    beside it (`key_store_of`), both dropped afterwards."""
     name = f"custody_wheel_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(ADMIN_URL)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}_keys"')
         yield ADMIN_URL.rsplit("/", 1)[0] + "/" + name
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}_keys" WITH (FORCE)')
     finally:
         await admin.close()
 
@@ -109,11 +115,15 @@ def test_wheel_carries_migrations_schemas_and_example_policy(installed: Installe
     with zipfile.ZipFile(installed.wheel) as archive:
         names = set(archive.namelist())
     assert [name for name in PACKAGE_DATA if name not in names] == []
-    # Every migration in the checkout ships, and nothing else under versions/.
-    versions = {
-        f"service/migrations/versions/{path.name}" for path in (CHECKOUT / "migrations" / "versions").glob("*.py")
-    }
-    assert {name for name in names if name.startswith("service/migrations/versions/")} == versions
+    # Every migration in the checkout ships (the service database's and the key store's), and
+    # nothing else under their versions/.
+    for versions_dir in ("versions", "key_store/versions"):
+        versions = {
+            f"service/migrations/{versions_dir}/{path.name}"
+            for path in (CHECKOUT / "migrations" / versions_dir).glob("*.py")
+        }
+        shipped = {name for name in names if name.startswith(f"service/migrations/{versions_dir}/")}
+        assert shipped == versions
 
 
 def _clean_env() -> dict[str, str]:
@@ -189,8 +199,9 @@ def test_installed_wheel_migrates_and_serves(
     where = _run(installed.python, "-c", "import service; print(service.__file__)", cwd=outside, env=env)
     assert Path(where.stdout.strip()).is_relative_to(installed.site_packages)
 
-    migrated = _run(installed.custody, "migrate", cwd=outside, env=env | {"DATABASE_URL": empty_database})
-    assert "the database schema is up to date" in migrated.stderr
+    stores = {"DATABASE_URL": empty_database, "CUSTODY_KEY_STORE_URL": key_store_of(empty_database)}
+    migrated = _run(installed.custody, "migrate", cwd=outside, env=env | stores)
+    assert "the database schema and the key store's are up to date" in migrated.stderr
 
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
@@ -201,8 +212,7 @@ def test_installed_wheel_migrates_and_serves(
     AuditSigner.load_or_generate(secrets_dir / "audit-signing-key.pem")
     port = _free_port()
     # No CUSTODY_POLICY: the example policy must come from the package.
-    env |= {
-        "DATABASE_URL": empty_database,
+    env |= stores | {
         "GEMINI_API_KEY": "test-key",
         "GOOGLE_GEMINI_BASE_URL": gemini.base_url,
         "CUSTODY_KEYRING": str(secrets_dir / "keyring.json"),

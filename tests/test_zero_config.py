@@ -77,6 +77,7 @@ def test_zero_config_run_announces_defaults_and_serves_the_walkthrough(
     base, data_dir, lines = zero_config_service
     output = "\n".join(lines)
     assert "EMBEDDED DEFAULT: no DATABASE_URL" in output
+    assert "EMBEDDED DEFAULT: no CUSTODY_KEY_STORE_URL, keeping the expiry keys in the database custody_keys" in output
     assert "EMBEDDED DEFAULT: no GEMINI_API_KEY" in output
     assert "SIMULATOR" in output
     assert "EMBEDDED DEFAULT: generated a local keyring" in output

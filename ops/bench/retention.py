@@ -53,6 +53,7 @@ from service.config import EXAMPLE_POLICY, Settings
 from service.conversations import append_steps, load_cipher, open_conversation
 from service.database import migrate
 from service.ids import new_id
+from service.key_store import migrate_key_store
 from service.models import Conversation, Turn, UpstreamInteraction
 from service.runtime import Runtime, build_runtime
 from service.tenants import create_tenant, issue_key
@@ -114,7 +115,7 @@ async def seed_tenant(
             conversation = await session.get(Conversation, view.id)
             if conversation is None:
                 raise SystemExit(f"{view.id} vanished while seeding")
-            cipher = await load_cipher(session, ctx.keyring, conversation)
+            cipher = await load_cipher(session, ctx, conversation)
             for number in range(1, turns + 1):
                 turn_id = new_id("turn")
                 session.add(
@@ -276,6 +277,9 @@ async def measure(
 async def main_async(args: argparse.Namespace) -> None:
     template = f"custody_bench_retention_{secrets.token_hex(4)}"
     await admin(f'CREATE DATABASE "{template}"')
+    # One key store serves the template and its copies: a run destroys only the keys of days that
+    # have passed, and every seeded conversation's key is sealed under a day ahead.
+    await admin(f'CREATE DATABASE "{template}_keys"')
     try:
         with tempfile.TemporaryDirectory() as scratch:
             made = await asyncio.to_thread(
@@ -292,6 +296,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 | dict(line.split("=", 1) for line in made.stdout.split())
                 | {
                     "DATABASE_URL": url_of(template),
+                    "CUSTODY_KEY_STORE_URL": url_of(f"{template}_keys"),
                     "CUSTODY_USE_SIMULATOR": "true",
                     "CUSTODY_POLICY": str(policy),
                     "CUSTODY_DATA_DIR": f"{scratch}/data",
@@ -300,6 +305,7 @@ async def main_async(args: argparse.Namespace) -> None:
             for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"):
                 env.pop(name, None)
             await asyncio.to_thread(migrate, url_of(template))
+            await asyncio.to_thread(migrate_key_store, url_of(f"{template}_keys"))
             print(
                 f"seeding {args.conversations} conversations x {args.turns} turns "
                 f"(2 sealed steps each), {args.provider_share:.0%} on a provider-storage route ...",
@@ -316,6 +322,7 @@ async def main_async(args: argparse.Namespace) -> None:
             ]
     finally:
         await admin(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+        await admin(f'DROP DATABASE IF EXISTS "{template}_keys" WITH (FORCE)')
 
     print(
         f"retention runner: {seeded} due conversations x {args.turns} turns ({2 * args.turns} sealed steps each), "

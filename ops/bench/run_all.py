@@ -9,6 +9,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 if __name__ == "__main__":
-    for script in ("simulator_throughput.py", "turn_latency.py", "keyrings.py", "detectors.py", "retention.py"):
+    for script in (
+        "simulator_throughput.py",
+        "turn_latency.py",
+        "observability.py",
+        "keyrings.py",
+        "expiry_layer.py",
+        "detectors.py",
+        "retention.py",
+    ):
         print(f"== {script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -158,6 +158,7 @@ def running_custody(
             await connection.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{database}"'))
+    asyncio.run(admin(f'CREATE DATABASE "{database}_keys"'))
     process: subprocess.Popen[bytes] | None = None
     try:
         with tempfile.TemporaryDirectory() as scratch:
@@ -172,6 +173,7 @@ def running_custody(
                 env = {k: v for k, v in env.items() if k != "CUSTODY_KEYRING"} | keyring_env
             env |= {
                 "DATABASE_URL": url,
+                "CUSTODY_KEY_STORE_URL": f"{url}_keys",
                 "CUSTODY_DATA_DIR": scratch,
                 "GEMINI_API_KEY": "bench",
                 "GOOGLE_GEMINI_BASE_URL": simulator,
@@ -198,6 +200,7 @@ def running_custody(
             process.terminate()
             process.wait()
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}_keys" WITH (FORCE)'))
 
 
 def main() -> None:

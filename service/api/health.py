@@ -29,14 +29,14 @@ async def healthz() -> dict[str, str]:
     operation_class=ApiOperation,
     responses=problem_responses(
         notes={
-            503: "Not ready: the replica is shutting down, the database does not answer, or the keyring cannot "
-            "unwrap some of the data keys it holds; retry after `Retry-After` seconds."
+            503: "Not ready: the replica is shutting down, the database or the key store does not answer, or the "
+            "keyring cannot unwrap some of the data keys the database holds; retry after `Retry-After` seconds."
         }
     ),
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """The replica is not shutting down, the database answers and the keyring unwraps what it holds: the
-    service can take traffic."""
+    """The replica is not shutting down, the database and the key store answer and the keyring unwraps
+    what the database holds: the service can take traffic."""
     ctx: ServiceContext = request.app.state.ctx
     if ctx.drain.draining:
         # At once, before any query: the load balancer must stop sending traffic here.
@@ -47,6 +47,11 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
             unreadable = await unreadable_versions(session, ctx.keyring)
     except Exception:  # noqa: BLE001 - any failure means not ready
         return problem(503, "not-ready", "Not ready", "the database is not reachable", retry_after=5)
+    try:
+        # Every conversation with a deadline needs its day's expiry key to open.
+        await ctx.expiry_keys.ping()
+    except Exception:  # noqa: BLE001 - any failure means not ready
+        return problem(503, "not-ready", "Not ready", "the key store is not reachable", retry_after=5)
     if unreadable:
         versions = ", ".join(str(v) for v in unreadable)
         return problem(

@@ -347,7 +347,8 @@ class RetentionRunOut(msgspec.Struct):
         msgspec.Meta(
             description="What the run has done so far: purged, skipped (held, busy, or purged by another runner), "
             "failed, provider_deleted, provider_failed, provider_pending, oldest_pending_seconds, recomputed, "
-            "seconds, and receipts (a dry run: would_purge)."
+            "expiry_keys_destroyed, expiry_keys_failed, data_keys_moved (always 0 in a tenant's run: expiry "
+            "keys are shared by every tenant), seconds, and receipts (a dry run: would_purge)."
         ),
     ]
     started_at: datetime

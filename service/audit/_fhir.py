@@ -45,6 +45,10 @@
 # retention.purge     rest / delete                D   15  crypto-shredding; DICOM's one delete
 #                                                          event (110105) is for DICOM studies
 # retention.recompute 110100 Application Activity  U   -   deadlines brought to a new policy
+# retention.expire_key                                     the runner destroys a passed day's
+#                     110100 Application Activity  D   15  expiry key: key material erased for
+#                                                          good, which shreds every backup copy
+#                                                          of the data keys it sealed
 # retention.preview   rest / search-type           R   6   the dry run: the conversations past their
 #                                                          deadline (metadata), found by criteria
 # retention.start     rest / create                C   1   ops create a run (a job resource), coded
@@ -79,8 +83,9 @@
 #
 # outcome: success 0, denied 4 (minor failure), error 8 (serious failure); outcomeDesc = reason.
 # entity.type / entity.role (audit-entity-type / object-role) per resource type: api_key, keyring,
-# audit_log 2 System Object / 13 Security Resource; policy and retention_policy (the route policy,
-# which decides where data may go and how long it stays: security configuration, as a keyring is)
+# expiry_key, audit_log 2 System Object / 13 Security Resource; policy and retention_policy (the
+# route policy, which decides where data may go and how long it stays: security configuration, as
+# a keyring is)
 # 2 / 13; retention_run 2 / 20 Job; tenant 3 Organization / 19 Customer ("the recipient of
 # services"); every other type 2 / 4 Domain Resource.
 #
@@ -163,6 +168,7 @@ _ACTIONS: Final[Mapping[str, _Coded]] = {
     "retention.run": _Coded((_DCM, "110100"), None, "E", None),
     "retention.purge": _rest("delete", "D", "15"),
     "retention.recompute": _Coded((_DCM, "110100"), None, "U", None),
+    "retention.expire_key": _Coded((_DCM, "110100"), None, "D", "15"),
     "retention.preview": _rest("search-type", "R", "6"),
     "retention.start": _rest("create", "C", "1"),
     "retention.status": _rest("read", "R", "6"),
@@ -196,6 +202,7 @@ _ENTITY_KINDS: Final[Mapping[str, tuple[str, str]]] = {
     "retention_policy": ("2", "13"),
     "api_key": ("2", "13"),
     "keyring": ("2", "13"),
+    "expiry_key": ("2", "13"),
     "audit_log": ("2", "13"),
     "tenant": ("3", "19"),
 }

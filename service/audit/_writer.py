@@ -73,6 +73,7 @@ ACTIONS = frozenset(
         "retention.run",
         "retention.purge",
         "retention.recompute",
+        "retention.expire_key",
         "retention.preview",
         "retention.start",
         "retention.status",

@@ -111,8 +111,9 @@ def _keyring_rotate(args: argparse.Namespace) -> int:
             # refuses to start instead of failing on the first rewrapped conversation.
             async with ctx.sessions.begin() as session:
                 await ensure_current_sentinel(session, ctx.keyring)
-        result = await rewrap_data_keys(ctx.auditor, ctx.sessions, ctx.keyring, operator=operator)
+        result = await rewrap_data_keys(ctx.auditor, ctx.sessions, ctx.keyring, ctx.expiry_keys, operator=operator)
         print(f"rewrapped {result.rewrapped} data keys under KEK version {result.version}")
+        print(f"rewrapped {result.expiry_keys} expiry keys under KEK version {result.version}")
         return 0
 
     return with_runtime(args, work)

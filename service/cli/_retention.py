@@ -132,6 +132,9 @@ def _report(summary: RunSummary, tenant_names: dict[str, str]) -> list[str]:
             ("oldest pending copy", _age(summary.oldest_pending_seconds)),
             ("deadlines recomputed", str(summary.recomputed)),
             ("receipts recovered", str(summary.receipts_recovered)),
+            ("expiry keys destroyed", str(summary.expiry_keys_destroyed)),
+            ("expiry keys failed", str(summary.expiry_keys_failed)),
+            ("data keys moved", str(summary.data_keys_moved)),
             ("seconds", f"{summary.seconds:.2f}"),
         ]
     )

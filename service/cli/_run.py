@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
+from ..errors import ConfigurationError
 from ._common import say
 
 __all__ = ["add_run_commands"]
@@ -19,15 +20,27 @@ __all__ = ["add_run_commands"]
 _startup = logging.getLogger("custody.startup")
 
 
-def _database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the zero-config embedded Postgres under the data dir."""
+def _database_urls(settings: Settings) -> tuple[str, str]:
+    """DATABASE_URL and CUSTODY_KEY_STORE_URL, or the zero-config embedded Postgres under the data
+    dir and the key store's database in it; a deployment must name both."""
+    from ..database import parse_database_url
+    from ..key_store import KEY_STORE_VARIABLE
+
     if settings.database_url:
-        return settings.database_url
+        parse_database_url(settings.database_url)  # a malformed URL is the first thing to hear about
+        if not settings.key_store_url:
+            raise ConfigurationError(
+                f"{KEY_STORE_VARIABLE} is not set: with DATABASE_URL set, `custody migrate` prepares the key store "
+                "too, a Postgres database of its own (on another server); create one and name it"
+            )
+        parse_database_url(settings.key_store_url, KEY_STORE_VARIABLE)
+        return settings.database_url, settings.key_store_url
     from ..embedded_postgres import start_embedded_postgres
+    from ..runtime import EMBEDDED_KEY_STORE
 
     postgres = start_embedded_postgres(settings.data_dir)
     say(f"custody: EMBEDDED DEFAULT: no DATABASE_URL, using the embedded Postgres in {postgres.data_path}")
-    return postgres.url
+    return postgres.url, settings.key_store_url or postgres.database_url(EMBEDDED_KEY_STORE)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -117,9 +130,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from ..database import migrate
+    from ..key_store import migrate_key_store
 
-    migrate(_database_url(Settings.from_env()))
-    say("custody: the database schema is up to date")
+    url, key_store_url = _database_urls(Settings.from_env())
+    migrate(url)
+    migrate_key_store(key_store_url)
+    say("custody: the database schema and the key store's are up to date")
     return 0
 
 
@@ -154,7 +170,9 @@ def add_run_commands(commands: argparse._SubParsersAction[Any]) -> None:
     commands.add_parser("serve", help="run the REST API (configured by environment variables)").set_defaults(
         handler=_serve
     )
-    commands.add_parser("migrate", help="bring the database schema up to date").set_defaults(handler=_migrate)
+    commands.add_parser(
+        "migrate", help="bring the database schema, and the key store's, up to date"
+    ).set_defaults(handler=_migrate)
     commands.add_parser("openapi", help="print the OpenAPI document (schemas/openapi.json)").set_defaults(
         handler=_openapi
     )

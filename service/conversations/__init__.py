@@ -1,15 +1,24 @@
 """Conversations: lifecycle, listing, subject erasure, sealed history, retention deadlines, provider
 copies and deletion receipts."""
 
+from ._data_keys import (
+    DAY_LOCK_CLASS,
+    align_data_keys,
+    create_cipher,
+    load_cipher,
+    reseal,
+    seal_day_for,
+    unsealed,
+    utc_day,
+    utc_today,
+)
 from ._deadlines import interval, last_activity_deadline, recompute_deadlines, rule_values
 from ._erasure import erase_subject
 from ._history import (
     ConversationCipher,
     append_steps,
-    create_cipher,
     decode_json,
     encode_json,
-    load_cipher,
     read_steps,
     shred_data_key,
 )
@@ -41,6 +50,7 @@ from ._receipts import (
 )
 
 __all__ = [
+    "DAY_LOCK_CLASS",
     "RECEIPT_FORMAT",
     "ConversationCipher",
     "ConversationPage",
@@ -52,6 +62,7 @@ __all__ = [
     "HistoryPage",
     "Kept",
     "OwedReceipt",
+    "align_data_keys",
     "append_steps",
     "check_deletable",
     "create_cipher",
@@ -76,6 +87,11 @@ __all__ = [
     "receipt_valid",
     "recompute_deadlines",
     "recover_receipt",
+    "reseal",
     "rule_values",
+    "seal_day_for",
     "shred_data_key",
+    "unsealed",
+    "utc_day",
+    "utc_today",
 ]

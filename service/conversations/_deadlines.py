@@ -19,6 +19,7 @@ from ..audit import SYSTEM_CHAIN, AuditEntry
 from ..context import ServiceContext
 from ..models import Conversation
 from ..retention_rules import RetentionRule
+from ._data_keys import align_data_keys
 
 __all__ = ["interval", "last_activity_deadline", "recompute_deadlines", "rule_values"]
 
@@ -90,6 +91,8 @@ async def recompute_deadlines(ctx: ServiceContext, *, batch: int = _BATCH) -> in
                 await session.execute(
                     update(Conversation).where(Conversation.id.in_(ids)).values(**rule_values(rule, version))
                 )
+            # Deadlines that moved to another day take their data keys with them.
+            await align_data_keys(session, ctx, [conversation_id for conversation_id, _, _ in rows])
             await ctx.auditor.append(
                 session,
                 AuditEntry(

@@ -1,4 +1,5 @@
-"""A conversation's sealed history: its data key, and steps stored and read as exact JSON values."""
+"""A conversation's sealed history: steps stored and read as exact JSON values under its data key
+(made, opened and kept under its deadline's day by `_data_keys`)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..crypto import Keyring, WrappedKey, new_data_key, open_sealed, record_aad, seal, step_aad
-from ..models import Conversation, DataKey, Step
+from ..crypto import open_sealed, record_aad, seal, step_aad
+from ..models import DataKey, Step
 
 __all__ = [
     "ConversationCipher",
     "append_steps",
-    "create_cipher",
     "decode_json",
     "encode_json",
-    "load_cipher",
     "read_steps",
     "shred_data_key",
 ]
@@ -86,24 +85,6 @@ class ConversationCipher:
             key_version=key_version,
         )
         return decode_json(open_sealed(self.data_key, sealed, aad))
-
-
-async def create_cipher(
-    session: AsyncSession, keyring: Keyring, tenant_id: str, conversation_id: str
-) -> ConversationCipher:
-    """A fresh random data key for a new conversation, stored wrapped by the current KEK."""
-    data_key = new_data_key()
-    wrapped = keyring.wrap(data_key)
-    session.add(DataKey(conversation_id=conversation_id, kek_version=wrapped.kek_version, wrapped=wrapped.wrapped))
-    return ConversationCipher(tenant_id, conversation_id, data_key, wrapped.kek_version)
-
-
-async def load_cipher(session: AsyncSession, keyring: Keyring, conversation: Conversation) -> ConversationCipher:
-    row = await session.get(DataKey, conversation.id)
-    if row is None:
-        raise LookupError(f"conversation {conversation.id} has no data key (shredded)")
-    data_key = keyring.unwrap(WrappedKey(kek_version=row.kek_version, wrapped=row.wrapped))
-    return ConversationCipher(conversation.tenant_id, conversation.id, data_key, row.kek_version)
 
 
 async def shred_data_key(session: AsyncSession, conversation_id: str) -> int | None:

@@ -25,8 +25,9 @@ from ..leases import close_abandoned
 from ..legal_holds import active_hold
 from ..models import Conversation, IdempotencyRecord, Step, Turn, UpstreamInteraction
 from ..policy import check_data_classes
+from ._data_keys import create_cipher, load_cipher
 from ._deadlines import rule_values
-from ._history import create_cipher, load_cipher, read_steps, shred_data_key
+from ._history import read_steps, shred_data_key
 from ._provider_copies import delete_provider_copies
 from ._receipts import Erased, OwedReceipt, owing_receipt
 
@@ -135,7 +136,7 @@ async def open_conversation(
         )
         session.add(conversation)
         await session.flush()
-        cipher = await create_cipher(session, ctx.keyring, principal.tenant_id, conversation_id)
+        cipher = await create_cipher(session, ctx, principal.tenant_id, conversation_id)
         conversation.profile = cipher.seal_record(_PROFILE, 0, {"subject": subject, "metadata": metadata or {}})
         conversation.profile_key_version = cipher.key_version
         await session.flush()
@@ -159,7 +160,7 @@ async def read_conversation(
     )
     async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
         conversation = await owned_conversation(session, principal, conversation_id)
-        cipher = await load_cipher(session, ctx.keyring, conversation)
+        cipher = await load_cipher(session, ctx, conversation)
         profile = cipher.open_record(_PROFILE, 0, conversation.profile_key_version, conversation.profile)
         entry.data_classes, entry.policy_version = list(conversation.data_classes), conversation.policy_version
         return _view(conversation, profile["subject"], profile["metadata"])
@@ -185,7 +186,7 @@ async def read_history(
     )
     async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
         conversation = await owned_conversation(session, principal, conversation_id)
-        cipher = await load_cipher(session, ctx.keyring, conversation)
+        cipher = await load_cipher(session, ctx, conversation)
         steps = await read_steps(session, cipher, start=cursor, limit=limit)
         following = steps[-1][0] + 1 if steps else None
         more = following is not None and following < conversation.step_count

@@ -14,6 +14,7 @@ from ._envelope import (
     seal,
     step_aad,
 )
+from ._expiry import SEALED_DATA_KEY_SIZE, data_key_aad, open_data_key_layer, seal_data_key_layer
 from ._keyring import (
     FORMAT,
     KEK_SIZE,
@@ -36,6 +37,7 @@ __all__ = [
     "KEK_SIZE",
     "KEY_SIZE",
     "NONCE_SIZE",
+    "SEALED_DATA_KEY_SIZE",
     "TAG_SIZE",
     "DecryptionError",
     "FileKeyring",
@@ -51,12 +53,15 @@ __all__ = [
     "aes_kw_wrap",
     "aesgcm_decrypt",
     "aesgcm_encrypt",
+    "data_key_aad",
     "ensure_current_sentinel",
     "new_data_key",
+    "open_data_key_layer",
     "open_sealed",
     "record_aad",
     "rewrap_data_keys",
     "seal",
+    "seal_data_key_layer",
     "step_aad",
     "unreadable_versions",
     "verify_keyring",

@@ -14,12 +14,14 @@ A run:
    service.conversations._receipts), after asking for the copies they left; retries the
    deletions of provider copies that failed earlier, and deletes copies older than their
    route's `provider_ttl` even while their conversation goes on;
-4. writes the run's `retention.run` record with its counts.
+4. destroys the expiry keys of the days that have passed (see `_expiry_keys`), which makes the
+   purges reach backups of the database taken before them;
+5. writes the run's `retention.run` record with its counts.
 
-A run is one trace (`custody.retention.run`) whose children are the purges and provider-copy
-deletions. Nothing is kept in memory between conversations, so a runner killed mid-batch loses
-nothing: the next run finds what is left (a copy whose deletion never started is on the ledger,
-pending). A dry run lists what would be purged and why, and changes nothing.
+A run is one trace (`custody.retention.run`) whose children are the purges, provider-copy
+deletions and expiry-key destructions. Nothing is kept in memory between conversations, so a
+runner killed mid-batch loses nothing: the next run finds what is left (a copy whose deletion
+never started is on the ledger, pending). A dry run lists what would be purged and why, and changes nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ..ids import new_id
 from ..leases import close_abandoned
 from ..legal_holds import held
 from ..models import Conversation, ReceiptItem, RetentionRun, UpstreamInteraction
+from ._expiry_keys import destroy_expired_keys
 
 __all__ = ["Candidate", "RunSummary", "pending_provider_copies", "preview", "run_retention"]
 
@@ -87,6 +90,10 @@ class RunSummary:
     oldest_pending_seconds: float | None = None
     recomputed: int = 0
     receipts_recovered: int = 0  # owed by a deletion whose process stopped, signed by this run
+    # Expiry keys of passed days destroyed (and failed to), and the data keys moved off them first.
+    expiry_keys_destroyed: int = 0
+    expiry_keys_failed: int = 0
+    data_keys_moved: int = 0
     seconds: float = 0.0
     candidates: list[Candidate] = field(default_factory=list)
     receipts: list[str] = field(default_factory=list)
@@ -135,6 +142,7 @@ async def run_retention(
             if not dry_run:
                 await _recover_receipts(ctx, summary, tenant_id)
                 await _sweep_provider_copies(ctx, summary, tenant_id)
+            await destroy_expired_keys(ctx, summary, tenant_id)
             summary.provider_pending, summary.oldest_pending_seconds = await _pending_stats(ctx, tenant_id)
         except BaseException:
             summary.seconds = time.monotonic() - started

@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import AuditEntry
 from ..context import ServiceContext
-from ..conversations import ConversationCipher, load_cipher, owned_conversation, read_steps, rule_values
+from ..conversations import (
+    ConversationCipher,
+    align_data_keys,
+    load_cipher,
+    owned_conversation,
+    read_steps,
+    rule_values,
+)
 from ..database import database_now
 from ..errors import (
     IdempotencyKeyInFlight,
@@ -122,9 +129,11 @@ async def claim_turn(
                 ctx.policy.retention_for(conversation.route, conversation.data_classes), ctx.policy.version
             ).items():
                 setattr(conversation, column, value)
+            # ...and the data key follows the deadline to its new day, in this transaction.
+            await align_data_keys(session, ctx, [conversation.id])
             entry.data_classes = list(conversation.data_classes)
             entry.details["classification_raised"] = sorted(raised)
-        cipher = await load_cipher(session, ctx.keyring, conversation)
+        cipher = await load_cipher(session, ctx, conversation)
         history = [step for _, _, step in await read_steps(session, cipher)]
         check_function_results(history, new_steps)
         decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
@@ -206,7 +215,7 @@ async def _replay(
         await session.flush()
         return None
     turn = await session.get(Turn, record.turn_id)
-    cipher = await load_cipher(session, ctx.keyring, conversation)
+    cipher = await load_cipher(session, ctx, conversation)
     number = turn.number if turn is not None else 0
     sealed = cipher.open_record(RESULT_LABEL, number, record.response_key_version, record.response)
     return TurnResult.from_record(sealed)

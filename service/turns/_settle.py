@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import AuditEntry
 from ..context import ServiceContext
-from ..conversations import append_steps, last_activity_deadline
+from ..conversations import align_data_keys, append_steps, last_activity_deadline
 from ..errors import ConversationNotFound, LeaseLost
 from ..models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
 from ._claim import RESULT_LABEL, Claim
@@ -166,6 +166,8 @@ class ClaimedTurn:
         # Activity now: delete_after counts from here.
         conversation.updated_at = func.now()
         conversation.purge_at = last_activity_deadline()
+        # A deadline moved to another day takes the data key's expiry layer with it.
+        await align_data_keys(session, self.ctx, [conversation.id])
         if claim.key_digest is not None:
             record = await session.get(IdempotencyRecord, (self.request.principal.tenant_id, claim.key_digest))
             if record is not None and record.turn_id != claim.turn_id:

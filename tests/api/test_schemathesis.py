@@ -20,9 +20,10 @@ from service.auth_failures import AuthFailureLimits, AuthFailures
 from service.background import BackgroundTasks
 from service.context import ServiceContext
 from service.database import make_engine, make_sessions
+from service.key_store import ExpiryKeyStore
 from service.simulator import RunningSimulator
 
-from ..conftest import Tenant, make_tenant, make_upstream
+from ..conftest import Tenant, key_store_of, make_tenant, make_upstream
 from .helpers import PHI_ROUTE
 
 if TYPE_CHECKING:
@@ -116,9 +117,11 @@ class LifespanContext:
 
     async def open(self) -> None:
         engine = make_engine(self.database_url)
+        self.expiry_keys = ExpiryKeyStore.connect(key_store_of(self.database_url))
         APP.state.ctx = dataclasses.replace(
             self.template,
             sessions=make_sessions(engine),
+            expiry_keys=self.expiry_keys,
             upstream=make_upstream(self.gemini, attempts=1, timeout_seconds=10),
             tasks=BackgroundTasks(),
             # The fuzzer is one source sending hundreds of requests, some of them deliberately
@@ -133,6 +136,7 @@ class LifespanContext:
         await ctx.tasks.drain(timeout=10)
         await ctx.upstream.aclose()
         await self.engine.dispose()
+        await self.expiry_keys.aclose()
 
 
 @pytest.fixture(scope="module")

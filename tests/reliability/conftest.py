@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from service.database import migrate
+from service.key_store import migrate_key_store
 from service.simulator import FaultSpec, RunningSimulator
 
 from .cluster import ThrowawayCluster, postgres_bin
@@ -63,10 +64,12 @@ async def cluster_database(cluster: ThrowawayCluster) -> str:
     admin = await asyncpg.connect(cluster.url())
     try:
         await admin.execute('CREATE DATABASE "custody"')
+        await admin.execute('CREATE DATABASE "custody_keys"')  # its key store, `key_store_of(url)`
     finally:
         await admin.close()
     url = cluster.url("custody")
     await asyncio.to_thread(migrate, url)
+    await asyncio.to_thread(migrate_key_store, cluster.url("custody_keys"))
     return url
 
 

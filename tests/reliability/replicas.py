@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from ..conftest import key_store_of
+
 __all__ = ["Replica", "ReplicaSet", "with_application_name"]
 
 
@@ -75,6 +77,7 @@ class ReplicaSet:
                 | self.base_env
                 | {
                     "DATABASE_URL": with_application_name(database_url, name),
+                    "CUSTODY_KEY_STORE_URL": with_application_name(key_store_of(database_url), name),
                     "CUSTODY_DATA_DIR": str(self.data_root / name),
                     "CUSTODY_PORT": str(port),
                 }

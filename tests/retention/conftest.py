@@ -19,10 +19,11 @@ from service.clock import Clock
 from service.config import EXAMPLE_POLICY
 from service.context import ServiceContext
 from service.database import make_engine, make_sessions
+from service.key_store import ExpiryKeyStore
 from service.policy import parse_policy
 from service.simulator import RunningSimulator
 
-from ..conftest import Tenant, asgi_transport, make_tenant
+from ..conftest import Tenant, asgi_transport, key_store_of, make_tenant
 
 DAY = 86400.0
 
@@ -84,14 +85,17 @@ class RetentionService:
 async def retention(
     ctx: ServiceContext, gemini: RunningSimulator, fresh_database: str
 ) -> AsyncIterator[RetentionService]:
-    """The service on a database of its own (a run purges what is due: nobody else's data), with
-    the retention policy above and a clock of its own."""
+    """The service on a database (and key store) of its own (a run purges what is due and
+    destroys the expiry keys of passed days: nobody else's data), with the retention policy above
+    and a clock of its own."""
     gemini.app.reset()
     engine = make_engine(fresh_database)
+    expiry_keys = ExpiryKeyStore.connect(key_store_of(fresh_database))
     policy = parse_policy(retention_policy_document(), source="retention test policy")
     own = dataclasses.replace(
         ctx,
         sessions=make_sessions(engine),
+        expiry_keys=expiry_keys,
         policy=policy,
         clock=Clock(),
         tasks=BackgroundTasks(),
@@ -106,3 +110,4 @@ async def retention(
         await own.tasks.drain(timeout=10)
     finally:
         await engine.dispose()
+        await expiry_keys.aclose()

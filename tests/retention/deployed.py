@@ -33,10 +33,19 @@ from service.background import BackgroundTasks
 from service.clock import Clock
 from service.context import ServiceContext
 from service.database import make_engine, make_sessions
+from service.key_store import ExpiryKeyStore
 from service.policy import Policy, load_policy
 from service.simulator import RunningSimulator
 
-from ..conftest import Tenant, asgi_transport, deployment_env, make_tenant, make_upstream, migrated_database
+from ..conftest import (
+    Tenant,
+    asgi_transport,
+    deployment_env,
+    key_store_of,
+    make_tenant,
+    make_upstream,
+    migrated_database,
+)
 from .conftest import retention_policy_document
 
 
@@ -131,9 +140,11 @@ async def deployed(
     policy: Policy = load_policy(policy_path)
     async with migrated_database("custody_test_deployed") as url:
         engine = make_engine(url)
+        expiry_keys = ExpiryKeyStore.connect(key_store_of(url))
         own = dataclasses.replace(
             ctx,
             sessions=make_sessions(engine),
+            expiry_keys=expiry_keys,
             policy=policy,
             upstream=make_upstream(gemini, attempts=1, timeout_seconds=10),
             clock=Clock(),
@@ -160,3 +171,4 @@ async def deployed(
         finally:
             await own.upstream.aclose()
             await engine.dispose()
+            await expiry_keys.aclose()

@@ -1,4 +1,4 @@
-"""After a purge, copies of a conversation's rows taken before it are ciphertext nobody can open; what a full pre-purge dump still holds."""
+"""After a purge, copies of a conversation's rows taken before it are ciphertext nobody can open, a full pre-purge dump included once the day of its deadline has passed; and while that day's expiry key exists, the dump still opens (the window, shown)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,12 @@ import asyncpg
 import pytest
 from sqlalchemy import select, text
 
-from service.conversations import load_cipher, read_steps
-from service.crypto import WrappedKey, open_sealed, step_aad
+from service.context import ServiceContext
+from service.conversations import load_cipher, read_steps, unsealed
+from service.crypto import open_sealed, step_aad
 from service.database import make_engine, make_sessions
-from service.errors import DecryptionError
-from service.models import Conversation
+from service.errors import DecryptionError, ExpiryKeyDestroyed
+from service.models import Conversation, DataKey
 from service.retention import run_retention
 
 from ..conftest import ADMIN_URL, CANARY
@@ -54,18 +57,58 @@ async def purged(retention: RetentionService, fresh_database: str, tmp_path: Pat
             await connection.execute(text("SELECT tenant_id FROM conversations WHERE id = :c"), {"c": conversation})
         ).scalar_one()
     assert len(steps) == 8
-    dump = tmp_path / "before-the-purge.dump"
+    dump = await pg_dump(fresh_database, tmp_path / "before-the-purge.dump")
+    retention.advance_days(181)  # 181 days of silence: past phi's 180, and past the day of its deadline
+    summary = await run_retention(retention.ctx, started_by="test")
+    assert summary.purged == 1
+    assert summary.expiry_keys_destroyed == 1  # the day of the purged conversation's deadline
+    return Purged(conversation, survivor, dump, steps, tenant_id)
+
+
+async def pg_dump(database_url: str, path: Path) -> Path:
+    """`pg_dump --format=custom` of the whole database, as a nightly backup would take it."""
     await asyncio.to_thread(
         subprocess.run,
-        ["pg_dump", "--format=custom", "--file", str(dump), fresh_database],
+        ["pg_dump", "--format=custom", "--file", str(path), database_url],
         check=True,
         capture_output=True,
         timeout=120,
     )
-    retention.advance_days(181)  # 181 days of silence: past phi's 180
-    summary = await run_retention(retention.ctx, started_by="test")
-    assert summary.purged == 1
-    return Purged(conversation, survivor, dump, steps, tenant_id)
+    return path
+
+
+@asynccontextmanager
+async def restored_dump(dump: Path) -> AsyncIterator[str]:
+    """A dump restored into a scratch database, as whoever holds the backup could."""
+    name = f"custody_test_restored_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        await asyncio.to_thread(
+            subprocess.run,
+            ["pg_restore", "--no-owner", "--no-privileges", "--dbname", url, str(dump)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def read_from(database_url: str, ctx: ServiceContext, conversation_id: str) -> list[Any]:
+    """The conversation's steps as a holder of the database (restored), the keyring and the live key store reads them."""
+    engine = make_engine(database_url)
+    try:
+        async with make_sessions(engine)() as session:
+            conversation = await session.scalar(select(Conversation).where(Conversation.id == conversation_id))
+            assert conversation is not None  # the dump predates the purge
+            cipher = await load_cipher(session, ctx, conversation)
+            return [step for _, _, step in await read_steps(session, cipher)]
+    finally:
+        await engine.dispose()
 
 
 async def everything_as_text(database_url: str) -> dict[str, list[str]]:
@@ -81,7 +124,7 @@ async def everything_as_text(database_url: str) -> dict[str, list[str]]:
 async def test_copied_step_rows_open_with_no_key_left_in_the_database(
     retention: RetentionService, purged: Purged
 ) -> None:
-    """The step rows copied before the purge were real content (the data key opened them then); after it no data key for them is left, and none of the others, each unwrapped with the keyring, opens a single one."""
+    """The step rows copied before the purge were real content (the data key opened them then); after it no data key for them is left, and none of the others, each opened with the keyring and the key store, opens a single one."""
     async with retention.ctx.sessions() as session:
         assert (
             await session.scalar(
@@ -89,11 +132,9 @@ async def test_copied_step_rows_open_with_no_key_left_in_the_database(
             )
             == 0
         )
-        remaining = (await session.execute(text("SELECT conversation_id, kek_version, wrapped FROM data_keys"))).all()
+        remaining = (await session.scalars(select(DataKey))).all()
     assert [row.conversation_id for row in remaining] == [purged.survivor]
-    keys = [
-        retention.ctx.keyring.unwrap(WrappedKey(kek_version=r.kek_version, wrapped=bytes(r.wrapped))) for r in remaining
-    ]
+    keys = [retention.ctx.keyring.unwrap(await unsealed(retention.ctx, row)) for row in remaining]
     for position, key_version, sealed in purged.steps:
         aad = step_aad(
             tenant_id=purged.tenant_id, conversation_id=purged.conversation, position=position, key_version=key_version
@@ -127,54 +168,57 @@ async def test_what_remains_of_a_purged_conversation_is_ids_counts_and_its_recei
     assert any(purged.survivor in row for row in tables["steps"])
 
 
-@pytest.fixture
-async def restored(purged: Purged) -> AsyncIterator[str]:
-    """The pre-purge dump restored into a scratch database, as whoever holds the backup could."""
-    name = f"custody_test_restored_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-        await asyncio.to_thread(
-            subprocess.run,
-            ["pg_restore", "--no-owner", "--no-privileges", "--dbname", url, str(purged.dump)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+async def test_a_dump_taken_before_the_purge_opens_nothing_after_it(retention: RetentionService, purged: Purged) -> None:
+    """Restoring the pre-purge dump and reading it with the service's keyring and live key store recovers none of the purged conversation's content: its data key is sealed under the expiry key of its deadline's day, which the runner destroyed once the day had passed."""
+    async with restored_dump(purged.dump) as restored:
+        engine = make_engine(restored)
+        try:
+            async with engine.connect() as connection:
+                sealed_under, purge_day = (
+                    await connection.execute(
+                        text(
+                            "SELECT d.expiry_day, (c.purge_at AT TIME ZONE 'UTC')::date FROM data_keys d "
+                            "JOIN conversations c ON c.id = d.conversation_id WHERE c.id = :c"
+                        ),
+                        {"c": purged.conversation},
+                    )
+                ).one()
+        finally:
+            await engine.dispose()
+        assert sealed_under == purge_day
+        with pytest.raises(ExpiryKeyDestroyed):
+            await read_from(restored, retention.ctx, purged.conversation)
+        # Control: the survivor's day is ahead, so the same dump still opens it.
+        assert await read_from(restored, retention.ctx, purged.survivor)
+    retention.ctx.expiry_keys.forget()  # what the key store holds, not this process's memory
+    assert await retention.ctx.expiry_keys.existing(purge_day, retention.ctx.keyring) is None
 
 
-class StillReadable(AssertionError):
-    """The purged conversation's content came back out of the pre-purge dump."""
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=StillReadable,
-    reason="known limit of the design: the dump holds the conversation's data key row, wrapped under a KEK the "
-    "keyring must keep (startup refuses a keyring missing any version that has been current), so a backup taken "
-    "before a purge stays readable with the keyring; crypto-shredding reaches only copies without data_keys",
-)
-async def test_a_dump_taken_before_the_purge_opens_nothing_after_it(
-    retention: RetentionService, purged: Purged, restored: str
+async def test_a_dump_restored_while_its_days_key_exists_opens_until_the_day_has_passed(
+    retention: RetentionService, fresh_database: str, tmp_path: Path
 ) -> None:
-    """Restoring the pre-purge dump and reading it with the service's keyring recovers none of the purged conversation's content."""
-    engine = make_engine(restored)
-    try:
-        async with make_sessions(engine)() as session:
-            conversation = await session.scalar(select(Conversation).where(Conversation.id == purged.conversation))
-            assert conversation is not None  # the dump predates the purge
-            recovered: list[Any] = []
-            try:
-                cipher = await load_cipher(session, retention.ctx.keyring, conversation)
-                recovered = [step for _, _, step in await read_steps(session, cipher)]
-            except (LookupError, DecryptionError):
-                pass
-    finally:
-        await engine.dispose()
-    if any(CANARY in str(step) for step in recovered):
-        raise StillReadable(f"{len(recovered)} steps of the purged conversation decrypt from the pre-purge dump")
+    """The window, shown honestly: a pre-purge dump restored after the purge but still on the day of the deadline decrypts (that day's expiry key exists); the first run after the day has passed destroys the key, and the same restored dump then opens nothing."""
+    conversation = await retention.open("patient-intake", ["phi"])
+    await retention.turn(conversation, f"{CANARY} has a cough")
+    dump = await pg_dump(fresh_database, tmp_path / "nightly.dump")
+    async with retention.engine.connect() as connection:
+        purge_at, now = (
+            await connection.execute(
+                text("SELECT purge_at, now() FROM conversations WHERE id = :c"), {"c": conversation}
+            )
+        ).one()
+    end_of_its_day = datetime.combine(purge_at.astimezone(UTC).date() + timedelta(days=1), time(), UTC)
+    left = (end_of_its_day - purge_at).total_seconds()
+    if left < 600:
+        pytest.skip("the deadline falls in the last ten minutes of its UTC day; a minute past it is the next day")
+    retention.ctx.clock.advance((purge_at - now).total_seconds() + 60)  # a minute past the deadline, same day
+    summary = await run_retention(retention.ctx, started_by="test")
+    assert (summary.purged, summary.expiry_keys_destroyed) == (1, 0)
+    async with restored_dump(dump) as restored:
+        steps = await read_from(restored, retention.ctx, conversation)
+        assert any(CANARY in str(step) for step in steps)  # purged, and yet the backup still opens
+        retention.ctx.clock.advance(left)  # the day of the deadline has passed
+        summary = await run_retention(retention.ctx, started_by="test")
+        assert (summary.expiry_keys_destroyed, summary.data_keys_moved) == (1, 0)
+        with pytest.raises(ExpiryKeyDestroyed):
+            await read_from(restored, retention.ctx, conversation)
