@@ -81,6 +81,9 @@ class Settings:
     # The secrets outside the database; generated in the data dir only by the zero-config run.
     pepper_path: Path | None = None
     audit_signing_key_path: Path | None = None
+    # Public keys of audit signing keys used before the current one (a PEM file, or a directory
+    # of them): what they signed still verifies. Not secret, but read as strictly.
+    audit_retired_public_keys_path: Path | None = None
     # The KEKs in an HSM instead of a keyring file (service/crypto/_pkcs11_keyring.py): the vendor's
     # PKCS#11 module, the token's label and a file holding its user PIN. All three, or none.
     pkcs11_module: Path | None = None
@@ -167,6 +170,7 @@ class Settings:
             use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),
             pepper_path=_path(env, "CUSTODY_PEPPER_FILE"),
             audit_signing_key_path=_path(env, "CUSTODY_AUDIT_SIGNING_KEY"),
+            audit_retired_public_keys_path=_path(env, "CUSTODY_AUDIT_RETIRED_PUBLIC_KEYS"),
             pkcs11_module=_path(env, "CUSTODY_PKCS11_MODULE"),
             pkcs11_token_label=env.get("CUSTODY_PKCS11_TOKEN_LABEL", "").strip() or None,
             pkcs11_pin_path=_path(env, "CUSTODY_PKCS11_PIN_FILE"),

@@ -40,7 +40,7 @@ from .metrics_export import MetricsExport, load_metrics_token, metrics_export_fr
 from .models import Tenant
 from .policy import PolicyError, load_policy
 from .retention import RunSummary, run_retention
-from .secret_files import keyring_source, load_keyring, load_pepper, load_signer
+from .secret_files import keyring_source, load_keyring, load_pepper, load_retired_keys, load_signer
 from .telemetry import describe, tracer_provider_from_env
 from .tenants import create_tenant, issue_key
 from .upstream import Upstream
@@ -287,6 +287,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         announce.append(f"KEKs in the HSM: {keyring.source}, versions {keyring.versions()}")
     pepper = load_pepper(settings, announce)
     signer = load_signer(settings, announce)
+    retired_keys = load_retired_keys(settings, signer, announce)
     if not settings.upstream.configured and settings.deployment and not settings.use_simulator:
         raise ConfigurationError(
             "no Gemini credentials: set GEMINI_API_KEY (or GOOGLE_API_KEY, or the Vertex AI variables); "
@@ -374,7 +375,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         keyring=keyring,
         policy=policy,
         upstream=upstream,
-        auditor=Auditor(provider.get_tracer("custody"), signer, metrics=metrics.metrics),
+        auditor=Auditor(provider.get_tracer("custody"), signer, retired_keys, metrics=metrics.metrics),
         pepper=pepper,
         expiry_keys=expiry_keys,
         turn_lease_seconds=settings.turn_lease_seconds,

@@ -8,8 +8,10 @@
 - the audit signing key (`CUSTODY_AUDIT_SIGNING_KEY`): the Ed25519 key that signs audit checkpoints.
 
 Losing or swapping any of them locks data away for good (the keyring), invalidates every API key
-(the pepper), or makes old checkpoints unverifiable (the signing key). So they are generated only
-for the zero-config run, in its data dir, and said so at startup. A deployment (DATABASE_URL set)
+(the pepper), or makes old checkpoints unverifiable (the signing key, unless it was replaced with
+`custody audit rotate-signing-key`, which keeps its public half among the retired keys,
+`CUSTODY_AUDIT_RETIRED_PUBLIC_KEYS`: not a secret, but read here as strictly). So they are
+generated only for the zero-config run, in its data dir, and said so at startup. A deployment (DATABASE_URL set)
 must name each one: a missing variable or file stops startup with a message naming it, and
 `custody secrets init DIR` makes all three for a first deployment.
 """
@@ -21,7 +23,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audit import AuditSigner
+from .audit import AuditSigner, TrustedKeys, read_public_keys
 from .config import Settings
 from .crypto import FileKeyring, Keyring, KeyringError, LocalKeyring, Pkcs11Config, Pkcs11Keyring
 from .errors import ConfigurationError
@@ -32,6 +34,7 @@ __all__ = [
     "keyring_source",
     "load_keyring",
     "load_pepper",
+    "load_retired_keys",
     "load_signer",
     "pkcs11_config",
     "stage_secrets",
@@ -184,6 +187,36 @@ def load_signer(settings: Settings, announce: list[str]) -> AuditSigner:
             f"EMBEDDED DEFAULT: generated the audit checkpoint signing key at {path} (key id {signer.key_id})"
         )
     return signer
+
+
+def load_retired_keys(settings: Settings, signer: AuditSigner, announce: list[str]) -> TrustedKeys:
+    """The public keys of retired audit signing keys (`CUSTODY_AUDIT_RETIRED_PUBLIC_KEYS`), which
+    verification still trusts; none when the variable is unset.
+
+    Fail closed: a path that does not exist or cannot be read, or anything in it that is not an
+    Ed25519 public key, stops startup naming the variable. So does the signing key in use listed
+    with a limit: it was retired as compromised, and everything it signed from now on would fail.
+    """
+    variable = "CUSTODY_AUDIT_RETIRED_PUBLIC_KEYS"
+    path = settings.audit_retired_public_keys_path
+    if path is None:
+        return TrustedKeys()
+    if not path.exists():
+        raise ConfigurationError(
+            f"{variable}={path} does not exist (a PEM file of public keys, or a directory of them)"
+        )
+    try:
+        retired = TrustedKeys(read_public_keys(path))
+    except ValueError as exc:
+        raise ConfigurationError(f"{variable}={path}: {exc}") from None
+    own = retired.get(signer.key_id)
+    if own is not None and own.trusted_until is not None:
+        raise ConfigurationError(
+            f"{variable} lists the audit signing key in use ({signer.key_id}) as retired with a limit "
+            f"({own.trusted_until}): it was retired as compromised; sign with the new key (CUSTODY_AUDIT_SIGNING_KEY)"
+        )
+    announce.append(f"audit signing key {signer.key_id}; retired keys still trusted: {retired.describe()}")
+    return retired
 
 
 def init_secrets(directory: Path) -> SecretPaths:

@@ -13,7 +13,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from service.audit import AuditEntry, Auditor, AuditSigner, ChainVerdict, record_hash, sign_checkpoint, verify_chain
+from service.audit import (
+    AuditEntry,
+    Auditor,
+    AuditSigner,
+    ChainVerdict,
+    TrustedKeys,
+    record_hash,
+    sign_checkpoint,
+    verify_chain,
+)
 from service.auth import Principal
 from service.database import make_engine, make_sessions
 
@@ -67,7 +76,7 @@ async def tampered(
             for table in ("audit_events", "audit_checkpoints"):
                 await connection.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
             await change(connection)
-            return await verify_chain(AsyncSession(bind=connection), CHAIN, signer)
+            return await verify_chain(AsyncSession(bind=connection), CHAIN, TrustedKeys.of(signer.public_key))
         finally:
             await transaction.rollback()
 
@@ -260,8 +269,8 @@ async def test_external_checkpoint_copy_catches_a_deleted_checkpoint(lab: tuple[
                 {"h": existing[15]["hash"], "c": CHAIN},
             )
             session = AsyncSession(bind=connection)
-            inside_only = await verify_chain(session, CHAIN, signer)
-            with_copy = await verify_chain(session, CHAIN, signer, extra_checkpoints=kept_outside)
+            inside_only = await verify_chain(session, CHAIN, TrustedKeys.of(signer.public_key))
+            with_copy = await verify_chain(session, CHAIN, TrustedKeys.of(signer.public_key), extra_checkpoints=kept_outside)
         finally:
             await transaction.rollback()
     assert inside_only.ok  # nothing left in the database can tell
@@ -281,7 +290,7 @@ async def test_huge_numbers_and_nul_characters_cannot_break_the_chain(lab: tuple
             ),
         )
     async with make_sessions(engine)() as session:
-        verdict = await verify_chain(session, chain, signer)
+        verdict = await verify_chain(session, chain, TrustedKeys.of(signer.public_key))
     assert verdict.ok, verdict
 
 
@@ -312,6 +321,6 @@ async def test_concurrent_writers_keep_one_chain(lab: tuple[AsyncEngine, AuditSi
 
     await asyncio.gather(*(write(i) for i in range(40)))
     async with sessions() as session:
-        verdict = await verify_chain(session, other, signer)
+        verdict = await verify_chain(session, other, TrustedKeys.of(signer.public_key))
     assert verdict.ok
     assert verdict.checked == 40

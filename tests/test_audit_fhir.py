@@ -64,6 +64,7 @@ EXPECTED: dict[str, tuple[Coding, Coding | None, str, str | None]] = {
     "audit.export": ((DCM, "110106"), None, "R", "10"),
     "audit.verify": ((DCM, "110101"), None, "R", "6"),
     "audit.checkpoint": ((DCM, "110101"), None, "E", None),
+    "audit.signing_key_rotate": ((DCM, "110113"), (DCM, "110129"), "E", None),
 }
 
 # The resource each action's record names, by the action's first word.
@@ -94,6 +95,7 @@ LOCAL_ACTIONS = {
     "api_key.list",
     "api_key.revoke",
     "keyring.rotate",
+    "audit.signing_key_rotate",
     "retention.run",
     "retention.recompute",
     "retention.expire_key",

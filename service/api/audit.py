@@ -283,11 +283,14 @@ class AuditController(Controller):
     ) -> AuditVerifyOut:
         """Recompute the tenant's chain and check its signed checkpoints; names the first bad record.
 
-        A broken chain is a 200 with `ok: false`, `first_bad_seq` and `reason`.
+        Each checkpoint is checked with the key its `key_id` names: the audit signing key in use,
+        or a retired one the service still trusts. A broken chain, or a checkpoint signed by a key
+        it does not trust (named in `reason`), is a 200 with `ok: false`, `first_bad_seq` and
+        `reason`.
         """
         ctx = _ctx(request)
         entry = AuditEntry("audit.verify", principal, meta, resource_type="audit_log", resource_id=principal.tenant_id)
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-            verdict = await verify_chain(session, principal.tenant_id, ctx.auditor.signer)
+            verdict = await verify_chain(session, principal.tenant_id, ctx.auditor.trusted_keys)
             entry.details |= {"ok": verdict.ok, "checked": verdict.checked, "first_bad_seq": verdict.first_bad}
         return AuditVerifyOut(**verdict.as_json())

@@ -1,4 +1,5 @@
-"""Audit trail: the one writer of audit records, their queries, hash chains, checkpoints and exports."""
+"""Audit trail: the one writer of audit records, their queries, hash chains, checkpoints, exports,
+and the audit public keys verification trusts (the signing key's and retired ones)."""
 
 from ._chain import (
     GENESIS,
@@ -6,9 +7,8 @@ from ._chain import (
     ChainVerdict,
     ChainWalk,
     Checkpoint,
+    attestation_refusal,
     attestation_valid,
-    load_public_key,
-    public_key_id,
     record_hash,
     verify_chain_records,
 )
@@ -26,7 +26,18 @@ from ._export import (
     verify_export,
 )
 from ._fhir import FHIR_NDJSON, RECORD_DETAIL, carried_record, to_fhir_audit_event, to_fhir_ndjson
+from ._keys import (
+    TrustedKey,
+    TrustedKeys,
+    UntrustedKey,
+    load_public_key,
+    parse_public_keys,
+    public_key_id,
+    read_public_keys,
+    write_retired_key,
+)
 from ._queries import chains, query_events, read_checkpoints, stream_records, verify_chain
+from ._signing_key import SigningKeyRotation, rotate_signing_key
 from ._writer import ACTIONS, SYSTEM_CHAIN, AuditEntry, Auditor, RequestMeta, iso_now, outcome_of, utc_instant
 
 __all__ = [
@@ -45,6 +56,11 @@ __all__ = [
     "ExportRange",
     "ExportUnreadable",
     "RequestMeta",
+    "SigningKeyRotation",
+    "TrustedKey",
+    "TrustedKeys",
+    "UntrustedKey",
+    "attestation_refusal",
     "attestation_valid",
     "carried_record",
     "chains",
@@ -57,11 +73,14 @@ __all__ = [
     "iso_now",
     "load_public_key",
     "outcome_of",
+    "parse_public_keys",
     "public_key_id",
     "query_events",
     "read_checkpoints",
     "read_header_token",
+    "read_public_keys",
     "record_hash",
+    "rotate_signing_key",
     "sign_at",
     "sign_checkpoint",
     "stream_records",
@@ -71,4 +90,5 @@ __all__ = [
     "verify_chain",
     "verify_chain_records",
     "verify_export",
+    "write_retired_key",
 ]

@@ -4,7 +4,9 @@ Each record's hash is SHA-256(previous hash ‖ RFC 8785 canonical JSON of the r
 `hash`). The record holds its own `seq`, `chain` and `prev_hash`, so an edit, deletion,
 insertion or swap anywhere breaks the chain from that point. A checkpoint is an Ed25519
 signature over a chain's head (chain, seq, head hash, time); the signing key lives outside the
-database, so whoever can rewrite the table still cannot forge a checkpoint that matches.
+database, so whoever can rewrite the table still cannot forge a checkpoint that matches. Each
+checkpoint names its key by id and is checked with that key from the trusted set (`_keys`), so
+checkpoints signed before a rotation of the key still verify.
 Verification here serves both the live database and an offline export file.
 """
 
@@ -23,12 +25,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ._keys import TrustedKeys, load_public_key, public_key_id
+
 __all__ = [
     "GENESIS",
     "AuditSigner",
     "ChainVerdict",
     "ChainWalk",
     "Checkpoint",
+    "attestation_refusal",
     "attestation_valid",
     "load_public_key",
     "public_key_id",
@@ -75,14 +80,28 @@ class Checkpoint:
             "signature": self.signature,
         }
 
-    def valid_for(self, public_key: Ed25519PublicKey) -> bool:
-        if self.key_id != public_key_id(public_key):
-            return False
+    def refusal(self, keys: TrustedKeys) -> str | None:
+        """Why this checkpoint's signature cannot be trusted with `keys` (looked up by its key
+        id, dated by its `signed_at`), or None when it can."""
         try:
-            public_key.verify(base64.b64decode(self.signature), self.payload())
-        except (InvalidSignature, ValueError):
-            return False
-        return True
+            payload = self.payload()
+        except (ValueError, TypeError):  # a copy kept outside with values no checkpoint holds
+            return "its fields are not what a checkpoint signs"
+        return keys.refusal(self.key_id, self.signed_at, payload, self.signature)
+
+
+def attestation_refusal(attestation: Mapping[str, Any], keys: TrustedKeys, dated_by: str) -> str | None:
+    """Why an attestation from `AuditSigner.sign_payload` cannot be trusted with `keys`, or None.
+    `dated_by` names the payload's field that says when it was signed (`exported_at` for an
+    export, `issued_at` for a receipt), which a retired key's limit is checked against."""
+    payload = attestation.get("payload")
+    if not isinstance(payload, dict):
+        return "it carries no signed payload"
+    try:
+        message = rfc8785.dumps(payload)
+    except (ValueError, TypeError):  # RFC 8785 refuses NaN, infinities and integers past 2**53
+        return "its payload is not canonical JSON"
+    return keys.refusal(attestation.get("key_id"), payload.get(dated_by), message, attestation.get("signature"))
 
 
 def attestation_valid(attestation: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
@@ -94,18 +113,6 @@ def attestation_valid(attestation: Mapping[str, Any], public_key: Ed25519PublicK
     except (InvalidSignature, ValueError, KeyError, TypeError):
         return False
     return True
-
-
-def public_key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def load_public_key(pem: bytes) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(pem)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("the audit public key must be an Ed25519 key")
-    return key
 
 
 class AuditSigner:
@@ -224,9 +231,8 @@ class ChainWalk:
         self._checked += 1
         return True
 
-    def verdict(
-        self, *, expected_head: tuple[int, str] | None = None, public_key: Ed25519PublicKey | None = None
-    ) -> ChainVerdict:
+    def verdict(self, *, expected_head: tuple[int, str] | None = None, keys: TrustedKeys | None = None) -> ChainVerdict:
+        """The chain's verdict; each checkpoint is checked with the key of `keys` its key id names."""
         last_seq, prev = self._next - 1, self._prev
 
         def bad(seq: int, reason: str) -> ChainVerdict:
@@ -245,8 +251,11 @@ class ChainWalk:
         for checkpoint in self.checkpoints:
             if checkpoint.chain != self.chain:
                 return bad(checkpoint.seq, "a checkpoint of another chain was presented")
-            if public_key is None or not checkpoint.valid_for(public_key):
-                return bad(checkpoint.seq, "a checkpoint's signature is not valid")
+            if keys is None:
+                return bad(checkpoint.seq, "a checkpoint's signature is not valid (no audit public key to check it)")
+            refusal = checkpoint.refusal(keys)
+            if refusal is not None:
+                return bad(checkpoint.seq, f"checkpoint {checkpoint.seq}: {refusal}")
             if checkpoint.seq < self._start:
                 continue
             if checkpoint.seq > last_seq or self._hashes.get(checkpoint.seq) != checkpoint.head_hash:
@@ -266,11 +275,11 @@ def verify_chain_records(
     start_prev_hash: str = GENESIS,
     expected_head: tuple[int, str] | None = None,
     checkpoints: Iterable[Checkpoint] = (),
-    public_key: Ed25519PublicKey | None = None,
+    keys: TrustedKeys | None = None,
 ) -> ChainVerdict:
     """Check `(stored seq, record)` pairs in order; see `ChainWalk`."""
     walk = ChainWalk(chain, start_seq=start_seq, start_prev_hash=start_prev_hash, checkpoints=checkpoints)
     for seq, record in records:
         if not walk.add(seq, record):
             break
-    return walk.verdict(expected_head=expected_head, public_key=public_key)
+    return walk.verdict(expected_head=expected_head, keys=keys)

@@ -10,7 +10,7 @@ from ._chain import AuditSigner, Checkpoint
 from ._queries import chains
 from ._writer import AuditEntry, Auditor, lock_head
 
-__all__ = ["checkpoint_all", "sign_at", "sign_checkpoint"]
+__all__ = ["CHECKPOINT_LOCK", "checkpoint_all", "sign_at", "sign_checkpoint"]
 
 
 async def sign_checkpoint(session: AsyncSession, signer: AuditSigner, chain: str) -> Checkpoint | None:
@@ -36,7 +36,7 @@ async def sign_at(
     return checkpoint
 
 
-_CHECKPOINT_LOCK = 0x6375_7374_6F64_7A  # one signer at a time across replicas
+CHECKPOINT_LOCK = 0x6375_7374_6F64_7A  # one signer at a time across replicas
 
 
 async def checkpoint_all(auditor: Auditor, sessions: async_sessionmaker[AsyncSession]) -> list[Checkpoint]:
@@ -51,7 +51,7 @@ async def checkpoint_all(auditor: Auditor, sessions: async_sessionmaker[AsyncSes
         names = list(await chains(session))
     for chain in names:
         async with sessions.begin() as session:
-            if not await session.scalar(select(func.pg_try_advisory_xact_lock(_CHECKPOINT_LOCK))):
+            if not await session.scalar(select(func.pg_try_advisory_xact_lock(CHECKPOINT_LOCK))):
                 return signed
             latest = await session.scalar(select(func.max(AuditCheckpoint.seq)).where(AuditCheckpoint.chain == chain))
             head, _ = await lock_head(session, chain)

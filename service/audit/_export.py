@@ -15,8 +15,8 @@
 # checks each one listed, and old and new verifiers accept old and new headers alike.
 #
 # `custody audit verify --file EXPORT [--header TOKEN | --header-file FILE]` re-walks the records
-# without the database; pin the public key (`--public-key`) to prove more than internal
-# consistency.
+# without the database; pin the public keys (`--public-key`, the key in use and the retired ones)
+# to prove more than internal consistency.
 
 from __future__ import annotations
 
@@ -28,14 +28,13 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Final, TypeGuard
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..models import AuditChainHead, AuditCheckpoint, AuditEvent
-from ._chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint, attestation_valid, load_public_key
+from ._chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint, attestation_refusal
 from ._fhir import carried_record, to_fhir_audit_event
+from ._keys import TrustedKeys, parse_public_keys
 from ._queries import stream_records
 from ._writer import iso_now
 
@@ -269,30 +268,39 @@ def _fhir_record(line: str) -> dict[str, Any] | str:
     return record
 
 
-def _load_key(pem: bytes, whose: str) -> Ed25519PublicKey:
+def _load_keys(pem: bytes, whose: str) -> TrustedKeys:
     try:
-        return load_public_key(pem)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ExportUnreadable(f"{whose} is not an Ed25519 public key in PEM") from None
+        return TrustedKeys(parse_public_keys(pem, whose))
+    except ValueError as exc:
+        raise ExportUnreadable(str(exc)) from None
 
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def verify_export(
-    lines: Iterable[str], *, public_key_pem: bytes | None = None, fhir_header: str | None = None
+    lines: Iterable[str],
+    *,
+    public_key_pem: bytes | None = None,
+    pinned_keys: TrustedKeys | None = None,
+    fhir_header: str | None = None,
 ) -> tuple[ChainVerdict, str]:
-    """Check an export offline; returns the verdict and which key it was checked with.
+    """Check an export offline; returns the verdict and which keys it was checked with.
 
     Without `fhir_header` the lines are a native export (header first); with it (the token from
     `header_token`) they are a FHIR export's AuditEvents. The records must link up and end at
-    the stated hash; with a key, the export's signed attestation must match the records exactly
+    the stated hash; with keys, the export's signed attestation must match the records exactly
     (first seq and the hash before it, last seq and last hash), and the checkpoint inside must be
-    valid. Only a pinned key (`public_key_pem`, obtained out of band) proves the export came from
-    Custody; the embedded one proves only that the file is consistent with itself. Raises
+    valid, each checked with the key its key id names. Only pinned keys (`pinned_keys`, or
+    `public_key_pem`: PEM with one key or several; obtained out of band) prove the export came
+    from Custody: pin the audit key in use when it was made, and the retired keys that signed
+    before it, so that an export whose range holds a checkpoint signed before a rotation still
+    verifies. The embedded key proves only that the file is consistent with itself. Raises
     ExportUnreadable when the input is not an export of the kind stated (a mistake, not a forgery
     to name).
     """
+    if public_key_pem is not None and pinned_keys is not None:
+        raise ValueError("pin the keys once: public_key_pem or pinned_keys")
     iterator: Iterator[str] = (line for line in lines if line.strip())
     first_line = next(iterator, None)
     first = _parse(first_line)
@@ -314,14 +322,16 @@ def verify_export(
         header = read_header_token(fhir_header)
         records = (_fhir_record(line) for line in itertools.chain([first_line] if first_line else [], iterator))
 
-    key: Ed25519PublicKey | None
+    keys: TrustedKeys | None
     if public_key_pem:
-        key = _load_key(public_key_pem, "the pinned public key")
-    elif header.get("public_key"):
-        key = _load_key(str(header["public_key"]).encode(), "the export's embedded public key")
+        pinned_keys = _load_keys(public_key_pem, "the pinned public key")
+    if pinned_keys is not None:
+        keys = pinned_keys
+        key_source = f"the pinned key{'s' if len(keys) > 1 else ''} {', '.join(keys.ids)}"
     else:
-        key = None
-    key_source = "the pinned key" if public_key_pem else "the key embedded in the export (pin one with --public-key)"
+        embedded = header.get("public_key")
+        keys = _load_keys(str(embedded).encode(), "the export's embedded public key") if embedded else None
+        key_source = "the key embedded in the export (pin one with --public-key)"
     chain = header["chain"]
     span = header["range"]
     first_seq, last_seq = span["first_seq"], span["last_seq"]
@@ -329,10 +339,13 @@ def verify_export(
     def bad(seq: int | None, reason: str) -> tuple[ChainVerdict, str]:
         return ChainVerdict(chain, 0, 0, "", seq if seq is not None else 0, reason), key_source
 
-    if key is not None:
+    if keys is not None:
         attestation = header.get("attestation")
-        if not attestation or not attestation_valid(attestation, key):
-            return bad(first_seq, "the export's attestation is missing or not signed by the audit key")
+        if not attestation:
+            return bad(first_seq, "the export's attestation is missing")
+        refusal = attestation_refusal(attestation, keys, "exported_at")
+        if refusal is not None:
+            return bad(first_seq, f"the export's attestation is not signed by the audit key: {refusal}")
         signed = attestation["payload"]
         stated = {
             "format": header["format"],
@@ -358,7 +371,7 @@ def verify_export(
         return bad(first_seq, "the first record's prev_hash is not a SHA-256 hash")
     if first_seq == 1 and start_prev != GENESIS:
         return bad(1, "the first record of the chain does not start from the genesis hash")
-    if key is not None and header["attestation"]["payload"].get("first_prev_hash") != start_prev:
+    if keys is not None and header["attestation"]["payload"].get("first_prev_hash") != start_prev:
         return bad(first_seq, "the first record's prev_hash differs from the signed one")
     checkpoints = [Checkpoint(**c) for c in header["checkpoints"]]
     walk = ChainWalk(chain, start_seq=first_seq, start_prev_hash=start_prev, checkpoints=checkpoints)
@@ -376,5 +389,5 @@ def verify_export(
         if not added:
             break
         accepted += 1
-    verdict = walk.verdict(expected_head=(last_seq, header["range_head_hash"]), public_key=key)
+    verdict = walk.verdict(expected_head=(last_seq, header["range_head_hash"]), keys=keys)
     return verdict, key_source

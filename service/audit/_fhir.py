@@ -80,6 +80,9 @@
 # audit.export        110106 Export                R   10  the reference's export shape
 # audit.verify        110101 Audit Log Used        R   6   the verifier reads the chain
 # audit.checkpoint    110101 Audit Log Used        E   -   the head is read and signed
+# audit.signing_key_  110113 / 110129              E   -   the key that signs checkpoints changes,
+#   rotate                                                 a security configuration change as
+#                                                          keyring.rotate is; one record per chain
 #
 # outcome: success 0, denied 4 (minor failure), error 8 (serious failure); outcomeDesc = reason.
 # entity.type / entity.role (audit-entity-type / object-role) per resource type: api_key, keyring,
@@ -187,6 +190,7 @@ _ACTIONS: Final[Mapping[str, _Coded]] = {
     "audit.export": _Coded(_EXPORT, None, "R", "10"),
     "audit.verify": _Coded(_AUDIT_LOG_USED, None, "R", "6"),
     "audit.checkpoint": _Coded(_AUDIT_LOG_USED, None, "E", None),
+    "audit.signing_key_rotate": _alert("110129", "E"),
 }
 
 _OUTCOMES: Final[Mapping[str, str]] = {"success": "0", "denied": "4", "error": "8"}

@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..models import AuditChainHead, AuditCheckpoint, AuditEvent
-from ._chain import GENESIS, AuditSigner, ChainVerdict, ChainWalk, Checkpoint
+from ._chain import GENESIS, ChainVerdict, ChainWalk, Checkpoint
+from ._keys import TrustedKeys
 
 __all__ = ["chains", "query_events", "read_checkpoints", "stream_records", "verify_chain"]
 
@@ -73,7 +74,7 @@ async def stream_records(
 
 
 async def verify_chain(
-    session: AsyncSession, chain: str, signer: AuditSigner | None, *, extra_checkpoints: Iterable[Checkpoint] = ()
+    session: AsyncSession, chain: str, keys: TrustedKeys | None, *, extra_checkpoints: Iterable[Checkpoint] = ()
 ) -> ChainVerdict:
     """Recompute a chain from the database up to its head as read now; name the first bad record.
 
@@ -82,6 +83,8 @@ async def verify_chain(
     Checkpoints are read before the head, so none can legitimately lie beyond it: one that does
     means records were cut from the end. `extra_checkpoints` are copies kept outside the
     database (`custody audit checkpoint --out`), which whoever rewrites the tables cannot delete.
+    Each checkpoint is checked with the key of `keys` (`Auditor.trusted_keys`: the signing key's
+    and the retired ones) that its key id names.
     """
     checkpoints = [*await read_checkpoints(session, chain), *(c for c in extra_checkpoints if c.chain == chain)]
     head = await session.scalar(
@@ -92,7 +95,7 @@ async def verify_chain(
     async for seq, record in stream_records(session, chain, last=head_seq):
         if not walk.add(seq, record):
             break
-    verdict = walk.verdict(expected_head=(head_seq, head_hash), public_key=signer.public_key if signer else None)
+    verdict = walk.verdict(expected_head=(head_seq, head_hash), keys=keys)
     if verdict.ok:
         # A record past the head is either a concurrent append (the head has moved on since we
         # read it) or one written without going through the chain head: a forgery.

@@ -41,6 +41,7 @@ from ..metrics import Metrics
 from ..models import AuditChainHead, AuditEvent
 from ..telemetry import safe_attributes
 from ._chain import GENESIS, AuditSigner, record_hash
+from ._keys import TrustedKeys
 
 __all__ = [
     "ACTIONS",
@@ -92,6 +93,7 @@ ACTIONS = frozenset(
         "audit.export",
         "audit.verify",
         "audit.checkpoint",
+        "audit.signing_key_rotate",
     }
 )
 
@@ -244,12 +246,32 @@ def _storable(value: Any) -> Any:
 
 class Auditor:
     """The one writer of audit records; holds the tracer (passed in, never the global one), the
-    signer of checkpoints and export attestations, and the instruments it times appends with."""
+    signer of checkpoints and export attestations, the retired keys verification still trusts, and
+    the instruments it times appends with."""
 
-    def __init__(self, tracer: Tracer, signer: AuditSigner | None = None, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        signer: AuditSigner | None = None,
+        retired_keys: TrustedKeys | None = None,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.tracer = tracer
         self.signer = signer
+        # Public keys of signing keys used before this one (CUSTODY_AUDIT_RETIRED_PUBLIC_KEYS):
+        # what they signed still verifies, within each one's limit.
+        self.retired_keys = retired_keys or TrustedKeys()
         self._metrics = metrics or Metrics.disabled()
+
+    @property
+    def trusted_keys(self) -> TrustedKeys | None:
+        """The keys verification accepts: the signing key's own, then the retired ones; None
+        when there are none (a chain with a checkpoint then fails verification)."""
+        if self.signer is None and not len(self.retired_keys):
+            return None
+        current = TrustedKeys.of(self.signer.public_key) if self.signer is not None else TrustedKeys()
+        return current | self.retired_keys
 
     async def _timed_append(
         self, session: AsyncSession, entry: AuditEntry, span: Span, outcome: str, reason: str | None
