@@ -31,7 +31,7 @@ from service.runtime import build_runtime
 from service.secret_files import load_keyring
 
 from .api.helpers import open_conversation, take_turn
-from .conftest import CANARY, TEST_PEPPER, asgi_transport, make_tenant
+from .conftest import CANARY, TEST_PEPPER, asgi_transport, key_store_of, make_tenant
 from .softhsm import Token
 
 
@@ -326,6 +326,7 @@ def _deployment(token: Token, database: str, tmp_path: Path, signing_key_path: P
         token.environment()
         | {
             "DATABASE_URL": database,
+            "CUSTODY_KEY_STORE_URL": key_store_of(database),
             "CUSTODY_PEPPER_FILE": str(pepper_path),
             "CUSTODY_AUDIT_SIGNING_KEY": str(signing_key_path),
             "CUSTODY_DATA_DIR": str(tmp_path / "data"),
