@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -24,6 +25,9 @@ from service.policy import parse_policy
 from service.simulator import RunningSimulator
 
 from ..conftest import Tenant, asgi_transport, key_store_of, make_tenant
+
+if TYPE_CHECKING:
+    from .deployed import Deployed
 
 DAY = 86400.0
 
@@ -111,3 +115,23 @@ async def retention(
     finally:
         await engine.dispose()
         await expiry_keys.aclose()
+
+
+@pytest.fixture
+async def deployment(
+    ctx: ServiceContext,
+    gemini: RunningSimulator,
+    tmp_path: Path,
+    keyring_path: Path,
+    signing_key_path: Path,
+    pepper_path: Path,
+) -> AsyncIterator[Deployed]:
+    """A deployment on a database of its own where `public` conversations are due two seconds after their last activity."""
+    # Imported here: tests.retention.deployed itself imports this module's policy.
+    from .deployed import deployed
+
+    gemini.app.reset()
+    async with deployed(
+        ctx, gemini, tmp_path, keyring=keyring_path, signing_key=signing_key_path, pepper=pepper_path
+    ) as deployment:
+        yield deployment

@@ -7,33 +7,11 @@ import os
 import pty
 import re
 import subprocess
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from service.context import ServiceContext
-from service.simulator import RunningSimulator
-
 from ..conftest import make_tenant
-from .deployed import Deployed, deployed
-
-
-@pytest.fixture
-async def deployment(
-    ctx: ServiceContext,
-    gemini: RunningSimulator,
-    tmp_path: Path,
-    keyring_path: Path,
-    signing_key_path: Path,
-    pepper_path: Path,
-) -> AsyncIterator[Deployed]:
-    """A deployment on a database of its own where `public` conversations are due two seconds after their last activity."""
-    gemini.app.reset()
-    async with deployed(
-        ctx, gemini, tmp_path, keyring=keyring_path, signing_key=signing_key_path, pepper=pepper_path
-    ) as deployment:
-        yield deployment
+from .deployed import Deployed
 
 
 def summary_of(stdout: str) -> dict[str, str]:

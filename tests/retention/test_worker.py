@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,31 +19,12 @@ import yaml
 from service.audit import RequestMeta
 from service.auth import Principal, authenticate
 from service.config import Settings
-from service.context import ServiceContext
 from service.conversations import open_conversation
 from service.errors import ConfigurationError
 from service.policy import load_policy
 from service.runtime import Runtime, build_runtime
-from service.simulator import RunningSimulator
 
-from .deployed import Deployed, deployed, short_policy_document
-
-
-@pytest.fixture
-async def deployment(
-    ctx: ServiceContext,
-    gemini: RunningSimulator,
-    tmp_path: Path,
-    keyring_path: Path,
-    signing_key_path: Path,
-    pepper_path: Path,
-) -> AsyncIterator[Deployed]:
-    """A deployment on a database of its own where `public` conversations are due two seconds after their last activity."""
-    gemini.app.reset()
-    async with deployed(
-        ctx, gemini, tmp_path, keyring=keyring_path, signing_key=signing_key_path, pepper=pepper_path
-    ) as deployment:
-        yield deployment
+from .deployed import Deployed, short_policy_document
 
 
 def free_port() -> int:
