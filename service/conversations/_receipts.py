@@ -22,7 +22,6 @@ next retention run claims the receipt, asks for the copies still held and signs 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -294,8 +293,12 @@ async def _held(owed: OwedReceipt) -> AsyncIterator[None]:
         yield
     finally:
         renewal.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await renewal
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the deletion itself is done; a lapsed hold only lets a run sign it
+            logger.warning("renewing a receipt's hold failed (%s)", type(exc).__name__)
 
 
 def receipt_valid(document: Any, public_key: Ed25519PublicKey) -> bool:
