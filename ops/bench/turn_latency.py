@@ -1,4 +1,4 @@
-"""Latency Custody adds to a turn, against the direct SDK call to the same simulator.
+"""Latency Custody adds to a turn, against a direct post of the very same request body to the same simulator.
 
 Run: .venv/bin/python ops/bench/turn_latency.py [--samples 40] [--sizes 1,20,200]
 
@@ -7,17 +7,23 @@ on a fresh database of the local Postgres, the server of BENCH_ADMIN_URL, with s
 `custody secrets init`; ops/bench/keyrings.py reuses this to run it on another keyring),
 then for each history size N: builds a conversation with N stored turns through Custody, and
 measures, interleaved sample by sample,
-  - direct: `client.aio.interactions.with_raw_response.create(input=<the same N-turn history +
-    a new input>, store=False)` straight to the simulator (what a backend would do without Custody);
   - custody: POST /v1/conversations/{id}/turns with a new input (auth, claim, decrypt N turns,
-    the same SDK call, encrypt and store, respond).
-Prints median and p99 of both and of the difference. Asserts nothing about speed.
+    the SDK call, encrypt and store, respond);
+  - post (the floor of the upstream hop): the request body Custody sent upstream for that very
+    turn (read back from the simulator's request log, which keeps the last request), posted again
+    with httpx, with the same API key header, to the same simulator;
+  - sdk: `client.aio.interactions.with_raw_response.create(input=<the same history and input>,
+    store=False)`, what a backend would do with the SDK's typed path (its own validation costs
+    more than a post: shown for reference).
+Prints median, p90 and p99 of each, and of what Custody adds over the post (custody - post,
+sample by sample). Asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -61,9 +67,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(
-    custody: str, headers: dict[str, str], sdk: genai.Client, size: int, samples: int
+    custody: str, headers: dict[str, str], sdk: genai.Client, size: int, samples: int, simulator: str | None = None
 ) -> dict[str, list[float]]:
-    async with httpx.AsyncClient(base_url=custody, headers=headers, timeout=60) as http:
+    """Timings, ms: `custody` and `direct` (the SDK call) per sample, and `post` (the same body
+    Custody sent, posted again) when `simulator` is given."""
+    async with (
+        httpx.AsyncClient(base_url=custody, headers=headers, timeout=60) as http,
+        httpx.AsyncClient(base_url=simulator or "http://unused", timeout=60) as upstream,
+    ):
         created = await http.post("/v1/conversations", json={"route": "patient-intake", "data_classes": ["phi"]})
         conversation = created.json()["id"]
         for index in range(size):
@@ -73,7 +84,7 @@ async def measure(
                     json={"input": f"setup turn {index}: the patient reports mild symptoms"},
                 )
             ).raise_for_status()
-        times: dict[str, list[float]] = {"direct": [], "custody": []}
+        times: dict[str, list[float]] = {"direct": [], "custody": [], "post": []}
         for sample in range(-3, samples):  # three warm-up rounds, not recorded
             history: list[Any] = []
             cursor: int | None = 0
@@ -94,9 +105,24 @@ async def measure(
             started = time.perf_counter()
             (await http.post(f"/v1/conversations/{conversation}/turns", json={"input": text})).raise_for_status()
             through_custody = (time.perf_counter() - started) * 1000
+            post = None
+            if simulator is not None:
+                # The body of the turn Custody just sent upstream, posted again as it was.
+                [sent] = (await upstream.get("/_simulator/requests")).json()
+                body = json.dumps(sent["body"], ensure_ascii=False).encode()
+                started = time.perf_counter()
+                answer = await upstream.post(
+                    sent["path"],
+                    content=body,
+                    headers={"content-type": "application/json", "x-goog-api-key": "bench"},
+                )
+                answer.raise_for_status()
+                post = (time.perf_counter() - started) * 1000
             if sample >= 0:
                 times["direct"].append(direct)
                 times["custody"].append(through_custody)
+                if post is not None:
+                    times["post"].append(post)
         return times
 
 
@@ -104,21 +130,27 @@ async def main_async(args: argparse.Namespace, custody: str, simulator: str, key
     sdk = genai.Client(api_key="bench", http_options={"base_url": simulator, "retry_options": {"attempts": 1}})
     print(f"turn latency, ms ({args.samples} samples per size; Custody and simulator in separate processes)")
     print(
-        f"{'stored turns':>12} | {'direct p50':>10} {'p99':>7} | {'custody p50':>11} {'p99':>7} | {'added p50':>9} {'p99':>7}"
+        f"{'stored turns':>12} | {'post p50':>8} {'p90':>6} {'p99':>6} | {'sdk p50':>7} {'p99':>6} | "
+        f"{'custody p50':>11} {'p90':>6} {'p99':>6} | {'added p50':>9} {'p90':>6} {'p99':>6}"
     )
     for size in args.sizes:
-        times = await measure(custody, {"Authorization": f"Bearer {key}"}, sdk, size, args.samples)
-        added = [c - d for c, d in zip(times["custody"], times["direct"], strict=True)]
+        times = await measure(custody, {"Authorization": f"Bearer {key}"}, sdk, size, args.samples, simulator)
+        added = [c - p for c, p in zip(times["custody"], times["post"], strict=True)]
+
+        def cols(values: list[float], *quantiles: float) -> str:
+            return " ".join(f"{percentile(values, q):>6.2f}" for q in quantiles)
+
         print(
-            f"{size:>12} | {statistics.median(times['direct']):>10.2f} {percentile(times['direct'], 0.99):>7.2f} | "
-            f"{statistics.median(times['custody']):>11.2f} {percentile(times['custody'], 0.99):>7.2f} | "
-            f"{statistics.median(added):>9.2f} {percentile(added, 0.99):>7.2f}"
+            f"{size:>12} | {statistics.median(times['post']):>8.2f} {cols(times['post'], 0.9, 0.99)} | "
+            f"{statistics.median(times['direct']):>7.2f} {cols(times['direct'], 0.99)} | "
+            f"{statistics.median(times['custody']):>11.2f} {cols(times['custody'], 0.9, 0.99)} | "
+            f"{statistics.median(added):>9.2f} {cols(added, 0.9, 0.99)}"
         )
         if args.slowest:
             worst = sorted(range(len(added)), key=added.__getitem__, reverse=True)[: args.slowest]
             print(
-                "             slowest added (sample: custody/direct ms): "
-                + ", ".join(f"#{i}: {times['custody'][i]:.0f}/{times['direct'][i]:.0f}" for i in worst)
+                "             slowest added (sample: custody/post ms): "
+                + ", ".join(f"#{i}: {times['custody'][i]:.0f}/{times['post'][i]:.0f}" for i in worst)
             )
 
 
@@ -127,7 +159,8 @@ def running_simulator() -> Iterator[str]:
     """`custody simulator` in its own process; yields its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", "simulator", "--port", str(port), "--request-log-limit", "0"],
+        # The log keeps the last request: the turn latency reads back the body Custody sent.
+        [sys.executable, "-m", "service", "simulator", "--port", str(port), "--request-log-limit", "1"],
         stderr=subprocess.DEVNULL,
     )
     try:
