@@ -8,7 +8,8 @@ subject erasure; then the provider's copies), unless a legal hold covers it, its
 retention has not passed or a turn is waiting for the model: those stay, and the receipt lists
 each with its reason. One receipt, signed with the audit key, covers them all; it is owed from the
 start (a stopped erasure is signed by the next retention run, covering what went before it
-stopped), and a `subject.erase` record, naming it, counts what went and what stayed.
+stopped), and a `subject.erase` record, naming it and committed with it, counts what went and
+what stayed.
 """
 
 from __future__ import annotations
@@ -71,24 +72,24 @@ async def erase_subject(ctx: ServiceContext, principal: Principal, meta: Request
             await delete_provider_copies(ctx, principal, meta, conversation_id, erased.provider_copies)
             classes.update(erased.data_classes)
             copies.extend(erased.provider_copies)
-        receipt = await owed.sign(kept)
-    assert receipt is not None  # noqa: S101 - the owed row was recorded above
-    destroyed = receipt["payload"]["destroyed"]
-    reasons = Counter(k.reason for k in kept)
-    summary = AuditEntry(
-        "subject.erase",
-        principal,
-        meta,
-        resource_type="conversation",
-        data_classes=sorted(classes),
-        policy_version=ctx.policy.version,
-        details={
-            "erased": len(destroyed),
-            "kept": len(kept),
-            "kept_reasons": dict(sorted(reasons.items())),
-            "provider_copies_pending": sum(len(d["provider_copies_pending"]) for d in destroyed),
-            "receipt_id": receipt["payload"]["receipt_id"],
-        },
-    )
-    await ctx.auditor.record(ctx.sessions, summary)
+        reasons = Counter(k.reason for k in kept)
+        summary = AuditEntry(
+            "subject.erase",
+            principal,
+            meta,
+            resource_type="conversation",
+            data_classes=sorted(classes),
+            policy_version=ctx.policy.version,
+            details={"kept": len(kept), "kept_reasons": dict(sorted(reasons.items()))},
+        )
+        # The receipt and the record that counts what it covers commit together.
+        async with ctx.auditor.action(ctx.sessions, summary) as (session, summary):
+            receipt = await owed.sign(kept, session=session)
+            assert receipt is not None  # noqa: S101 - the owed row was recorded above
+            destroyed = receipt["payload"]["destroyed"]
+            summary.details |= {
+                "erased": len(destroyed),
+                "provider_copies_pending": sum(len(d["provider_copies_pending"]) for d in destroyed),
+                "receipt_id": receipt["payload"]["receipt_id"],
+            }
     return Deleted(sorted(classes), copies, receipt)

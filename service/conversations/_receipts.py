@@ -141,22 +141,29 @@ class OwedReceipt:
                     held.append((item.conversation_id, [c for c in copies if c in still]))
             return held
 
-    async def sign(self, kept: Iterable[Kept] = ()) -> dict[str, Any] | None:
-        """Sign the receipt from what the database records now and keep it; None when nothing
-        was recorded (the deletion was refused before it destroyed anything)."""
-        async with self.ctx.sessions.begin() as session:
-            row = await session.scalar(
-                select(DeletionReceipt).where(DeletionReceipt.id == self.receipt_id).with_for_update()
-            )
-            if row is None:
-                return None
-            if row.receipt is None:
-                row.receipt = await self._signed(session, row, kept)
-                row.issued_at = await session.scalar(select(func.now()))
-                # The signed receipt now says all the items did.
-                await session.execute(delete(ReceiptItem).where(ReceiptItem.receipt_id == self.receipt_id))
-            self.document = row.receipt
-            return row.receipt
+    async def sign(self, kept: Iterable[Kept] = (), *, session: AsyncSession | None = None) -> dict[str, Any] | None:
+        """Sign the receipt from what the database records now and keep it, in `session`'s
+        transaction if given (so that a record about the receipt commits with it), else in one of
+        its own; None when nothing was recorded (the deletion was refused before it destroyed
+        anything)."""
+        if session is not None:
+            return await self._sign_in(session, kept)
+        async with self.ctx.sessions.begin() as own:
+            return await self._sign_in(own, kept)
+
+    async def _sign_in(self, session: AsyncSession, kept: Iterable[Kept]) -> dict[str, Any] | None:
+        row = await session.scalar(
+            select(DeletionReceipt).where(DeletionReceipt.id == self.receipt_id).with_for_update()
+        )
+        if row is None:
+            return None
+        if row.receipt is None:
+            row.receipt = await self._signed(session, row, kept)
+            row.issued_at = await session.scalar(select(func.now()))
+            # The signed receipt now says all the items did.
+            await session.execute(delete(ReceiptItem).where(ReceiptItem.receipt_id == self.receipt_id))
+        self.document = row.receipt
+        return row.receipt
 
     async def keep_held(self) -> None:
         """Extend the hold every third of the lease while the work goes on (cancel to stop)."""
