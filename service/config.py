@@ -75,6 +75,9 @@ class Settings:
     # database is unreachable, and how long the caller waits for that before a 503.
     turn_store_retry_seconds: float = 300.0
     turn_store_wait_seconds: float = 10.0
+    # This replica's cache of unwrapped data keys: how many, and for how long each (0 seconds: none).
+    data_key_cache_size: int = 10_000
+    data_key_cache_seconds: float = 300.0
     # The Gemini simulator instead of Google: implied only by the zero-config run (no
     # DATABASE_URL); a deployment must ask for it with CUSTODY_USE_SIMULATOR.
     use_simulator: bool = False
@@ -167,6 +170,8 @@ class Settings:
             turn_lease_seconds=_number(env, "CUSTODY_TURN_LEASE_SECONDS", 10.0),
             turn_store_retry_seconds=_number(env, "CUSTODY_TURN_STORE_RETRY_SECONDS", 300.0),
             turn_store_wait_seconds=_number(env, "CUSTODY_TURN_STORE_WAIT_SECONDS", 10.0),
+            data_key_cache_size=_count(env, "CUSTODY_DATA_KEY_CACHE_SIZE", 10_000),
+            data_key_cache_seconds=_number(env, "CUSTODY_DATA_KEY_CACHE_SECONDS", 300.0),
             use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),
             pepper_path=_path(env, "CUSTODY_PEPPER_FILE"),
             audit_signing_key_path=_path(env, "CUSTODY_AUDIT_SIGNING_KEY"),

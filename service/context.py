@@ -11,7 +11,7 @@ from .audit import Auditor
 from .auth_failures import AuthFailures
 from .background import BackgroundTasks
 from .clock import Clock
-from .crypto import Keyring
+from .crypto import DataKeyCache, Keyring
 from .drain import Drain
 from .key_store import ExpiryKeyStore
 from .metrics import Metrics
@@ -45,6 +45,8 @@ class ServiceContext:
     auth_failures: AuthFailures = field(default_factory=AuthFailures)
     # Whether this replica is stopping, and its requests in flight (service/drain.py).
     drain: Drain = field(default_factory=Drain)
+    # Data keys this replica unwrapped recently (bounded, with a TTL; see service/crypto/_key_cache.py).
+    data_keys: DataKeyCache = field(default_factory=DataKeyCache)
     # The instruments (service/metrics.py); recording nothing unless the runtime gave real ones.
     metrics: Metrics = field(default_factory=Metrics.disabled)
 

@@ -187,7 +187,7 @@ class Turn(Base):
 
 
 class Step(Base):
-    """One step of the history: the exact JSON value, sealed under the conversation's data key."""
+    """One step of the history: its exact JSON bytes, sealed under the conversation's data key."""
 
     __tablename__ = "steps"
 

@@ -25,7 +25,7 @@ from .auth_failures import AuthFailureLimits, AuthFailures
 from .config import Settings
 from .context import ServiceContext
 from .conversations import recompute_deadlines
-from .crypto import Keyring, Pkcs11Keyring, verify_keyring
+from .crypto import DataKeyCache, Keyring, Pkcs11Keyring, verify_keyring
 from .database import check_schema_current, make_engine, make_sessions, migrate
 from .errors import ConfigurationError
 from .key_store import (
@@ -381,6 +381,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         turn_lease_seconds=settings.turn_lease_seconds,
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
         turn_store_wait_seconds=settings.turn_store_wait_seconds,
+        data_keys=DataKeyCache(settings.data_key_cache_size, settings.data_key_cache_seconds),
         auth_failures=AuthFailures(
             AuthFailureLimits(
                 per_source=settings.auth_failure_limit,

@@ -46,6 +46,8 @@ class UpstreamReply:
     attempts: int
     # Every interaction the turn took, in order: each may be a copy the provider keeps.
     interaction_ids: list[str] = field(default_factory=list)
+    # The exact JSON bytes of each of `body["steps"]`, in the same order.
+    steps: list[bytes] = field(default_factory=list)
 
 
 class Upstream:
@@ -83,7 +85,7 @@ class Upstream:
         self._attempts = max(1, attempts)
         self._metrics = metrics or Metrics.disabled()
 
-    async def create(self, *, settings: dict[str, Any], steps: list[Any], store: bool) -> UpstreamReply:
+    async def create(self, *, settings: dict[str, Any], steps: list[bytes], store: bool) -> UpstreamReply:
         """One turn with `steps` as its whole input; the reply's raw JSON.
 
         The history goes in `extra_body`, which the SDK sends untouched: passed as `input=` it
@@ -99,7 +101,8 @@ class Upstream:
         started = time.perf_counter()
         hops: list[dict[str, Any]] = []
         attempts = 0
-        extra: dict[str, Any] = {"input": steps}
+        steps_values = [json.loads(step) for step in steps]  # FIXME(bytes path): temporary
+        extra: dict[str, Any] = {"input": steps_values}
         while True:
             try:
                 body, used = await self._create_one(settings, store, extra)
@@ -125,8 +128,10 @@ class Upstream:
             if store:
                 extra["previous_interaction_id"] = body.get("id")
             else:
-                extra["input"] = steps
-        return UpstreamReply(_merge(hops), (time.perf_counter() - started) * 1000, attempts, _hop_ids(hops))
+                extra["input"] = steps_values
+        merged = _merge(hops)
+        raw = [json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode() for s in merged.get("steps") or []]
+        return UpstreamReply(merged, (time.perf_counter() - started) * 1000, attempts, _hop_ids(hops), raw)
 
     async def _create_one(
         self, settings: dict[str, Any], store: bool, extra: dict[str, Any]

@@ -147,10 +147,19 @@ async def create_cipher(
 
 async def load_cipher(session: AsyncSession, ctx: ServiceContext, conversation: Conversation) -> ConversationCipher:
     """The conversation's data key, unwrapped: its expiry layer opened (if any), then the KEK's.
-    Raises LookupError when it has none (shredded)."""
+    Raises LookupError when it has none (shredded).
+
+    The row is read every time; this replica's cache (`ctx.data_keys`) spares the unwrap when it
+    opened this very blob recently, and a key under an expiry day is served from it only while
+    the day's key still exists, as it would be without the cache."""
     row = await session.get(DataKey, conversation.id)
     if row is None:
         raise LookupError(f"conversation {conversation.id} has no data key (shredded)")
+    cached = ctx.data_keys.get(conversation.id, row.wrapped)
+    if cached is not None and (
+        row.expiry_day is None or await ctx.expiry_keys.existing(row.expiry_day, ctx.keyring) is not None
+    ):
+        return ConversationCipher(conversation.tenant_id, conversation.id, cached, row.kek_version)
     try:
         wrapped = await unsealed(ctx, row)
     except ExpiryKeyDestroyed:
@@ -163,6 +172,7 @@ async def load_cipher(session: AsyncSession, ctx: ServiceContext, conversation: 
             raise LookupError(f"conversation {conversation.id} has no data key (shredded)") from None
         wrapped = await unsealed(ctx, row)
     data_key = ctx.keyring.unwrap(wrapped)
+    ctx.data_keys.put(conversation.id, row.wrapped, data_key)
     return ConversationCipher(conversation.tenant_id, conversation.id, data_key, row.kek_version)
 
 

@@ -1,13 +1,20 @@
-"""A conversation's sealed history: steps stored and read as exact JSON values under its data key
-(made, opened and kept under its deadline's day by `_data_keys`)."""
+"""A conversation's sealed history: each step stored and read as its exact JSON bytes under the
+conversation's data key (made, opened and kept under its deadline's day by `_data_keys`).
+
+A step is sealed as the bytes it arrived as: a model step as sliced from the upstream's raw
+response (service/json_spans.py), a client step as the compact JSON of the validated value. Replay
+opens them and splices them into the next request unparsed, so what the model gets back is, byte
+for byte, what it sent: key order, spacing and the spelling of numbers included.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..crypto import open_sealed, record_aad, seal, step_aad
@@ -24,11 +31,9 @@ __all__ = [
 
 
 def encode_json(value: Any) -> bytes:
-    """The bytes we seal: compact JSON holding the value exactly as the API returned it.
-
-    Steps come from `json.loads` of the raw response, never from the SDK's typed objects, so
-    unknown fields, unknown step types and nulls are all still there (design invariant 3).
-    """
+    """Compact JSON of a value: how a client's step (validated as a value) and the records sealed
+    beside the history are stored. Model steps never go through here: they keep the bytes the
+    upstream sent (unknown fields, unknown step types and nulls included, design invariant 3)."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -51,20 +56,22 @@ class ConversationCipher:
     def __repr__(self) -> str:
         return f"ConversationCipher({self.conversation_id}, kek v{self.key_version})"
 
-    def seal_step(self, position: int, step: Any) -> bytes:
+    def seal_step(self, position: int, step: bytes) -> bytes:
+        """Seal one step's exact JSON bytes at its position."""
         aad = step_aad(
             tenant_id=self.tenant_id,
             conversation_id=self.conversation_id,
             position=position,
             key_version=self.key_version,
         )
-        return seal(self.data_key, encode_json(step), aad)
+        return seal(self.data_key, step, aad)
 
-    def open_step(self, position: int, key_version: int, sealed: bytes) -> Any:
+    def open_step(self, position: int, key_version: int, sealed: bytes) -> bytes:
+        """One step's exact JSON bytes, as they were sealed."""
         aad = step_aad(
             tenant_id=self.tenant_id, conversation_id=self.conversation_id, position=position, key_version=key_version
         )
-        return decode_json(open_sealed(self.data_key, sealed, aad))
+        return open_sealed(self.data_key, sealed, aad)
 
     def seal_record(self, label: str, number: int, value: Any) -> bytes:
         aad = record_aad(
@@ -96,24 +103,32 @@ async def shred_data_key(session: AsyncSession, conversation_id: str) -> int | N
     return int(version) if version is not None else None
 
 
-def append_steps(session: AsyncSession, cipher: ConversationCipher, turn_id: str, start: int, steps: list[Any]) -> None:
-    for offset, step in enumerate(steps):
-        position = start + offset
-        session.add(
-            Step(
-                conversation_id=cipher.conversation_id,
-                position=position,
-                turn_id=turn_id,
-                key_version=cipher.key_version,
-                sealed=cipher.seal_step(position, step),
-            )
-        )
+async def append_steps(
+    session: AsyncSession, cipher: ConversationCipher, turn_id: str, start: int, steps: Sequence[bytes]
+) -> None:
+    """Seal and insert steps (their exact JSON bytes) at positions `start`, `start + 1`, ...:
+    one multi-row INSERT, not an ORM unit of work per step."""
+    if not steps:
+        return
+    await session.execute(
+        insert(Step),
+        [
+            {
+                "conversation_id": cipher.conversation_id,
+                "position": start + offset,
+                "turn_id": turn_id,
+                "key_version": cipher.key_version,
+                "sealed": cipher.seal_step(start + offset, step),
+            }
+            for offset, step in enumerate(steps)
+        ],
+    )
 
 
 async def read_steps(
     session: AsyncSession, cipher: ConversationCipher, *, start: int = 0, limit: int | None = None
-) -> list[tuple[int, str, Any]]:
-    """(position, turn id, step) in order, decrypted."""
+) -> list[tuple[int, str, bytes]]:
+    """(position, turn id, the step's exact JSON bytes) in order, decrypted."""
     query = (
         select(Step.position, Step.turn_id, Step.key_version, Step.sealed)
         .where(Step.conversation_id == cipher.conversation_id, Step.position >= start)

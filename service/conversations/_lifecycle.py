@@ -27,7 +27,7 @@ from ..models import Conversation, IdempotencyRecord, Step, Turn, UpstreamIntera
 from ..policy import check_data_classes
 from ._data_keys import create_cipher, load_cipher
 from ._deadlines import rule_values
-from ._history import read_steps, shred_data_key
+from ._history import decode_json, read_steps, shred_data_key
 from ._provider_copies import delete_provider_copies
 from ._receipts import Erased, OwedReceipt, owing_receipt
 
@@ -187,7 +187,10 @@ async def read_history(
     async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
         conversation = await owned_conversation(session, principal, conversation_id)
         cipher = await load_cipher(session, ctx, conversation)
-        steps = await read_steps(session, cipher, start=cursor, limit=limit)
+        steps = [
+            (position, turn_id, decode_json(step))
+            for position, turn_id, step in await read_steps(session, cipher, start=cursor, limit=limit)
+        ]
         following = steps[-1][0] + 1 if steps else None
         more = following is not None and following < conversation.step_count
         entry.data_classes = list(conversation.data_classes)
@@ -240,6 +243,7 @@ async def erase_owned(
         conversation = await owned_conversation(session, principal, conversation_id, lock=True)
         await check_deletable(ctx, session, conversation)
         erased = await erase(session, conversation)
+        ctx.data_keys.drop(conversation.id)
         await receipt.record(session, erased, action=entry.action)
         entry.data_classes = erased.data_classes
         entry.details["provider_copies"] = len(erased.provider_copies)

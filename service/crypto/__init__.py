@@ -15,6 +15,7 @@ from ._envelope import (
     step_aad,
 )
 from ._expiry import SEALED_DATA_KEY_SIZE, data_key_aad, open_data_key_layer, seal_data_key_layer
+from ._key_cache import DataKeyCache
 from ._keyring import (
     FORMAT,
     KEK_SIZE,
@@ -39,6 +40,7 @@ __all__ = [
     "NONCE_SIZE",
     "SEALED_DATA_KEY_SIZE",
     "TAG_SIZE",
+    "DataKeyCache",
     "DecryptionError",
     "FileKeyring",
     "KeyUnwrapError",

@@ -278,6 +278,7 @@ async def _purge_one(ctx: ServiceContext, summary: RunSummary, candidate: Candid
             if conversation.lease_token:
                 await close_abandoned(ctx.auditor, session, conversation, closed_by="retention")
             erased = await erase(session, conversation)
+            ctx.data_keys.drop(conversation.id)
             # The purge, its record and the receipt it is owed commit together, or none does.
             await owed.record(session, erased, action=entry.action)
             entry.data_classes = erased.data_classes

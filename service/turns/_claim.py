@@ -11,10 +11,11 @@ to the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import AuditEntry
@@ -22,22 +23,22 @@ from ..context import ServiceContext
 from ..conversations import (
     ConversationCipher,
     align_data_keys,
+    decode_json,
     load_cipher,
-    owned_conversation,
     read_steps,
     rule_values,
 )
-from ..database import database_now
 from ..errors import (
+    ConversationNotFound,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
     InvalidInput,
     TurnInProgress,
     UnknownRouteError,
 )
-from ..ids import audited_conversation_id, new_id
+from ..ids import audited_conversation_id, is_conversation_id, new_id
 from ..leases import close_abandoned
-from ..models import Conversation, IdempotencyRecord, Turn
+from ..models import Conversation, DataKey, IdempotencyRecord, Turn
 from ..policy import StorageDecision, check_data_classes, decide_storage
 from ._input import check_function_results
 from ._types import TurnRequest, TurnResult
@@ -72,7 +73,9 @@ class Claim:
     key_digest: str | None
     # Plaintext and keys: never in a repr, which tracebacks and debuggers print.
     cipher: ConversationCipher = field(repr=False)
-    history: list[Any] = field(repr=False)
+    # The stored steps, each its exact JSON bytes, and where the next step goes.
+    history: list[bytes] = field(repr=False)
+    step_count: int = 0
 
 
 async def claim_turn(
@@ -93,9 +96,8 @@ async def claim_turn(
         details={"input_steps": len(new_steps), "idempotency_key": key_digest is not None},
     )
     async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-        conversation = await owned_conversation(session, principal, request.conversation_id, lock=True)
+        conversation, now = await _locked_conversation(session, principal.tenant_id, request.conversation_id)
         entry.data_classes = list(conversation.data_classes)
-        now = await database_now(session)
         leased = bool(
             conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
         )
@@ -134,8 +136,10 @@ async def claim_turn(
             entry.data_classes = list(conversation.data_classes)
             entry.details["classification_raised"] = sorted(raised)
         cipher = await load_cipher(session, ctx, conversation)
+        # Exact bytes, spliced into the request unparsed; only steps that can be function calls
+        # or results are parsed, to find the calls still waiting for an answer.
         history = [step for _, _, step in await read_steps(session, cipher)]
-        check_function_results(history, new_steps)
+        check_function_results([decode_json(step) for step in history if _may_be_function_step(step)], new_steps)
         decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
         claim = Claim(
             turn_id=new_id("turn"),
@@ -149,6 +153,7 @@ async def claim_turn(
             key_digest=key_digest,
             cipher=cipher,
             history=history,
+            step_count=conversation.step_count,
         )
         conversation.lease_token = claim.lease_token
         conversation.lease_expires_at = now + timedelta(seconds=ctx.turn_lease_seconds)
@@ -167,23 +172,22 @@ async def claim_turn(
         )
         await session.flush()
         if key_digest is not None:
-            try:
-                # A savepoint: losing the race for the key refuses this turn as the in-flight
-                # request it is (and is audited so), not as a database error.
-                async with session.begin_nested():
-                    session.add(
-                        IdempotencyRecord(
-                            tenant_id=principal.tenant_id,
-                            key=key_digest,
-                            conversation_id=conversation.id,
-                            fingerprint=inspected.fingerprint,
-                            turn_id=claim.turn_id,
-                        )
-                    )
-                    await session.flush()
-            except IntegrityError:
-                # The same key raced in on another conversation of this tenant.
-                raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request") from None
+            taken = await session.scalar(
+                insert(IdempotencyRecord)
+                .values(
+                    tenant_id=principal.tenant_id,
+                    key=key_digest,
+                    conversation_id=conversation.id,
+                    fingerprint=inspected.fingerprint,
+                    turn_id=claim.turn_id,
+                )
+                .on_conflict_do_nothing(index_elements=["tenant_id", "key"])
+                .returning(IdempotencyRecord.key)
+            )
+            if taken is None:
+                # The same key raced in on another conversation of this tenant: refused as the
+                # in-flight request it is (and audited so), not as a database error.
+                raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request")
         entry.policy_version = claim.policy_version
         entry.details |= {
             "turn_id": claim.turn_id,
@@ -193,6 +197,34 @@ async def claim_turn(
         }
         return claim
     raise AssertionError("unreachable")  # the audited block returns or raises
+
+
+async def _locked_conversation(
+    session: AsyncSession, tenant_id: str, conversation_id: str
+) -> tuple[Conversation, datetime]:
+    """The caller's conversation, locked, with the database's clock (leases compare against one
+    clock, whichever replica asks) and its data key row, in one round trip: the key row lands in
+    the session, where `load_cipher` finds it without asking again."""
+    if not is_conversation_id(conversation_id):
+        raise ConversationNotFound(conversation_id)
+    row = (
+        await session.execute(
+            select(Conversation, func.now(), DataKey)
+            .outerjoin(DataKey, DataKey.conversation_id == Conversation.id)
+            .where(Conversation.id == conversation_id, Conversation.tenant_id == tenant_id)
+            .with_for_update(of=Conversation)
+        )
+    ).one_or_none()
+    if row is None:
+        raise ConversationNotFound(conversation_id)
+    return row[0], row[1]
+
+
+def _may_be_function_step(step: bytes) -> bool:
+    """Whether a stored step could be a function call or result. Its type is written either
+    plainly or with escapes (which JSON allows anywhere in a string): either way, a step holding
+    neither spelling cannot be one, and needs no parsing here."""
+    return b"function_" in step or b"\\u" in step
 
 
 async def _replay(

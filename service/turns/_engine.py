@@ -106,7 +106,7 @@ class TurnEngine:
         try:
             reply = await ctx.upstream.create(
                 settings=claim.settings,
-                steps=[*claim.history, *new_steps],
+                steps=[*claim.history, *turn.new_step_bytes],
                 store=claim.decision.provider_storage,
             )
         except BaseException as exc:
@@ -127,7 +127,9 @@ class TurnEngine:
         finishing = False
         outcome = outcome_of_reply(reply)
         try:
-            if reply.interaction_ids:
+            if reply.interaction_ids and turn.claim.decision.provider_storage:
+                # Copies the provider keeps go on the ledger before anything else can fail; the
+                # ids of a turn it keeps nothing of are written with the turn itself.
                 await self._stored(partial(turn.ledger, reply.interaction_ids))
             finishing = True
             return await self._stored(partial(turn.finish, outcome))

@@ -33,6 +33,8 @@ class Outcome:
     usage: dict[str, int]
     reply: UpstreamReply = field(repr=False)
     model_steps: list[Any] = field(repr=False)
+    # The same steps as the upstream's exact bytes: what is stored and replayed.
+    model_step_bytes: list[bytes] = field(repr=False)
 
     @property
     def last_interaction(self) -> str | None:
@@ -47,7 +49,8 @@ def outcome_of_reply(reply: UpstreamReply) -> Outcome:
     model_steps: list[Any] = (body.get("steps") or []) if kept else []
     error_code = None if kept else f"model_{upstream_status or 'no_status'}"[:80]
     status = upstream_status if kept else "failed"
-    return Outcome(kept, status, error_code, upstream_status, _usage(body.get("usage")), reply, model_steps)
+    usage = _usage(body.get("usage"))
+    return Outcome(kept, status, error_code, upstream_status, usage, reply, model_steps, reply.steps if kept else [])
 
 
 def _usage(raw: Any) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
@@ -106,7 +107,7 @@ async def read_from(database_url: str, ctx: ServiceContext, conversation_id: str
             conversation = await session.scalar(select(Conversation).where(Conversation.id == conversation_id))
             assert conversation is not None  # the dump predates the purge
             cipher = await load_cipher(session, ctx, conversation)
-            return [step for _, _, step in await read_steps(session, cipher)]
+            return [json.loads(step) for _, _, step in await read_steps(session, cipher)]
     finally:
         await engine.dispose()
 

@@ -368,7 +368,7 @@ async def test_rotation_rewraps_sealed_data_keys_and_the_expiry_keys(
         conversation_row = await session.get(Conversation, conversation)
         assert conversation_row is not None
         steps = await read_steps(session, await load_cipher(session, ctx, conversation_row))
-    assert CANARY in json.dumps([step for _, _, step in steps])
+    assert CANARY in json.dumps([json.loads(step) for _, _, step in steps])
     async with ctx.expiry_keys.sessions() as session:
         versions = (await session.execute(text("SELECT DISTINCT kek_version FROM expiry_keys"))).scalars().all()
     assert versions == [version]
