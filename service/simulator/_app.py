@@ -73,9 +73,12 @@ class RecordedRequest:
     body: Any  # parsed JSON, or the raw text when the body is not JSON, or None when empty
     status: int | None = field(default=None, compare=False)
     response: Any = field(default=None, compare=False)  # JSON body, or the SSE events
+    # The body's bytes as they arrived (for tests of what exactly went on the wire; not logged).
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     def as_json(self, *, redact: bool = True) -> dict[str, Any]:
         data = asdict(self)
+        del data["raw"]
         if redact:
             data["headers"] = {k: ("<redacted>" if k in _REDACTED_HEADERS else v) for k, v in self.headers.items()}
         return data
@@ -95,6 +98,7 @@ class Simulator:
         self.closing = threading.Event()
         self._log_lock = threading.Lock()
         self._requests: deque[RecordedRequest] = deque(maxlen=self.config.request_log_limit)
+        self._verbatim: deque[bytes] = deque()
 
     # --- the Python API tests use -------------------------------------------------------------
 
@@ -112,6 +116,12 @@ class Simulator:
         """The create requests received so far, with what was answered."""
         return [r for r in self.requests if r.method == "POST" and r.path.endswith("/interactions")]
 
+    def answer_next_create(self, body: bytes) -> None:
+        """Answer the next valid create request with exactly these bytes (HTTP 200), instead of
+        the simulated model's JSON: how a test shows that a step's spelling (key order, spacing,
+        how a number is written) survives storage and replay, as a re-serializer's would not."""
+        self._verbatim.append(body)
+
     def inject(self, fault: FaultSpec) -> None:
         self.faults.inject(fault)
 
@@ -125,6 +135,7 @@ class Simulator:
         with self._log_lock:
             self._requests.clear()
         self.faults.clear()
+        self._verbatim.clear()
         if state:
             self.store.clear()
             self.ledger.clear()
@@ -146,7 +157,7 @@ class Simulator:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        record = RecordedRequest(method, path, query, headers, _parse_body(raw))
+        record = RecordedRequest(method, path, query, headers, _parse_body(raw), raw=raw)
         self._record(record)
         try:
             fault = self.faults.next_fault(headers.get("x-sim-fault"))
@@ -168,6 +179,14 @@ class Simulator:
             await _send_json(send, exc.code, exc.body())
             return
         record.status, record.response = 200, result
+        if self._verbatim and method == "POST" and path.endswith("/interactions"):
+            verbatim = self._verbatim.popleft()
+            record.response = _parse_body(verbatim)
+            # Its steps count as the model's own, so that replaying them is accepted.
+            if isinstance(record.response, dict) and isinstance(record.response.get("steps"), list):
+                self.ledger.record(record.response["steps"])
+            await _send_bytes(send, 200, verbatim)
+            return
         drop = fault is not None and fault.drop
         if isinstance(result, list):
             await _send_stream(send, result, drop_after=fault.drop_after_events if drop and fault else None)
@@ -498,6 +517,17 @@ async def _send_json(
     drop: bool = False,
 ) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
+    await _send_bytes(send, status, body, extra, drop=drop)
+
+
+async def _send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    drop: bool = False,
+) -> None:
     headers = [
         (b"content-type", b"application/json; charset=UTF-8"),
         (b"content-length", str(len(body)).encode()),

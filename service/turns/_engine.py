@@ -200,12 +200,21 @@ class TurnEngine:
     async def _inspect(self, request: TurnRequest, new_steps: list[dict[str, Any]]) -> Inspected:
         """Fingerprint and scan the input, but only for the caller's own conversation: nobody
         gets to make the service canonicalise and scan a megabyte for a conversation they
-        cannot reach (the claim then refuses it, with its audit record)."""
+        cannot reach (the claim then refuses it, with its audit record), nor to put a detector
+        hit on record against one.
+
+        A small input is scanned first, since that costs less than asking the database, and its
+        ownership is asked only when the scan found something to record; a large one is scanned
+        only after the database has said the conversation is the caller's.
+        """
         ctx = self._ctx
-        if not await self._owns(request):
+        large = request.input_bytes > _OFF_LOOP_BYTES
+        if large and not await self._owns(request):
             return Inspected("", frozenset())
         work = partial(self._fingerprint_and_detect, request.conversation_id, new_steps)
-        fingerprint, detected = await asyncio.to_thread(work) if request.input_bytes > _OFF_LOOP_BYTES else work()
+        fingerprint, detected = await asyncio.to_thread(work) if large else work()
+        if detected and not large and not await self._owns(request):
+            return Inspected("", frozenset())
         if detected:
             ctx.metrics.detector_hits(detected, request.principal.tenant_id)
             # Recorded on its own, before the claim, so the hit stays on record even when the
