@@ -17,6 +17,7 @@ if __name__ == "__main__":
         "expiry_layer.py",
         "detectors.py",
         "retention.py",
+        "audit_append.py",
     ):
         print(f"== {script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -15,10 +15,10 @@ __all__ = ["CHECKPOINT_LOCK", "checkpoint_all", "sign_at", "sign_checkpoint"]
 
 async def sign_checkpoint(session: AsyncSession, signer: AuditSigner, chain: str) -> Checkpoint | None:
     """Sign the chain's current head (inside the caller's transaction); None for an empty chain."""
-    head, signed_at = await lock_head(session, chain)
+    head = await lock_head(session, chain)
     if head.seq == 0:
         return None
-    return await sign_at(session, signer, chain, head.seq, head.head_hash, signed_at)
+    return await sign_at(session, signer, chain, head.seq, head.head_hash, head.clock)
 
 
 async def sign_at(
@@ -54,22 +54,21 @@ async def checkpoint_all(auditor: Auditor, sessions: async_sessionmaker[AsyncSes
             if not await session.scalar(select(func.pg_try_advisory_xact_lock(CHECKPOINT_LOCK))):
                 return signed
             latest = await session.scalar(select(func.max(AuditCheckpoint.seq)).where(AuditCheckpoint.chain == chain))
-            head, _ = await lock_head(session, chain)
+            head = await lock_head(session, chain)
             # The only record since the last checkpoint is that checkpoint's own record: nothing new.
             if head.seq == 0 or (latest is not None and head.seq <= latest + 1):
                 continue
-            checkpoint = await sign_checkpoint(session, signer, chain)
-            if checkpoint is not None:
-                await auditor.append(
-                    session,
-                    AuditEntry(
-                        "audit.checkpoint",
-                        None,
-                        resource_type="audit_log",
-                        resource_id=chain,
-                        chain=chain,
-                        details={"seq": checkpoint.seq, "key_id": checkpoint.key_id},
-                    ),
-                )
-                signed.append(checkpoint)
+            checkpoint = await sign_at(session, signer, chain, head.seq, head.head_hash, head.clock)
+            await auditor.append(
+                session,
+                AuditEntry(
+                    "audit.checkpoint",
+                    None,
+                    resource_type="audit_log",
+                    resource_id=chain,
+                    chain=chain,
+                    details={"seq": checkpoint.seq, "key_id": checkpoint.key_id},
+                ),
+            )
+            signed.append(checkpoint)
     return signed

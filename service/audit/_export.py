@@ -101,9 +101,12 @@ async def export_header(session: AsyncSession, span: ExportRange, signer: AuditS
     """The export's first line. With a signer, an attestation signs the exact range: its first
     seq and the hash before it, its last seq and last hash, so that a verifier holding the
     public key can tell an edited, truncated or padded export from the real one."""
-    head = await session.scalar(
-        select(AuditChainHead).where(AuditChainHead.chain == span.chain).execution_options(populate_existing=True)
-    )
+    # Columns, not the mapped object: nothing of the head stays in the session's identity map.
+    head = (
+        await session.execute(
+            select(AuditChainHead.seq, AuditChainHead.head_hash).where(AuditChainHead.chain == span.chain)
+        )
+    ).first()
     first_prev = last_hash = None
     inside: Checkpoint | None = None
     if span.first_seq is not None and span.last_seq is not None:

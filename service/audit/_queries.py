@@ -87,9 +87,10 @@ async def verify_chain(
     and the retired ones) that its key id names.
     """
     checkpoints = [*await read_checkpoints(session, chain), *(c for c in extra_checkpoints if c.chain == chain)]
-    head = await session.scalar(
-        select(AuditChainHead).where(AuditChainHead.chain == chain).execution_options(populate_existing=True)
-    )
+    # Columns, not the mapped object: nothing of the head stays in the session's identity map.
+    head = (
+        await session.execute(select(AuditChainHead.seq, AuditChainHead.head_hash).where(AuditChainHead.chain == chain))
+    ).first()
     head_seq, head_hash = (head.seq, head.head_hash) if head else (0, GENESIS)
     walk = ChainWalk(chain, checkpoints=checkpoints)
     async for seq, record in stream_records(session, chain, last=head_seq):
@@ -103,11 +104,7 @@ async def verify_chain(
             select(func.min(AuditEvent.seq)).where(AuditEvent.chain == chain, AuditEvent.seq > head_seq)
         )
         if beyond is not None:
-            now = await session.scalar(
-                select(AuditChainHead.seq)
-                .where(AuditChainHead.chain == chain)
-                .execution_options(populate_existing=True)
-            )
+            now = await session.scalar(select(AuditChainHead.seq).where(AuditChainHead.chain == chain))
             if now is None or now < beyond:
                 return ChainVerdict(
                     chain,

@@ -27,11 +27,11 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -48,8 +48,12 @@ __all__ = [
     "SYSTEM_CHAIN",
     "AuditEntry",
     "Auditor",
+    "ChainHead",
+    "ChainHeadMoved",
     "RequestMeta",
+    "advance_head",
     "iso_now",
+    "lock_head",
     "outcome_of",
     "utc_instant",
 ]
@@ -153,6 +157,66 @@ def outcome_of(exc: BaseException) -> tuple[str, str]:
     return "error", snake_name(type(exc).__name__)
 
 
+class ChainHeadMoved(RuntimeError):
+    """The chain head was not where the locked read left it: impossible while its row lock holds,
+    so an append that meets it stops rather than fork or skip a seq."""
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """A chain's head as read under its row lock, with the database's clock at that moment."""
+
+    chain: str
+    seq: int
+    head_hash: str
+    clock: str  # the records' fixed-width UTC form
+
+
+_HEADS = cast(Table, AuditChainHead.__table__)
+_EVENTS = cast(Table, AuditEvent.__table__)
+
+# The appends' statements, built once so that SQLAlchemy compiles each once and asyncpg prepares
+# each once per connection. Core, not the ORM: no identity map entry, no unit of work, and
+# nothing a later flush could write back. Their parameters are named apart from the columns,
+# which an INSERT or UPDATE would otherwise take as further values to set.
+_LOCK = (
+    select(_HEADS.c.seq, _HEADS.c.head_hash, func.clock_timestamp())
+    .where(_HEADS.c.chain == bindparam("head_chain"))
+    .with_for_update()
+)
+# Only for a chain's first record: the new row is invisible to other transactions until commit,
+# so whoever inserts it holds it; a writer that meets the conflict waits for the inserter to
+# finish and then locks the committed row with `_LOCK`.
+_CREATE = (
+    insert(_HEADS)
+    .values(chain=bindparam("head_chain"), seq=0, head_hash=GENESIS)
+    .on_conflict_do_nothing(index_elements=[_HEADS.c.chain])
+    .returning(_HEADS.c.seq, _HEADS.c.head_hash, func.clock_timestamp())
+)
+# The record and the head's advance in one statement. The head only moves if it is still at the
+# (seq, hash) read under the lock, and the record is only inserted if it moved, so a moved head
+# inserts nothing and returns no row.
+_MOVED = (
+    update(_HEADS)
+    .where(
+        _HEADS.c.chain == bindparam("head_chain"),
+        _HEADS.c.seq == bindparam("old_seq"),
+        _HEADS.c.head_hash == bindparam("old_hash"),
+    )
+    .values(seq=bindparam("new_seq"), head_hash=bindparam("new_hash"))
+    .returning(_HEADS.c.chain, _HEADS.c.seq)
+    .cte("moved")
+)
+_ADVANCE = (
+    insert(_EVENTS)
+    .from_select(
+        ["chain", "seq", "record"],
+        select(_MOVED.c.chain, _MOVED.c.seq, bindparam("new_record", type_=_EVENTS.c.record.type)),
+    )
+    .returning(_EVENTS.c.seq)
+)
+
+
 async def _append(
     session: AsyncSession, entry: AuditEntry, span: Span, outcome: str, reason: str | None
 ) -> dict[str, Any]:
@@ -160,9 +224,12 @@ async def _append(
 
     The chain head row is locked FOR UPDATE (READ COMMITTED), so concurrent writers from any
     number of processes queue on it and seq stays gapless; the lock ends with the transaction.
+    Every writer of the chain waits while it is held, so the lock is taken as late as possible:
+    everything that does not depend on the head is prepared first, and under the lock there are
+    two statements (read the head and the clock; insert the record and move the head), then the
+    caller's commit.
     """
     chain = entry.resolved_chain()
-    head, recorded_at = await lock_head(session, chain)
     context = span.get_span_context()
     actor = entry.actor
     who: dict[str, Any] = {
@@ -172,54 +239,74 @@ async def _append(
     }
     if entry.operator is not None:
         who["operator"] = entry.operator
+    # Everything in the record but its place in the chain (seq, time, previous hash).
+    body: dict[str, Any] = _storable(
+        {
+            "action": entry.action,
+            "outcome": outcome,
+            "reason": reason,
+            "actor": who,
+            "resource": {"type": entry.resource_type, "id": entry.resource_id},
+            "source": {
+                "address": entry.meta.address if entry.meta else None,
+                "request_id": entry.meta.request_id if entry.meta else None,
+            },
+            "data_classes": sorted(entry.data_classes),
+            "policy_version": entry.policy_version,
+            "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
+            "span_id": format(context.span_id, "016x") if context.is_valid else None,
+            "details": dict(entry.details),
+        }
+    )
+    # The caller's own pending changes go to the database now, before the lock, rather than in
+    # the commit's flush while every other writer of the chain waits.
+    await session.flush()
+    head = await lock_head(session, chain)
     record: dict[str, Any] = {
         "seq": head.seq + 1,
-        "chain": chain,
-        "recorded_at": recorded_at,
-        "action": entry.action,
-        "outcome": outcome,
-        "reason": reason,
-        "actor": who,
-        "resource": {"type": entry.resource_type, "id": entry.resource_id},
-        "source": {
-            "address": entry.meta.address if entry.meta else None,
-            "request_id": entry.meta.request_id if entry.meta else None,
-        },
-        "data_classes": sorted(entry.data_classes),
-        "policy_version": entry.policy_version,
-        "trace_id": format(context.trace_id, "032x") if context.is_valid else None,
-        "span_id": format(context.span_id, "016x") if context.is_valid else None,
-        "details": dict(entry.details),
+        "chain": _storable(chain),
+        "recorded_at": head.clock,
+        **body,
         "prev_hash": head.head_hash,
     }
-    record = _storable(record)
     record["hash"] = record_hash(head.head_hash, record)
-    session.add(AuditEvent(chain=chain, seq=record["seq"], record=record))
-    head.seq, head.head_hash = record["seq"], record["hash"]
-    await session.flush()
+    await advance_head(session, head, record)
     span.set_attribute("custody.audit_seq", record["seq"])
     entry.written = record
     return record
 
 
-async def lock_head(session: AsyncSession, chain: str) -> tuple[AuditChainHead, str]:
-    """The chain's head row, locked FOR UPDATE, read fresh (never a stale object from the
-    session's identity map), with the database's clock, so times within a chain never go back."""
-    await session.execute(
-        insert(AuditChainHead)
-        .values(chain=chain, seq=0, head_hash=GENESIS)
-        .on_conflict_do_nothing(index_elements=["chain"])
-    )
-    row = (
+async def advance_head(session: AsyncSession, head: ChainHead, record: dict[str, Any]) -> None:
+    """Store `record` (the one after `head`, hash included) and move the chain's head to it, in
+    one statement; raises ChainHeadMoved, having stored nothing, if the head is no longer `head`."""
+    stored = (
         await session.execute(
-            select(AuditChainHead, func.clock_timestamp())
-            .where(AuditChainHead.chain == chain)
-            .with_for_update(of=AuditChainHead)
-            .execution_options(populate_existing=True)
+            _ADVANCE,
+            {
+                "head_chain": head.chain,
+                "old_seq": head.seq,
+                "old_hash": head.head_hash,
+                "new_seq": record["seq"],
+                "new_hash": record["hash"],
+                "new_record": record,
+            },
         )
-    ).one()
-    head, clock = row
-    return head, clock.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ).scalar_one_or_none()
+    if stored is None:
+        raise ChainHeadMoved(f"the head of audit chain {head.chain} moved from seq {head.seq} while locked")
+
+
+async def lock_head(session: AsyncSession, chain: str) -> ChainHead:
+    """The chain's head, locked FOR UPDATE until the caller's transaction ends, read fresh with
+    the database's clock (taken once the lock is held, so times within a chain never go back).
+    A chain with no head row yet gets one at seq 0."""
+    row = (await session.execute(_LOCK, {"head_chain": chain})).first()
+    if row is None:
+        row = (await session.execute(_CREATE, {"head_chain": chain})).first()
+        if row is None:  # another writer created it first: its row is committed now
+            row = (await session.execute(_LOCK, {"head_chain": chain})).one()
+    seq, head_hash, clock = row
+    return ChainHead(chain, seq, head_hash, utc_instant(clock))
 
 
 _SAFE_INT = 2**53 - 1
