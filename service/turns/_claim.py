@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -155,11 +155,20 @@ async def claim_turn(
             history=history,
             step_count=conversation.step_count,
         )
-        conversation.lease_token = claim.lease_token
-        conversation.lease_expires_at = now + timedelta(seconds=ctx.turn_lease_seconds)
-        conversation.turn_count = claim.turn_number
-        session.add(
-            Turn(
+        # Statements, not the ORM's unit of work (which would flush whatever else changed on the
+        # row first: a raised classification, a takeover's release).
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation.id)
+            .values(
+                lease_token=claim.lease_token,
+                lease_expires_at=now + timedelta(seconds=ctx.turn_lease_seconds),
+                turn_count=claim.turn_number,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await session.execute(
+            insert(Turn).values(
                 id=claim.turn_id,
                 conversation_id=conversation.id,
                 number=claim.turn_number,
@@ -170,7 +179,6 @@ async def claim_turn(
                 key_id=principal.key_id,
             )
         )
-        await session.flush()
         if key_digest is not None:
             taken = await session.scalar(
                 insert(IdempotencyRecord)
