@@ -20,6 +20,7 @@ from ._history import (
     decode_json,
     encode_json,
     read_steps,
+    replay_steps,
     shred_data_key,
 )
 from ._lifecycle import (
@@ -87,6 +88,7 @@ __all__ = [
     "receipt_valid",
     "recompute_deadlines",
     "recover_receipt",
+    "replay_steps",
     "reseal",
     "rule_values",
     "seal_day_for",

@@ -26,6 +26,7 @@ __all__ = [
     "decode_json",
     "encode_json",
     "read_steps",
+    "replay_steps",
     "shred_data_key",
 ]
 
@@ -123,6 +124,20 @@ async def append_steps(
             for offset, step in enumerate(steps)
         ],
     )
+
+
+# The replay read, straight to the driver: a long history is thousands of rows, and the ORM's row
+# processing would cost more per step than opening the step does.
+_REPLAY = "SELECT position, key_version, sealed FROM steps WHERE conversation_id = $1 ORDER BY position"
+
+
+async def replay_steps(session: AsyncSession, cipher: ConversationCipher) -> list[bytes]:
+    """Every step of the conversation in order, each its exact JSON bytes: what the next turn
+    sends as the history. Runs in the session's transaction, on its connection."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    rows = await raw.driver_connection.fetch(_REPLAY, cipher.conversation_id)  # type: ignore[union-attr]
+    return [cipher.open_step(position, key_version, sealed) for position, key_version, sealed in rows]
 
 
 async def read_steps(

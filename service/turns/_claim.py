@@ -25,7 +25,7 @@ from ..conversations import (
     align_data_keys,
     decode_json,
     load_cipher,
-    read_steps,
+    replay_steps,
     rule_values,
 )
 from ..errors import (
@@ -138,7 +138,7 @@ async def claim_turn(
         cipher = await load_cipher(session, ctx, conversation)
         # Exact bytes, spliced into the request unparsed; only steps that can be function calls
         # or results are parsed, to find the calls still waiting for an answer.
-        history = [step for _, _, step in await read_steps(session, cipher)]
+        history = await replay_steps(session, cipher)
         check_function_results([decode_json(step) for step in history if _may_be_function_step(step)], new_steps)
         decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
         claim = Claim(
