@@ -73,9 +73,13 @@ class RecordedRequest:
     body: Any  # parsed JSON, or the raw text when the body is not JSON, or None when empty
     status: int | None = field(default=None, compare=False)
     response: Any = field(default=None, compare=False)  # JSON body, or the SSE events
+    # The body's bytes exactly as they arrived, for tests of what a client put on the wire (not in
+    # `as_json`: the parsed `body` is what the log shows).
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     def as_json(self, *, redact: bool = True) -> dict[str, Any]:
         data = asdict(self)
+        del data["raw"]
         if redact:
             data["headers"] = {k: ("<redacted>" if k in _REDACTED_HEADERS else v) for k, v in self.headers.items()}
         return data
@@ -146,7 +150,7 @@ class Simulator:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-        record = RecordedRequest(method, path, query, headers, _parse_body(raw))
+        record = RecordedRequest(method, path, query, headers, _parse_body(raw), raw=raw)
         self._record(record)
         try:
             fault = self.faults.next_fault(headers.get("x-sim-fault"))
