@@ -34,7 +34,7 @@ from sqlalchemy import select
 
 from ..audit import AuditEntry, outcome_of
 from ..context import ServiceContext
-from ..conversations import delete_provider_copies
+from ..conversations import delete_provider_copies, encode_json
 from ..database_errors import database_unreachable
 from ..detectors import detect_classes
 from ..errors import ConversationNotFound, DatabaseUnavailable, UpstreamFailed
@@ -106,7 +106,8 @@ class TurnEngine:
         try:
             reply = await ctx.upstream.create(
                 settings=claim.settings,
-                steps=[*claim.history, *new_steps],
+                # The upstream call takes each step as its JSON bytes.
+                steps=[encode_json(step) for step in (*claim.history, *new_steps)],
                 store=claim.decision.provider_storage,
             )
         except BaseException as exc:
