@@ -7,6 +7,15 @@ with `store=false` a retry leaves nothing behind, so transient failures (408, 42
 connection) are retried up to `attempts` times; with provider storage only a 429, which the
 server refused before doing any work, is retried. Timeouts are never retried: the model may
 still be working, and the caller's turn has already waited long enough.
+
+`create` is the turn's hot path and does not use the SDK's typed `create`, which builds pydantic
+models for the whole history and serializes it again on every call (most of the service's CPU
+on a long conversation). The history arrives as the exact JSON bytes of each step and is spliced
+into the request body as it is, and the reply's steps leave as the exact bytes the API sent
+(service/json_spans.py), so a replayed step is byte-for-byte what the model produced. The body
+still goes through the SDK's own request building, auth and HTTP client, and its failures come
+back as the SDK's error classes (`_sdk_create_sender`): the same method, URL, headers and
+timeout as the typed `create` (tests/test_upstream_wire.py compares the two on the wire).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +35,7 @@ from google.genai import types
 
 from .config import API_REVISION, UpstreamSettings
 from .errors import ConfigurationError, UpstreamFailed
+from .json_spans import split_steps
 from .metrics import Metrics
 
 __all__ = ["Upstream", "UpstreamReply"]
@@ -35,6 +46,11 @@ _MAX_HOPS = 16
 _INTERACTION_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _MAX_RETRY_AFTER = 10.0
 _PROBE_ID = "custody-startup-probe"
+# What a reply body that is not one JSON object (or not UTF-8, or nested too deep) raises.
+_NOT_JSON = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+
+# One hop as it came back: the parsed body, and the exact bytes of each of its steps.
+_Hop = tuple[dict[str, Any], list[bytes]]
 
 
 @dataclass(frozen=True)
@@ -46,8 +62,8 @@ class UpstreamReply:
     attempts: int
     # Every interaction the turn took, in order: each may be a copy the provider keeps.
     interaction_ids: list[str] = field(default_factory=list)
-    # The exact JSON bytes of each of `body["steps"]`, in the same order.
-    steps: list[bytes] = field(default_factory=list)
+    # The exact bytes of each step of `body["steps"]`, in the same order, as the API sent them.
+    steps: list[bytes] = field(kw_only=True, repr=False)
 
 
 class Upstream:
@@ -82,15 +98,17 @@ class Upstream:
             )
         else:
             self._client = genai.Client(api_key=key, http_options=http_options)
+        self._send_create = _sdk_create_sender(self._client)
         self._attempts = max(1, attempts)
         self._metrics = metrics or Metrics.disabled()
 
-    async def create(self, *, settings: dict[str, Any], steps: list[bytes], store: bool) -> UpstreamReply:
+    async def create(self, *, settings: dict[str, Any], steps: Sequence[bytes], store: bool) -> UpstreamReply:
         """One turn with `steps` as its whole input; the reply's raw JSON.
 
-        The history goes in `extra_body`, which the SDK sends untouched: passed as `input=` it
-        would be re-validated and re-serialized, dropping nulls on fields it knows, and replay
-        must send the same JSON values back.
+        `steps` are the exact JSON bytes of each input step (one JSON value each, as stored or
+        as the API sent it): they go into the body's `input` array as they are, never parsed or
+        re-serialized, so replay sends the same bytes back. `settings` (the route's model and
+        settings) are serialized once per call.
 
         A turn the model answers over several interactions (`requires_continuation`) is continued
         here, as the SDK's own (switched off) automatic continuation would: each hop re-sends the
@@ -99,22 +117,23 @@ class Upstream:
         kept (each may be a copy the provider holds); a failure part-way names the ids so far.
         """
         started = time.perf_counter()
-        hops: list[dict[str, Any]] = []
+        hops: list[_Hop] = []
         attempts = 0
-        steps_values = [json.loads(step) for step in steps]  # FIXME(bytes path): temporary
-        extra: dict[str, Any] = {"input": steps_values}
+        # The input array is joined once and re-sent as it is by every hop that needs it.
+        input_array = b"[" + b",".join(steps) + b"]"
+        body = _request_body(settings, store, {}, input_array)
         while True:
             try:
-                body, used = await self._create_one(settings, store, extra)
+                hop, used = await self._create_one(body, store)
             except UpstreamFailed as exc:
                 exc.attempts += attempts
                 exc.interaction_ids = _hop_ids(hops)
                 self._metrics.upstream_failed(exc.code)
                 raise
-            hops.append(body)
+            hops.append(hop)
             attempts += used
-            token = body.get("continuation_token")
-            if body.get("status") != "requires_continuation" or not isinstance(token, str) or not token:
+            token = hop[0].get("continuation_token")
+            if hop[0].get("status") != "requires_continuation" or not isinstance(token, str) or not token:
                 break
             if len(hops) >= _MAX_HOPS:
                 self._metrics.upstream_failed("upstream_continuation_limit")
@@ -124,26 +143,23 @@ class Upstream:
                     attempts=attempts,
                     interaction_ids=_hop_ids(hops),
                 )
-            extra = {"continuation_token": token}
             if store:
-                extra["previous_interaction_id"] = body.get("id")
+                body = _request_body(
+                    settings, store, {"continuation_token": token, "previous_interaction_id": hop[0].get("id")}, None
+                )
             else:
-                extra["input"] = steps_values
-        merged = _merge(hops)
-        raw = [json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode() for s in merged.get("steps") or []]
-        return UpstreamReply(merged, (time.perf_counter() - started) * 1000, attempts, _hop_ids(hops), raw)
+                body = _request_body(settings, store, {"continuation_token": token}, input_array)
+        merged, merged_steps = _merge(hops)
+        return UpstreamReply(
+            merged, (time.perf_counter() - started) * 1000, attempts, _hop_ids(hops), steps=merged_steps
+        )
 
-    async def _create_one(
-        self, settings: dict[str, Any], store: bool, extra: dict[str, Any]
-    ) -> tuple[dict[str, Any], int]:
-        """One interaction, with Custody's retries; (raw JSON body, requests sent)."""
+    async def _create_one(self, body: bytes, store: bool) -> tuple[_Hop, int]:
+        """One interaction, with Custody's retries; ((parsed body, step bytes), requests sent)."""
         for attempt in range(1, self._attempts + 1):
             try:
                 with self._metrics.upstream_request("create", _request_outcome):
-                    raw = await self._client.aio.interactions.with_raw_response.create(
-                        **settings, store=store, extra_body=extra
-                    )
-                    body = json.loads(await raw.read())
+                    parsed, step_bytes = split_steps(await self._send_create(body))
             except sdk_errors.APITimeoutError:
                 raise UpstreamFailed(
                     "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
@@ -166,15 +182,15 @@ class Upstream:
                 raise UpstreamFailed(
                     "upstream_unreachable", "the model service could not be reached", attempts=attempt
                 ) from None
-            except (json.JSONDecodeError, RecursionError):
+            except _NOT_JSON:
                 raise UpstreamFailed(
                     "upstream_bad_response", "the model service sent a body that is not JSON", attempts=attempt
                 ) from None
-            if not isinstance(body, dict) or not isinstance(body.get("steps", []), list):
+            if not isinstance(parsed.get("steps", []), list):
                 raise UpstreamFailed(
                     "upstream_bad_response", "the model service sent an unexpected body", attempts=attempt
                 )
-            return body, attempt
+            return (parsed, step_bytes), attempt
         raise AssertionError("unreachable")  # the loop always returns or raises
 
     async def delete(self, interaction_id: str) -> bool:
@@ -220,37 +236,154 @@ def _request_outcome(exc: BaseException) -> str:
         return f"http_{exc.status_code}"
     if isinstance(exc, sdk_errors.APIConnectionError):
         return "unreachable"
-    if isinstance(exc, (json.JSONDecodeError, RecursionError)):
+    if isinstance(exc, _NOT_JSON):
         return "bad_response"
     return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
 
 
-def _hop_ids(hops: list[dict[str, Any]]) -> list[str]:
+def _hop_ids(hops: list[_Hop]) -> list[str]:
     """The interaction ids of the hops, when they are plausible ids: they go into the ledger and
     audit records, which must never hold arbitrary text from a response."""
-    return [hop["id"] for hop in hops if isinstance(hop.get("id"), str) and _INTERACTION_ID.fullmatch(hop["id"])]
+    ids = (hop.get("id") for hop, _ in hops)
+    return [i for i in ids if isinstance(i, str) and _INTERACTION_ID.fullmatch(i)]
 
 
-def _merge(hops: list[dict[str, Any]]) -> dict[str, Any]:
+def _merge(hops: list[_Hop]) -> _Hop:
     """One reply from a turn's hops, as the SDK merges them: steps in order (a continuation's
-    leading user_input, the turn's input again, dropped), usage summed, the rest from the last."""
+    leading user_input, the turn's input again, dropped), usage summed, the rest from the last.
+    The step bytes are merged the same way, so they stay aligned with the parsed steps."""
     if len(hops) == 1:
         return hops[0]
-    merged = dict(hops[-1])
-    steps: list[Any] = list(hops[0].get("steps") or [])
+    merged = dict(hops[-1][0])
+    steps: list[Any] = []
+    raw: list[bytes] = []
     usage: dict[str, int] = {}
-    for index, hop in enumerate(hops):
+    for index, (hop, hop_raw) in enumerate(hops):
         hop_steps = list(hop.get("steps") or [])
         if index and hop_steps and isinstance(hop_steps[0], dict) and hop_steps[0].get("type") == "user_input":
-            hop_steps = hop_steps[1:]
-        if index:
-            steps.extend(hop_steps)
+            hop_steps, hop_raw = hop_steps[1:], hop_raw[1:]
+        steps.extend(hop_steps)
+        raw.extend(hop_raw)
         for name, value in (hop.get("usage") or {}).items():
             if isinstance(value, int) and not isinstance(value, bool):
                 usage[name] = usage.get(name, 0) + value
     merged["steps"] = steps
     merged["usage"] = usage
-    return merged
+    return merged, raw
+
+
+def _request_body(settings: dict[str, Any], store: bool, fields: dict[str, Any], input_array: bytes | None) -> bytes:
+    """A create request's JSON body: the route's settings, `store` and `fields` serialized here
+    (a handful of small values), then `input_array`, the steps' own bytes, spliced in as it is.
+    Later keys win over earlier ones, as `extra_body` won over the typed arguments."""
+    head = json.dumps(
+        {**settings, "store": store, **fields}, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    ).encode()
+    if input_array is None:
+        return head
+    # `head` is a JSON object with at least `store` in it: `input` goes in before its closing brace.
+    return b"".join((head[:-1], b',"input":', input_array, b"}"))
+
+
+def _sdk_create_sender(client: genai.Client) -> Callable[[bytes], Awaitable[bytes]]:
+    """`send(body)`: POST a create whose JSON body is already bytes, as the SDK's typed
+    `interactions.create` would send it; the response body, or the SDK's error classes.
+
+    The SDK (google-genai 3.x, a generated client) has no public way to send a body it did not
+    serialize itself, so this reaches into its generated interactions resource, and only here:
+    `_build_request_async` builds the request exactly as the typed `create` does (server URL,
+    `/{api_version}/interactions` with Vertex AI's `projects/{p}/locations/{l}` in the version,
+    the default headers with Api-Revision and the SDK's user-agent and x-goog-api-client, the API
+    key or the Vertex AI access token, the configured timeout); the SDK's own before-request
+    hooks then apply its auth and quota-project headers, and its HTTP client (httpx2 or httpx,
+    whichever the SDK chose) sends it. Left out is what costs without changing the wire: the
+    typed `create` runs those hooks in a worker thread, and renders the whole body for a debug
+    log even when that log is off (and would write the conversation into it when on).
+
+    Errors come back as the typed path raises them: transport failures through the SDK's own
+    translation (APITimeoutError, APIConnectionError), a 4xx/5xx as the APIStatusError subclass
+    of its status. Everything private is looked up now, when the Upstream is made, so an SDK
+    that changed under us fails at startup rather than on a turn; tests/test_upstream_wire.py
+    compares what this sends with what the typed `create` sends.
+    """
+    try:
+        from google.genai._gaos._hooks import BeforeRequestContext, HookContext, ResponseContext
+        from google.genai._gaos.lib.compat_errors import wrap_sdk_error
+        from google.genai._gaos.models import CreateInteractionGlobals
+        from google.genai._gaos.types import Security
+        from google.genai._gaos.utils import SerializedRequestBody, get_security_from_env, template_url
+
+        resource = client.aio.interactions
+        config = resource.sdk_configuration
+        build_request = resource._build_request_async
+        hooks = config.__dict__["_hooks"]
+        http = config.async_client
+        path_globals = CreateInteractionGlobals(api_version=config.globals.api_version)
+        base_url = template_url(*config.get_server_details())
+        timeout_ms = config.timeout_ms
+    except (ImportError, AttributeError, KeyError) as exc:
+        raise ConfigurationError(
+            f"this google-genai version is not one Custody can send raw request bodies through: {exc!r}"
+        ) from exc
+    if http is None:
+        raise ConfigurationError("the google-genai client has no async HTTP client")
+
+    async def send(body: bytes) -> bytes:
+        # Arguments as the generated `AsyncInteractions.create` passes them (stream=False).
+        request = build_request(
+            method="POST",
+            path="/{api_version}/interactions",
+            base_url=base_url,
+            url_variables=None,
+            request=None,
+            request_body_required=True,
+            request_has_path_params=True,
+            request_has_query_params=True,
+            user_agent_header="user-agent",
+            accept_header_value="application/json",
+            http_headers=None,
+            extra_query_params=None,
+            _globals=path_globals,
+            security=config.security,
+            get_serialized_body=lambda: SerializedRequestBody("application/json", content=body),
+            allow_empty_value=None,
+            timeout_ms=timeout_ms,
+        )
+        context = HookContext(
+            config=config,
+            base_url=base_url or "",
+            operation_id="CreateInteraction",
+            oauth2_scopes=None,
+            security_source=get_security_from_env(config.security, Security),
+            tags=["interactions"],
+            extensions=None,
+            response=ResponseContext(mode="raw", execution="async"),
+        )
+        try:
+            request = hooks.before_request(BeforeRequestContext(context), request)
+            response = await http.send(request)
+        except Exception as exc:
+            # The SDK's own translation of whatever its HTTP client raised (its after-error hook).
+            translated = wrap_sdk_error(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        if 400 <= response.status_code < 600:
+            raise sdk_errors.APIError.generate(
+                status_code=response.status_code, body=_error_body(response), message=None, response=response
+            )
+        content: bytes = response.content
+        return content
+
+    return send
+
+
+def _error_body(response: Any) -> Any:
+    """An error response's body as the SDK keeps it on its errors: JSON when it parses, else text."""
+    try:
+        return json.loads(response.content)
+    except (ValueError, RecursionError):
+        return response.text
 
 
 def _backoff(attempt: int, retry_after: str | None) -> float:

@@ -12,6 +12,7 @@ if __name__ == "__main__":
     for script in (
         "simulator_throughput.py",
         "turn_latency.py",
+        "upstream_hop.py",
         "observability.py",
         "keyrings.py",
         "expiry_layer.py",

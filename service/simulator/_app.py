@@ -73,7 +73,8 @@ class RecordedRequest:
     body: Any  # parsed JSON, or the raw text when the body is not JSON, or None when empty
     status: int | None = field(default=None, compare=False)
     response: Any = field(default=None, compare=False)  # JSON body, or the SSE events
-    # The body's bytes as they arrived (for tests of what exactly went on the wire; not logged).
+    # The body's bytes exactly as they arrived, for tests of what a client put on the wire (not in
+    # `as_json`: the parsed `body` is what the log shows).
     raw: bytes = field(default=b"", compare=False, repr=False)
 
     def as_json(self, *, redact: bool = True) -> dict[str, Any]:

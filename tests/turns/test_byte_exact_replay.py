@@ -63,7 +63,8 @@ async def test_model_steps_are_replayed_byte_for_byte(
         assert row is not None
         stored = [step for _, _, step in await read_steps(session, await load_cipher(session, ctx, row))]
     assert stored[1:3] == [THOUGHT_STEP, MODEL_STEP]
-    history = await api.get(f"/v1/conversations/{conversation}/history", headers=tenant.headers())
+    history = await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
+    assert history.status_code == 200, history.text
     assert [item["step"] for item in history.json()["steps"]][1:3] == [
         json.loads(THOUGHT_STEP),
         json.loads(MODEL_STEP),
