@@ -13,7 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from .config import MIGRATIONS_DIR
@@ -29,6 +29,7 @@ __all__ = [
     "make_sessions",
     "migrate",
     "parse_database_url",
+    "run_sql",
 ]
 
 # asyncpg would wait a minute (and libpq forever) for a server that does not answer; a dead
@@ -102,6 +103,16 @@ def make_engine(url: str, *, variable: str = "DATABASE_URL", **options: Any) -> 
 
 def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def run_sql(session: AsyncSession, sql: str, *parameters: Any) -> CursorResult[Any]:
+    """Run SQL written for the driver (`$1`-style parameters) in the session's transaction: for
+    the turn path's hot statements, which skip SQLAlchemy's statement building and the ORM, and
+    which asyncpg prepares once per connection. Errors come back as SQLAlchemy's, as from any
+    other statement (a lost connection invalidates it in the pool, a constraint is an
+    IntegrityError)."""
+    connection = await session.connection()
+    return await connection.exec_driver_sql(sql, parameters)
 
 
 async def database_now(session: AsyncSession) -> datetime:

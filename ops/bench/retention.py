@@ -50,7 +50,7 @@ from sqlalchemy import func, select, update
 from service.audit import RequestMeta
 from service.auth import Principal
 from service.config import EXAMPLE_POLICY, Settings
-from service.conversations import append_steps, load_cipher, open_conversation
+from service.conversations import append_steps, encode_json, load_cipher, open_conversation
 from service.database import migrate
 from service.ids import new_id
 from service.key_store import migrate_key_store
@@ -138,7 +138,9 @@ async def seed_tenant(
                     )
                 )
                 await session.flush()
-                append_steps(session, cipher, turn_id, 2 * (number - 1), steps_of(number))
+                await append_steps(
+                    session, cipher, turn_id, 2 * (number - 1), [encode_json(step) for step in steps_of(number)]
+                )
                 session.add(
                     UpstreamInteraction(
                         id=f"v1_bench{secrets.token_hex(12)}",

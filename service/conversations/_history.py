@@ -18,6 +18,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..crypto import open_sealed, record_aad, seal, step_aad
+from ..database import run_sql
 from ..models import DataKey, Step
 
 __all__ = [
@@ -126,7 +127,7 @@ async def append_steps(
     )
 
 
-# The replay read, straight to the driver: a long history is thousands of rows, and the ORM's row
+# The replay read, as SQL for the driver: a long history is thousands of rows, and the ORM's row
 # processing would cost more per step than opening the step does.
 _REPLAY = "SELECT position, key_version, sealed FROM steps WHERE conversation_id = $1 ORDER BY position"
 
@@ -134,10 +135,8 @@ _REPLAY = "SELECT position, key_version, sealed FROM steps WHERE conversation_id
 async def replay_steps(session: AsyncSession, cipher: ConversationCipher) -> list[bytes]:
     """Every step of the conversation in order, each its exact JSON bytes: what the next turn
     sends as the history. Runs in the session's transaction, on its connection."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    rows = await raw.driver_connection.fetch(_REPLAY, cipher.conversation_id)  # type: ignore[union-attr]
-    return [cipher.open_step(position, key_version, sealed) for position, key_version, sealed in rows]
+    rows = (await run_sql(session, _REPLAY, cipher.conversation_id)).all()
+    return [cipher.open_step(row.position, row.key_version, row.sealed) for row in rows]
 
 
 async def read_steps(

@@ -13,27 +13,23 @@ its answer): the engine retries them while the database is unreachable.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from ..audit import AuditEntry
 from ..context import ServiceContext
-from ..conversations import (
-    align_data_keys,
-    append_steps,
-    encode_json,
-    last_activity_deadline,
-    seal_day_for,
-    utc_day,
-    utc_today,
-)
+from ..conversations import align_data_keys, encode_json, last_activity_deadline, seal_day_for
+from ..database import run_sql
 from ..errors import ConversationNotFound, LeaseLost
-from ..models import Conversation, DataKey, IdempotencyRecord, Turn, UpstreamInteraction
+from ..models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
 from ._claim import RESULT_LABEL, Claim
 from ._reply import Outcome, output_text
 from ._types import TurnRequest, TurnResult
@@ -135,11 +131,8 @@ class ClaimedTurn:
     async def finish(self, outcome: Outcome, retry: bool) -> TurnResult:
         """Store the outcome, if the lease is still ours; the result the caller gets.
 
-        A few statements, none through the ORM's unit of work: the conversation's row is updated
-        only while our lease token is on it (which also locks it), the steps go in as one
-        multi-row insert at the positions the claim saw free (nobody else appends while the lease
-        is ours), then the turn row, the interaction ids of a turn the provider keeps nothing of,
-        the Idempotency-Key's sealed answer, and the `turn.create` record.
+        One statement (`_FINISH`) does the turn's writes, so the unit of work is that statement,
+        the Idempotency-Key's sealed answer when there is a key, and the `turn.create` record.
         """
         result = self.result(outcome)
         if retry and await self._finished_earlier(outcome):
@@ -148,29 +141,34 @@ class ClaimedTurn:
             return result
         claim, request = self.claim, self.request
         stored = [*self.new_step_bytes, *outcome.model_step_bytes] if outcome.kept else []
+        # Sealed at the positions the claim saw free: nobody else appends while the lease is ours,
+        # and the statement checks that it is so.
+        sealed = [claim.cipher.seal_step(claim.step_count + offset, step) for offset, step in enumerate(stored)]
+        unstored_ids = [] if claim.decision.provider_storage else outcome.reply.interaction_ids
         async with self.ctx.auditor.action(self.ctx.sessions, self.turn_entry()) as (session, entry):
-            moved = (
-                await session.execute(
-                    update(Conversation)
-                    .where(Conversation.id == request.conversation_id, Conversation.lease_token == claim.lease_token)
-                    .values(
-                        step_count=Conversation.step_count + len(stored),
-                        lease_token=None,
-                        lease_expires_at=None,
-                        # Activity now: delete_after counts from here.
-                        updated_at=func.now(),
-                        purge_at=last_activity_deadline(),
-                    )
-                    .returning(
-                        Conversation.step_count - len(stored),
-                        utc_day(Conversation.purge_at),
-                        utc_today(self.ctx.clock),
-                        select(DataKey.expiry_day).where(DataKey.conversation_id == Conversation.id).scalar_subquery(),
-                    )
-                    .execution_options(synchronize_session=False)
+            finished = (
+                await run_sql(
+                    session,
+                    _FINISH,
+                    request.conversation_id,
+                    claim.lease_token,
+                    claim.step_count,
+                    claim.turn_id,
+                    sealed,
+                    claim.cipher.key_version,
+                    outcome.status,
+                    outcome.error_code,
+                    outcome.upstream_status[:40],
+                    json.dumps(outcome.usage),
+                    outcome.reply.latency_ms,
+                    outcome.reply.attempts,
+                    outcome.kept,
+                    request.principal.tenant_id,
+                    unstored_ids,
+                    self.ctx.clock.offset,
                 )
             ).one_or_none()
-            if moved is None:
+            if finished is None:
                 # Deleted meanwhile, or our lease expired and another turn took over: appending
                 # now would resurrect or fork the history. (Raising records a denied turn.create;
                 # the engine then releases the turn row and the key.)
@@ -178,31 +176,12 @@ class ClaimedTurn:
                     self.ctx.metrics.lease_conflict("lost", request.principal.tenant_id)
                     raise LeaseLost(request.conversation_id)
                 raise ConversationNotFound(request.conversation_id)
-            first_position, purge_day, today, key_day = moved
-            await append_steps(session, claim.cipher, claim.turn_id, first_position, stored)
-            finished = await session.scalar(
-                update(Turn)
-                .where(Turn.id == claim.turn_id)
-                .values(
-                    status=outcome.status,
-                    error_code=outcome.error_code,
-                    upstream_status=outcome.upstream_status[:40],
-                    usage=outcome.usage,
-                    upstream_latency_ms=outcome.reply.latency_ms,
-                    upstream_attempts=outcome.reply.attempts,
-                    finished_at=func.now(),
-                    **({"first_position": first_position, "step_count": len(stored)} if outcome.kept else {}),
-                )
-                .returning(Turn.id)
-                .execution_options(synchronize_session=False)
-            )
-            if finished is None:  # the claim created it, and only a deletion (checked above) removes it
+            if finished.first_position != claim.step_count or not finished.turn_found:
+                # The history moved under a lease we still hold, or the claim's turn row is gone:
+                # neither can happen while the lease works, so store nothing (the raise rolls
+                # the statement back) rather than a history with a hole or an overlap.
                 raise ConversationNotFound(request.conversation_id)
-            if not claim.decision.provider_storage and outcome.reply.interaction_ids:
-                # The provider keeps nothing of this turn: its ids need not be on record before
-                # anything else can fail, so they ride in this transaction.
-                await self._insert_ledger(session, outcome.reply.interaction_ids)
-            if key_day != seal_day_for(purge_day, today):
+            if finished.key_day != seal_day_for(finished.purge_day, finished.today):
                 # The deadline moved to another day: the data key's expiry layer follows it.
                 await align_data_keys(session, self.ctx, [request.conversation_id])
             if claim.key_digest is not None:
@@ -274,3 +253,60 @@ class ClaimedTurn:
                 entry.details["upstream_attempts"] = attempts
                 await self.ctx.auditor.append(session, entry, outcome="error", reason=code[:80])
             return conversation is not None
+
+
+def _sql(expression: ColumnElement[Any]) -> str:
+    """A SQLAlchemy expression as SQL text, so the rule it states is written once."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return str(expression.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+
+
+# A finished turn's writes in one statement, one round trip: release the lease and move the
+# deadline (only while our lease token is on the row, which also locks it); append the sealed
+# steps at the positions the claim saw free; record the turn's outcome; put the ids of
+# interactions the provider kept nothing of on the ledger. It answers where the history now
+# starts and what the data key's expiry layer needs to know, or no row when the lease is gone
+# (then nothing was written). Data-modifying CTEs all run, against one snapshot.
+# (S608: constant SQL and a compiled expression; every value is a parameter.)
+_FINISH = f"""
+WITH conversation AS (
+    UPDATE conversations
+    SET step_count = step_count + cardinality($5::bytea[]),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now(),
+        purge_at = {_sql(last_activity_deadline())}
+    WHERE id = $1 AND lease_token = $2
+    RETURNING step_count - cardinality($5::bytea[]) AS first_position, purge_at
+), appended AS (
+    INSERT INTO steps (conversation_id, position, turn_id, key_version, sealed)
+    SELECT $1, $3 + step.ordinality - 1, $4, $6, step.sealed
+    FROM conversation, unnest($5::bytea[]) WITH ORDINALITY AS step(sealed, ordinality)
+    WHERE conversation.first_position = $3
+), finished AS (
+    UPDATE turns
+    SET status = $7,
+        error_code = $8,
+        upstream_status = $9,
+        usage = $10::jsonb,
+        upstream_latency_ms = $11,
+        upstream_attempts = $12,
+        finished_at = now(),
+        first_position = CASE WHEN $13 THEN $3 ELSE turns.first_position END,
+        step_count = CASE WHEN $13 THEN cardinality($5::bytea[]) ELSE turns.step_count END
+    FROM conversation
+    WHERE turns.id = $4
+    RETURNING turns.id
+), ledger AS (
+    INSERT INTO upstream_interactions (id, tenant_id, conversation_id, turn_id, stored, delete_attempts)
+    SELECT interaction_id, $14, $1, $4, false, 0
+    FROM conversation, unnest($15::text[]) AS interaction_id
+    ON CONFLICT (id) DO NOTHING
+)
+SELECT conversation.first_position,
+       CAST(timezone('UTC', conversation.purge_at) AS DATE) AS purge_day,
+       CAST(timezone('UTC', clock_timestamp() + $16::interval) AS DATE) AS today,
+       (SELECT expiry_day FROM data_keys WHERE conversation_id = $1) AS key_day,
+       EXISTS (SELECT 1 FROM finished) AS turn_found
+FROM conversation
+"""  # noqa: S608
