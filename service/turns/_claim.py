@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..audit import AuditEntry
@@ -28,6 +27,7 @@ from ..conversations import (
     replay_steps,
     rule_values,
 )
+from ..database import run_sql
 from ..errors import (
     ConversationNotFound,
     IdempotencyKeyInFlight,
@@ -155,47 +155,31 @@ async def claim_turn(
             history=history,
             step_count=conversation.step_count,
         )
-        # Statements, not the ORM's unit of work (which would flush whatever else changed on the
-        # row first: a raised classification, a takeover's release).
-        await session.execute(
-            update(Conversation)
-            .where(Conversation.id == conversation.id)
-            .values(
-                lease_token=claim.lease_token,
-                lease_expires_at=now + timedelta(seconds=ctx.turn_lease_seconds),
-                turn_count=claim.turn_number,
+        # Pending ORM changes (a raised classification, a takeover's release) go first; then the
+        # lease, the turn row and the Idempotency-Key in one statement.
+        await session.flush()
+        taken = (
+            await run_sql(
+                session,
+                _TAKE,
+                conversation.id,
+                claim.lease_token,
+                now + timedelta(seconds=ctx.turn_lease_seconds),
+                claim.turn_number,
+                claim.turn_id,
+                decision.provider_storage,
+                decision.reason,
+                claim.policy_version,
+                principal.key_id,
+                principal.tenant_id,
+                key_digest,
+                inspected.fingerprint,
             )
-            .execution_options(synchronize_session=False)
-        )
-        await session.execute(
-            insert(Turn).values(
-                id=claim.turn_id,
-                conversation_id=conversation.id,
-                number=claim.turn_number,
-                status="in_progress",
-                provider_storage=decision.provider_storage,
-                storage_reason=decision.reason,
-                policy_version=claim.policy_version,
-                key_id=principal.key_id,
-            )
-        )
-        if key_digest is not None:
-            taken = await session.scalar(
-                insert(IdempotencyRecord)
-                .values(
-                    tenant_id=principal.tenant_id,
-                    key=key_digest,
-                    conversation_id=conversation.id,
-                    fingerprint=inspected.fingerprint,
-                    turn_id=claim.turn_id,
-                )
-                .on_conflict_do_nothing(index_elements=["tenant_id", "key"])
-                .returning(IdempotencyRecord.key)
-            )
-            if taken is None:
-                # The same key raced in on another conversation of this tenant: refused as the
-                # in-flight request it is (and audited so), not as a database error.
-                raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request")
+        ).one()
+        if key_digest is not None and not taken.key_taken:
+            # The same key raced in on another conversation of this tenant: refused as the
+            # in-flight request it is (and audited so), not as a database error.
+            raise IdempotencyKeyInFlight("this Idempotency-Key is being used by another request")
         entry.policy_version = claim.policy_version
         entry.details |= {
             "turn_id": claim.turn_id,
@@ -233,6 +217,27 @@ def _may_be_function_step(step: bytes) -> bool:
     plainly or with escapes (which JSON allows anywhere in a string): either way, a step holding
     neither spelling cannot be one, and needs no parsing here."""
     return b"function_" in step or b"\\u" in step
+
+
+# The claim's writes in one statement: the lease, the turn row and, with an Idempotency-Key, its
+# record (unless the key is taken: then the caller refuses the turn, which rolls all back).
+_TAKE = """
+WITH leased AS (
+    UPDATE conversations SET lease_token = $2, lease_expires_at = $3, turn_count = $4
+    WHERE id = $1
+    RETURNING id
+), turn AS (
+    INSERT INTO turns (id, conversation_id, number, status, provider_storage, storage_reason, policy_version,
+                       key_id, step_count, upstream_attempts)
+    SELECT $5, id, $4, 'in_progress', $6, $7, $8, $9, 0, 0 FROM leased
+), key AS (
+    INSERT INTO idempotency_records (tenant_id, key, conversation_id, fingerprint, turn_id)
+    SELECT $10, $11, id, $12, $5 FROM leased WHERE $11::varchar IS NOT NULL
+    ON CONFLICT (tenant_id, key) DO NOTHING
+    RETURNING key
+)
+SELECT EXISTS (SELECT 1 FROM key) AS key_taken
+"""
 
 
 async def _replay(

@@ -90,7 +90,7 @@ async def _claims_blocked(engine: AsyncEngine, holder: int) -> bool:
             await connection.execute(
                 text(
                     "SELECT count(*) FILTER (WHERE :holder = ANY(pg_blocking_pids(pid))) AS on_head, "
-                    "count(*) FILTER (WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO idempotency_records%') "
+                    "count(*) FILTER (WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO idempotency_records%') "
                     "AS on_key FROM pg_stat_activity WHERE datname = current_database()"
                 ),
                 {"holder": holder},
