@@ -44,6 +44,9 @@ class DataKeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, conversation_id: object) -> bool:
+        return conversation_id in self._entries
+
     @property
     def enabled(self) -> bool:
         return self._size > 0 and self._ttl > 0
