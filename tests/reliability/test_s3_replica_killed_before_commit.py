@@ -124,7 +124,8 @@ async def test_a_replica_killed_between_the_answer_and_the_commit(
         waiting = await _wait_for(
             lambda: observer.fetchrow(
                 "SELECT pid, query FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock' "
-                "AND query LIKE 'SELECT%FROM conversations%FOR UPDATE%' AND ($2 = ANY(pg_blocking_pids(pid)) OR "
+                # The finish: one statement that updates the row and appends the steps.
+                "AND query LIKE '%UPDATE conversations%INSERT INTO steps%' AND ($2 = ANY(pg_blocking_pids(pid)) OR "
                 # Queued behind the replica's own lease renewal, which waits on us.
                 "EXISTS (SELECT 1 FROM unnest(pg_blocking_pids(pid)) b WHERE $2 = ANY(pg_blocking_pids(b))))",
                 doomed.name,
