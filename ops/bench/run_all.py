@@ -12,6 +12,9 @@ if __name__ == "__main__":
     for script in (
         "simulator_throughput.py",
         "turn_latency.py",
+        "turn_throughput.py",
+        "concurrent_conversations.py",
+        "replay_cost.py",
         "observability.py",
         "keyrings.py",
         "expiry_layer.py",
