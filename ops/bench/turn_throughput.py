@@ -12,7 +12,8 @@ each client moves to a new conversation every 10 turns, so that the replayed his
 
 Prints, per replica count: turns/s, p50 and p99 of a turn as the client sees it, and the CPU
 time per turn of the Custody processes (/proc/<pid>/stat), of the simulator, of the Postgres
-backends serving the deployment's two databases, and of this load generator; then where the
+backends serving the deployment's two databases (found by their process titles every 0.1 s; one
+that ends within the window counts up to its last sample), and of this load generator; then where the
 machine's cores went (CPU seconds per second of each, and what other processes on the machine
 used meanwhile: on a shared machine turns/s moves with them, the CPU time per turn much less). Then
 the ceiling: the same clients posting to the simulator directly, each time the body Custody sent
@@ -150,7 +151,9 @@ async def custody_run(
                 "simulator": lambda: [simulator_pid],
                 "postgres": PostgresBackends(deployment.databases).pids,
                 "load generator": lambda: [os.getpid()],
-            }
+            },
+            # A backend whose connection the pool closes counts up to its last sample: sample often.
+            interval=0.1,
         ) as sampler:
             loop = await closed_loop(args.clients, args.seconds, turn)
         return Run(loop, sampler, sum(client.made_in_window for client in clients))
