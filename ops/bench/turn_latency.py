@@ -34,6 +34,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -154,32 +156,96 @@ async def main_async(args: argparse.Namespace, custody: str, simulator: str, key
             )
 
 
+# The checkout this script belongs to: the services start from here unless told otherwise, so
+# that its `service` package is the one imported (`python -m` puts the working directory first).
+REPO = Path(__file__).resolve().parents[2]
+
+
 @contextmanager
-def running_simulator() -> Iterator[str]:
-    """`custody simulator` in its own process; yields its base URL."""
+def simulator_process(
+    latency_ms: float = 0.0, request_log_limit: int = 1
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`custody simulator` of this checkout in its own process, answering after `latency_ms`;
+    yields its base URL and the process (the throughput benchmark reads its CPU time)."""
     port = free_port()
     process = subprocess.Popen(
-        # The log keeps the last request: the turn latency reads back the body Custody sent.
-        [sys.executable, "-m", "service", "simulator", "--port", str(port), "--request-log-limit", "1"],
+        [
+            *(sys.executable, "-m", "service", "simulator", "--port", str(port)),
+            *("--latency-ms", str(latency_ms), "--request-log-limit", str(request_log_limit)),
+        ],
+        cwd=REPO,
         stderr=subprocess.DEVNULL,
     )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/_simulator/health", process)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait()
 
 
 @contextmanager
-def running_custody(
-    simulator: str, keyring_env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None
-) -> Iterator[tuple[str, str]]:
-    """`custody serve` in its own process, as a deployment on a fresh database of the local
-    Postgres, with secrets made by `custody secrets init` (`keyring_env` replaces its keyring
-    file, e.g. with the CUSTODY_PKCS11_* settings; `extra_env` adds settings), calling
-    `simulator`; yields (its URL, a backend key). Its logs are discarded."""
+def running_simulator(latency_ms: float = 0.0) -> Iterator[str]:
+    """`custody simulator` in its own process; yields its base URL. Its log keeps the last
+    request: the turn latency reads back the body Custody sent."""
+    with simulator_process(latency_ms, request_log_limit=1) as (url, _):
+        yield url
+
+
+@dataclass
+class Replica:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@dataclass
+class Deployment:
+    """A database (and its key store) with a tenant and a backend key, and the `custody serve`
+    processes started on it, all from the checkout `cwd`."""
+
+    env: dict[str, str]
+    key: str
+    cwd: Path
+    databases: tuple[str, str]
+    replicas: list[Replica] = field(default_factory=list)
+
+    def add_replica(self) -> Replica:
+        """Another `custody serve` process on the same database, on a port of its own, once ready.
+        Its logs are discarded."""
+        env = self.env | {"CUSTODY_PORT": str(free_port())}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            env=env,
+            cwd=self.cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        replica = Replica(f"http://127.0.0.1:{env['CUSTODY_PORT']}", process)
+        self.replicas.append(replica)
+        wait_ready(f"{replica.url}/readyz", process)
+        return replica
+
+
+def _cli(command: list[str], env: dict[str, str], cwd: Path) -> str:
+    """`custody <command>`'s output; its own message if it fails (a setting it refuses, say)."""
+    done = subprocess.run([sys.executable, "-m", "service", *command], env=env, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"custody {' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip()
+
+
+@contextmanager
+def running_deployment(
+    simulator: str,
+    keyring_env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> Iterator[Deployment]:
+    """A deployment on a fresh database of the local Postgres, with secrets made by `custody
+    secrets init` (`keyring_env` replaces its keyring file, e.g. with the CUSTODY_PKCS11_*
+    settings; `extra_env` adds settings), calling `simulator`, every command run from the
+    checkout `cwd`; no replica runs until `add_replica`. Stops them all and drops the databases."""
     database = f"custody_bench_{secrets.token_hex(4)}"
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
@@ -192,11 +258,11 @@ def running_custody(
 
     asyncio.run(admin(f'CREATE DATABASE "{database}"'))
     asyncio.run(admin(f'CREATE DATABASE "{database}_keys"'))
-    process: subprocess.Popen[bytes] | None = None
     try:
         with tempfile.TemporaryDirectory() as scratch:
             made = subprocess.run(
                 [sys.executable, "-m", "service", "secrets", "init", f"{scratch}/secrets"],
+                cwd=cwd,
                 check=True,
                 capture_output=True,
                 text=True,
@@ -210,30 +276,32 @@ def running_custody(
                 "CUSTODY_DATA_DIR": scratch,
                 "GEMINI_API_KEY": "bench",
                 "GOOGLE_GEMINI_BASE_URL": simulator,
-                "CUSTODY_PORT": str(free_port()),
             }
             env |= extra_env or {}
             for command in (["migrate"], ["tenants", "create", "bench"]):
-                subprocess.run([sys.executable, "-m", "service", *command], env=env, check=True, capture_output=True)
-            key = subprocess.run(
-                [sys.executable, "-m", "service", "keys", "issue", "--tenant", "bench", "--role", "backend"],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            custody = f"http://127.0.0.1:{env['CUSTODY_PORT']}"
-            wait_ready(f"{custody}/readyz", process)
-            yield custody, key
+                _cli(command, env, cwd)
+            key = _cli(["keys", "issue", "--tenant", "bench", "--role", "backend"], env, cwd)
+            deployment = Deployment(env, key, cwd, (database, f"{database}_keys"))
+            try:
+                yield deployment
+            finally:
+                for replica in deployment.replicas:
+                    replica.process.terminate()
+                for replica in deployment.replicas:
+                    replica.process.wait()
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait()
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}_keys" WITH (FORCE)'))
+
+
+@contextmanager
+def running_custody(
+    simulator: str, keyring_env: dict[str, str] | None = None, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str]]:
+    """`custody serve` in its own process, as a deployment on a fresh database of the local
+    Postgres (see `running_deployment`), calling `simulator`; yields (its URL, a backend key)."""
+    with running_deployment(simulator, keyring_env, extra_env) as deployment:
+        yield deployment.add_replica().url, deployment.key
 
 
 def main() -> None:
