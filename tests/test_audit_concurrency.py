@@ -22,6 +22,7 @@ from service.audit import (
     ExportRange,
     TrustedKeys,
     export_header,
+    record_hash,
     sign_checkpoint,
     verify_chain,
 )
@@ -140,33 +141,54 @@ def statements_sent(engine: AsyncEngine) -> Iterator[list[str]]:
         event.remove(engine.sync_engine, "before_cursor_execute", seen)
 
 
-async def test_an_append_holds_the_head_for_two_statements(engine: AsyncEngine, unique: str) -> None:
-    """On a chain that has a head, an append sends two statements: the locking read of the head
-    and the clock, then the one insert that stores the record and moves the head (the commit
-    follows). A chain's first record adds only the creation of its head row. An action's own
-    pending writes go out before the lock is taken, not while it is held."""
+async def test_an_append_is_one_statement(engine: AsyncEngine, unique: str) -> None:
+    """On a chain that has a head, an append sends one statement: it locks the head, reads the
+    clock, hashes the record in the database and stores it while moving the head (the commit
+    follows), and the hash is the one `record_hash` computes. A chain's first record falls back
+    to making its head row first. An action's own pending writes go out before the lock is
+    taken, not while it is held."""
     sessions = make_sessions(engine)
     chain = chain_name(unique, "stmts")
     with statements_sent(engine) as first:
         await AUDITOR.record(sessions, AuditEntry("history.read", None, chain=chain))
     with statements_sent(engine) as next_one:
-        await AUDITOR.record(sessions, AuditEntry("history.read", None, chain=chain))
+        written = await AUDITOR.record(
+            sessions,
+            AuditEntry(
+                "history.read",
+                None,
+                chain=chain,
+                details={"note": 'é "prev_hash":"\\u0000P" \x00S', "prev_hash": "\x00P"},
+            ),
+        )
     with statements_sent(engine) as in_action:
         async with AUDITOR.action(sessions, AuditEntry("tenant.create", None, chain=chain)) as (session, _):
             session.add(Tenant(id=f"ten_stmts_{unique}", name=f"statements {unique}"))
-    lock, advance = next_one
-    assert lock.startswith("SELECT audit_chain_heads.seq, audit_chain_heads.head_hash, clock_timestamp()")
-    assert lock.endswith("FOR UPDATE")
-    assert advance.startswith("WITH moved AS (UPDATE audit_chain_heads SET")
-    assert "INSERT INTO audit_events (chain, seq, record) SELECT" in advance
-    assert len(first) == 3
-    assert first[0] == lock
-    assert first[1].startswith("INSERT INTO audit_chain_heads")
-    assert "ON CONFLICT (chain) DO NOTHING" in first[1]
-    assert first[2] == advance
-    assert len(in_action) == 3
+    (append,) = next_one
+    assert append.lstrip().startswith("WITH head AS")
+    assert "FOR UPDATE" in append
+    assert "INSERT INTO audit_events" in append
+    assert written["seq"] == 2
+    assert written["hash"] == record_hash(written["prev_hash"], written)
+    assert len(first) == 4  # the one-statement append finds no head, then lock, create, advance
+    assert first[0] == append
+    assert first[2].startswith("INSERT INTO audit_chain_heads")
+    assert "ON CONFLICT (chain) DO NOTHING" in first[2]
+    assert len(in_action) == 2
     assert in_action[0].startswith("INSERT INTO tenants")
-    assert in_action[1:] == [lock, advance]
+    assert in_action[1] == append
+    async with engine.connect() as connection:
+        stored = (
+            (
+                await connection.execute(
+                    text("SELECT record FROM audit_events WHERE chain = :c ORDER BY seq"), {"c": chain}
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert [record["seq"] for record in stored] == [1, 2, 3]
+    assert all(record["hash"] == record_hash(record["prev_hash"], record) for record in stored)
 
 
 async def test_a_head_that_moved_under_the_lock_stores_nothing(engine: AsyncEngine, unique: str) -> None:

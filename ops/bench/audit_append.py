@@ -11,14 +11,16 @@ database; created, migrated with Alembic and dropped here):
     NOTHING of the head row, the ORM's SELECT ... FOR UPDATE of it, then a unit-of-work flush
     adding the record and updating the head (two statements), then the commit: three statements
     and the commit under the lock;
-  - after: the service's own append (service.audit._writer._append): the locking read of the head
-    and the clock, one statement that inserts the record and moves the head, then the commit.
+  - after: the service's own append (service.audit._writer._append): one statement that locks the
+    head, reads the clock, hashes the record, stores it and moves the head, then the commit.
 
 W writers (1, 8, 32) append at once to one chain of their own, each append a transaction of its
 own on a pooled connection of its own, like `Auditor.record`; `--appends` in all per measurement,
 after a warm-up that prepares every statement on every connection. Rounds alternate which append
 goes first. Per append: its latency (begin to commit, waiting for the lock included) and how long
-it held the lock (from the locking read's return to the end of the commit). Appends/s is appends
+it held the lock (from the locking statement's return to the end of the commit: for "after" that
+leaves out the part of its one statement that runs once the lock is taken, a few microseconds of
+the server's time). Appends/s is appends
 over the measurement's wall time. Every chain is verified at the end. Writers and the database
 share this machine's cores, so the figures compare the two appends; they are not a capacity.
 Prints a table; asserts nothing about speed.

@@ -20,6 +20,7 @@ tenant's auditors can export and verify their whole chain offline.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import rfc8785
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from sqlalchemy import Table, bindparam, func, select, update
@@ -36,6 +38,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..auth import Principal
+from ..database import run_sql
 from ..errors import CustodyError, snake_name
 from ..metrics import Metrics
 from ..models import AuditChainHead, AuditEvent
@@ -217,6 +220,38 @@ _ADVANCE = (
 )
 
 
+# One append, one statement: lock the chain's head; read the clock once the lock is held (times in
+# a chain never go back); hash the previous hash and the canonical record with its place filled
+# in, exactly as `record_hash` does; move the head and insert the record. No row: no head yet.
+_APPEND = """
+WITH head AS (
+    SELECT seq, head_hash FROM audit_chain_heads WHERE chain = $1 FOR UPDATE
+), placed AS (
+    SELECT seq + 1 AS seq,
+           head_hash AS prev_hash,
+           to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS recorded_at
+    FROM head
+), hashed AS (
+    SELECT seq, prev_hash, recorded_at,
+           encode(sha256(decode(prev_hash, 'hex')
+                         || convert_to($2 || '"' || prev_hash || '"' || $3 || '"' || recorded_at || '"'
+                                       || $4 || seq::text || $5, 'UTF8')), 'hex') AS hash
+    FROM placed
+), moved AS (
+    UPDATE audit_chain_heads SET seq = hashed.seq, head_hash = hashed.hash
+    FROM hashed
+    WHERE audit_chain_heads.chain = $1
+    RETURNING hashed.seq, hashed.prev_hash, hashed.recorded_at, hashed.hash
+)
+INSERT INTO audit_events (chain, seq, record)
+SELECT $1, moved.seq,
+       $6::jsonb || jsonb_build_object('seq', moved.seq, 'recorded_at', moved.recorded_at,
+                                       'prev_hash', moved.prev_hash, 'hash', moved.hash)
+FROM moved
+RETURNING seq, record ->> 'recorded_at' AS recorded_at, record ->> 'prev_hash' AS prev_hash, record ->> 'hash' AS hash
+"""
+
+
 async def _append(
     session: AsyncSession, entry: AuditEntry, span: Span, outcome: str, reason: str | None
 ) -> dict[str, Any]:
@@ -225,9 +260,9 @@ async def _append(
     The chain head row is locked FOR UPDATE (READ COMMITTED), so concurrent writers from any
     number of processes queue on it and seq stays gapless; the lock ends with the transaction.
     Every writer of the chain waits while it is held, so the lock is taken as late as possible:
-    everything that does not depend on the head is prepared first, and under the lock there are
-    two statements (read the head and the clock; insert the record and move the head), then the
-    caller's commit.
+    everything that does not depend on the head is prepared first, and the lock is taken by the
+    one statement that also hashes, stores and moves the head (`_APPEND`), then the caller's
+    commit. A chain's first record is appended in three statements, its head row made first.
     """
     chain = entry.resolved_chain()
     context = span.get_span_context()
@@ -261,6 +296,56 @@ async def _append(
     # The caller's own pending changes go to the database now, before the lock, rather than in
     # the commit's flush while every other writer of the chain waits.
     await session.flush()
+    record = await _append_in_one_statement(session, _storable(chain), body)
+    if record is None:
+        # The chain's first record: its head row is made (or met) first.
+        record = await _append_under_lock(session, chain, body)
+    span.set_attribute("custody.audit_seq", record["seq"])
+    entry.written = record
+    return record
+
+
+# The record's place in the chain, as it stands in the canonical JSON that is hashed: the
+# database fills these in, under the lock. (A NUL character is removed from every value the
+# record holds, so these can only be the placeholders themselves.)
+_PLACES = (("prev_hash", "\x00P"), ("recorded_at", "\x00T"), ("seq", "\x00S"))
+
+
+def _hashed_parts(chain: str, body: dict[str, Any]) -> list[str]:
+    """The RFC 8785 canonical JSON of the record, split around the values of its place in the
+    chain (previous hash, time, seq): what the database concatenates with them and hashes."""
+    template = rfc8785.dumps({**body, "chain": chain, **{name: marker for name, marker in _PLACES}}).decode()
+    parts: list[str] = []
+    for name, marker in _PLACES:
+        placeholder = json.dumps(name) + ":" + json.dumps(marker)
+        before, found, template = template.partition(placeholder)
+        if not found:
+            raise AssertionError(f"the canonical record lost its {name} placeholder")
+        parts.append(before + json.dumps(name) + ":")
+    parts.append(template)
+    return parts
+
+
+async def _append_in_one_statement(session: AsyncSession, chain: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Append the record in one statement that locks the head, reads the clock, hashes the
+    record and stores it; the lock is held from there to the caller's commit. None when the
+    chain has no head row yet (nothing was written)."""
+    parts = _hashed_parts(chain, body)
+    row = (
+        await run_sql(
+            session, _APPEND, chain, parts[0], parts[1], parts[2], parts[3], json.dumps({**body, "chain": chain})
+        )
+    ).first()
+    if row is None:
+        return None
+    record = {"seq": row.seq, "chain": chain, "recorded_at": row.recorded_at, **body, "prev_hash": row.prev_hash}
+    record["hash"] = row.hash
+    return record
+
+
+async def _append_under_lock(session: AsyncSession, chain: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Append the record with the head locked by a statement of its own, creating the head row
+    when the chain has none; the hash is computed here."""
     head = await lock_head(session, chain)
     record: dict[str, Any] = {
         "seq": head.seq + 1,
@@ -271,8 +356,6 @@ async def _append(
     }
     record["hash"] = record_hash(head.head_hash, record)
     await advance_head(session, head, record)
-    span.set_attribute("custody.audit_seq", record["seq"])
-    entry.written = record
     return record
 
 
