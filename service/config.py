@@ -75,6 +75,9 @@ class Settings:
     # database is unreachable, and how long the caller waits for that before a 503.
     turn_store_retry_seconds: float = 300.0
     turn_store_wait_seconds: float = 10.0
+    # Connections a replica keeps to the database (and as many again in a burst): every turn
+    # holds one for its claim and its finish, never while the model works.
+    database_pool_size: int = 10
     # This replica's cache of unwrapped data keys: how many, and for how long each (0 seconds: none).
     data_key_cache_size: int = 10_000
     data_key_cache_seconds: float = 300.0
@@ -170,6 +173,7 @@ class Settings:
             turn_lease_seconds=_number(env, "CUSTODY_TURN_LEASE_SECONDS", 10.0),
             turn_store_retry_seconds=_number(env, "CUSTODY_TURN_STORE_RETRY_SECONDS", 300.0),
             turn_store_wait_seconds=_number(env, "CUSTODY_TURN_STORE_WAIT_SECONDS", 10.0),
+            database_pool_size=_count(env, "CUSTODY_DATABASE_POOL_SIZE", 10),
             data_key_cache_size=_count(env, "CUSTODY_DATA_KEY_CACHE_SIZE", 10_000),
             data_key_cache_seconds=_number(env, "CUSTODY_DATA_KEY_CACHE_SECONDS", 300.0),
             use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),

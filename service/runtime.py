@@ -241,8 +241,8 @@ async def _audit_role_warning(engine: AsyncEngine) -> str | None:
     )
 
 
-async def _connect(url: str, variable: str = "DATABASE_URL") -> AsyncEngine:
-    engine = make_engine(url, variable=variable)
+async def _connect(url: str, variable: str = "DATABASE_URL", **pool: Any) -> AsyncEngine:
+    engine = make_engine(url, variable=variable, **pool)
     try:
         async with engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
@@ -320,7 +320,8 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
             "database of its own (on another server) for the expiry keys that make purges reach backups; "
             "create one and run `custody migrate`"
         )
-    engine = await _connect(url)
+    # The pool holds CUSTODY_DATABASE_POOL_SIZE connections, and as many again when a burst needs them.
+    engine = await _connect(url, pool_size=settings.database_pool_size, max_overflow=settings.database_pool_size)
     await check_schema_current(engine, url)
     if warning := await _audit_role_warning(engine):
         announce.append(warning)
