@@ -11,6 +11,7 @@ from service.crypto import (
     NONCE_SIZE,
     TAG_SIZE,
     DecryptionError,
+    StepCipher,
     aesgcm_decrypt,
     aesgcm_encrypt,
     new_data_key,
@@ -236,3 +237,24 @@ def test_step_aad_rejects_out_of_range_fields(bad: dict[str, Any], refusal: str)
     """step_aad refuses empty identifiers and positions or versions outside their range."""
     with pytest.raises(ValueError, match=refusal):
         step_aad(**{**STEP, **bad})
+
+
+def test_the_step_cipher_seals_and_opens_exactly_as_seal_with_step_aad() -> None:
+    """StepCipher (the key schedule and fixed associated data made once per conversation) opens what
+    seal(step_aad) sealed and the other way round, and refuses a step moved to another position,
+    key version, conversation or tenant."""
+    key = new_data_key()
+    steps = StepCipher(key, tenant_id="ten_a", conversation_id="conv_a")
+    aad = step_aad(tenant_id="ten_a", conversation_id="conv_a", position=7, key_version=3)
+    assert steps.open(7, 3, seal(key, b'{"x":1}', aad)) == b'{"x":1}'
+    assert open_sealed(key, steps.seal(7, 3, b'{"x":1}'), aad) == b'{"x":1}'
+    sealed = steps.seal(7, 3, b'{"x":1}')
+    for moved in ((8, 3), (7, 2)):
+        with pytest.raises(DecryptionError):
+            steps.open(*moved, sealed)
+    for tenant, conversation in (("ten_a", "conv_b"), ("ten_b", "conv_a")):
+        with pytest.raises(DecryptionError):
+            StepCipher(key, tenant_id=tenant, conversation_id=conversation).open(7, 3, sealed)
+    with pytest.raises(DecryptionError):
+        steps.open(7, 3, sealed[:20])
+    assert "StepCipher(<key>)" == repr(steps)

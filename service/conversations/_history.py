@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..crypto import open_sealed, record_aad, seal, step_aad
+from ..crypto import StepCipher, open_sealed, record_aad, seal
 from ..database import run_sql
 from ..models import DataKey, Step
 
@@ -58,22 +59,17 @@ class ConversationCipher:
     def __repr__(self) -> str:
         return f"ConversationCipher({self.conversation_id}, kek v{self.key_version})"
 
+    @cached_property
+    def _steps(self) -> StepCipher:
+        return StepCipher(self.data_key, tenant_id=self.tenant_id, conversation_id=self.conversation_id)
+
     def seal_step(self, position: int, step: bytes) -> bytes:
         """Seal one step's exact JSON bytes at its position."""
-        aad = step_aad(
-            tenant_id=self.tenant_id,
-            conversation_id=self.conversation_id,
-            position=position,
-            key_version=self.key_version,
-        )
-        return seal(self.data_key, step, aad)
+        return self._steps.seal(position, self.key_version, step)
 
     def open_step(self, position: int, key_version: int, sealed: bytes) -> bytes:
         """One step's exact JSON bytes, as they were sealed."""
-        aad = step_aad(
-            tenant_id=self.tenant_id, conversation_id=self.conversation_id, position=position, key_version=key_version
-        )
-        return open_sealed(self.data_key, sealed, aad)
+        return self._steps.open(position, key_version, sealed)
 
     def seal_record(self, label: str, number: int, value: Any) -> bytes:
         aad = record_aad(

@@ -15,6 +15,7 @@ __all__ = [
     "NONCE_SIZE",
     "TAG_SIZE",
     "DecryptionError",
+    "StepCipher",
     "aesgcm_decrypt",
     "aesgcm_encrypt",
     "new_data_key",
@@ -143,3 +144,50 @@ def open_sealed(data_key: bytes, sealed: bytes, aad: bytes) -> bytes:
             f"sealed blob is {len(sealed)} bytes, shorter than nonce and tag ({NONCE_SIZE + TAG_SIZE} bytes)"
         )
     return aesgcm_decrypt(data_key, sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+
+
+class StepCipher:
+    """One conversation's steps under its data key: `seal` and `open` give exactly what `seal` and
+    `open_sealed` give with `step_aad`, but the AES key schedule and the fixed part of the
+    associated data (label, tenant, conversation) are made once, not for every step: replaying a
+    long history opens thousands of steps in a row."""
+
+    def __init__(self, data_key: bytes, *, tenant_id: str, conversation_id: str) -> None:
+        if len(data_key) != KEY_SIZE:
+            raise ValueError(f"data key must be {KEY_SIZE} bytes, got {len(data_key)}")
+        if not tenant_id or not conversation_id:
+            raise ValueError("tenant_id and conversation_id must be non-empty")
+        self._aead = AESGCM(data_key)
+        self._prefix = b"".join(
+            (
+                _length_prefixed(_STEP_AAD_LABEL),
+                _length_prefixed(tenant_id.encode("utf-8")),
+                _length_prefixed(conversation_id.encode("utf-8")),
+            )
+        )
+
+    def __repr__(self) -> str:
+        return "StepCipher(<key>)"
+
+    def _aad(self, position: int, key_version: int) -> bytes:
+        if not 0 <= position <= _UINT64_MAX:
+            raise ValueError(f"position must be between 0 and 2**64-1, got {position}")
+        if not 1 <= key_version <= _UINT64_MAX:
+            raise ValueError(f"key_version must be between 1 and 2**64-1, got {key_version}")
+        return self._prefix + position.to_bytes(8, "big") + key_version.to_bytes(8, "big")
+
+    def seal(self, position: int, key_version: int, plaintext: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, plaintext, self._aad(position, key_version))
+
+    def open(self, position: int, key_version: int, sealed: bytes) -> bytes:
+        if len(sealed) < NONCE_SIZE + TAG_SIZE:
+            raise DecryptionError(
+                f"sealed blob is {len(sealed)} bytes, shorter than nonce and tag ({NONCE_SIZE + TAG_SIZE} bytes)"
+            )
+        try:
+            return self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], self._aad(position, key_version))
+        except InvalidTag:
+            raise DecryptionError(
+                "authentication failed: wrong key, wrong associated data or corrupted ciphertext"
+            ) from None
