@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = [
     "make_sessions",
     "migrate",
     "parse_database_url",
+    "read_only_session",
     "run_sql",
 ]
 
@@ -103,6 +106,19 @@ def make_engine(url: str, *, variable: str = "DATABASE_URL", **options: Any) -> 
 
 def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def read_only_session(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session for a single read on a connection in autocommit: no BEGIN and ROLLBACK around it,
+    two round trips fewer than a transaction (authentication does one read per request)."""
+    bind = sessions.kw.get("bind")
+    if not isinstance(bind, AsyncEngine):
+        raise TypeError("the session factory is not bound to an engine")
+    async with bind.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        async with AsyncSession(bind=connection, expire_on_commit=False) as session:
+            yield session
 
 
 async def run_sql(session: AsyncSession, sql: str, *parameters: Any) -> CursorResult[Any]:

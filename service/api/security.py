@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ..audit import AuditEntry, RequestMeta
 from ..auth import Principal, authenticate, parse_bearer
 from ..context import ServiceContext
+from ..database import read_only_session
 from ..errors import AuthenticationFailed, PermissionDenied, TooManyAuthenticationFailures
 from ..models import ApiKey
 
@@ -105,7 +106,7 @@ def require_role(*roles: str) -> Callable[[Request[Any, Any, Any]], Awaitable[Pr
             ctx.metrics.auth_failure("rate_limited")
             raise TooManyAuthenticationFailures(retry_after)
         failure: AuthenticationFailed | None = None
-        async with ctx.sessions() as session:
+        async with read_only_session(ctx.sessions) as session:
             try:
                 caller = await authenticate(session, ctx.pepper, header)
             except AuthenticationFailed as exc:

@@ -6,8 +6,8 @@ conversation's data key row, in the transaction that uses the key, and looks the
 
 - shredding deletes the row, so a shredded conversation finds no row and never reaches the cache,
   in whichever replica shredded it (and the replica that shredded it drops the entry at once);
-- a KEK rotation or a reseal under another expiry day rewrites the blob, so the old entry no longer
-  matches and ages out; the replica that rotates drops every entry at once;
+- a KEK rotation (`custody keyring rotate` rewraps every row) or a reseal under another expiry day
+  rewrites the blob, so the old entry no longer matches, and is dropped when it is next looked up;
 - the cache holds at most `size` keys (least recently used go first), each for `ttl_seconds` at most
   from when it was opened, so plaintext keys do not linger in memory.
 
@@ -74,7 +74,3 @@ class DataKeyCache:
     def drop(self, conversation_id: str) -> None:
         """Forget one conversation's key (it was shredded)."""
         self._entries.pop(conversation_id, None)
-
-    def clear(self) -> None:
-        """Forget every key (the KEKs were rotated)."""
-        self._entries.clear()
