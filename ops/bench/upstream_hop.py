@@ -13,8 +13,9 @@ call by call (the order turning round each sample), it times:
     `extra_body` (`with_raw_response`), and json.loads of the reply;
   - custody (now): Upstream.create with the steps as bytes (the body spliced together, sent
     through the SDK's request building and HTTP client, the reply split into step bytes).
-Also shown: what encoding the N steps from dicts costs (the turn engine does it for now, until
-history is read as bytes). Prints median and p99 per call in ms; asserts nothing about speed.
+The steps are encoded to bytes once per sample, outside the timings: the service stores them as
+bytes and never encodes them on a turn. Prints median and p99 per call in ms; asserts nothing
+about speed.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ async def measure(base_url: str, size: int, samples: int) -> tuple[dict[str, lis
         attempts=1,
     )
     client = upstream._client  # the SDK client Upstream sends through, for the path it replaced
-    times: dict[str, list[float]] = {"post": [], "sdk": [], "custody": [], "encode": []}
+    times: dict[str, list[float]] = {"post": [], "sdk": [], "custody": []}
     body = b""
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
 
@@ -80,9 +81,7 @@ async def measure(base_url: str, size: int, samples: int) -> tuple[dict[str, lis
         calls = {"post": post, "sdk": sdk, "custody": custody}
         for sample in range(-20, samples):  # twenty warm-up rounds, not recorded
             steps = [*history(size), {"type": "user_input", "content": [{"type": "text", "text": f"sample {sample}"}]}]
-            started = time.perf_counter()
             encoded = [encode_json(step) for step in steps]
-            encode = time.perf_counter() - started
             # The body Upstream.create sends for these steps, for the direct post.
             body = _request_body(settings, False, {}, b"[" + b",".join(encoded) + b"]")
             # The order turns round sample by sample, so that no path always follows the one
@@ -94,8 +93,6 @@ async def measure(base_url: str, size: int, samples: int) -> tuple[dict[str, lis
                 await calls[name]()
                 if sample >= 0:
                     times[name].append((time.perf_counter() - started) * 1000)
-            if sample >= 0:
-                times["encode"].append(encode * 1000)
     await upstream.aclose()
     return times, len(body)
 
@@ -104,7 +101,7 @@ async def main_async(args: argparse.Namespace, base_url: str) -> None:
     print(f"upstream hop, ms per call ({args.samples} calls per size; simulator in its own process, no added latency)")
     print(
         f"{'stored steps':>12} {'body KB':>8} | {'post p50':>8} {'p99':>6} | {'sdk p50':>7} {'p99':>6} | "
-        f"{'custody p50':>11} {'p99':>6} | {'over post p50':>13} | {'encode p50':>10}"
+        f"{'custody p50':>11} {'p99':>6} | {'over post p50':>13}"
     )
     for size in args.sizes:
         times, body_bytes = await measure(base_url, size, args.samples)
@@ -114,7 +111,7 @@ async def main_async(args: argparse.Namespace, base_url: str) -> None:
             f"{size:>12} {body_kb:>8.0f} | {statistics.median(times['post']):>8.2f} {percentile(times['post'], 0.99):>6.2f} | "
             f"{statistics.median(times['sdk']):>7.2f} {percentile(times['sdk'], 0.99):>6.2f} | "
             f"{statistics.median(times['custody']):>11.2f} {percentile(times['custody'], 0.99):>6.2f} | "
-            f"{statistics.median(over):>13.2f} | {statistics.median(times['encode']):>10.2f}"
+            f"{statistics.median(over):>13.2f}"
         )
 
 
