@@ -496,6 +496,13 @@ class Problem(msgspec.Struct):
         str | msgspec.UnsetType,
         msgspec.Meta(description="Why the model call failed, as a short machine reason (502 and 504 only)."),
     ] = msgspec.UNSET
+    data_classes: Annotated[
+        list[str] | msgspec.UnsetType,
+        msgspec.Meta(
+            description="The data classes the detectors found in a refused turn's input (422 "
+            "`data-class-blocked` and `card-security-code` only); never what matched."
+        ),
+    ] = msgspec.UNSET
 
 
 # What each status means, whichever operation answers it; an operation may say more (`notes`).
