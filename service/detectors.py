@@ -482,6 +482,8 @@ class Detector:
     data_class: str
     builtin: str | None = None
     pattern: LinearPattern | None = field(default=None, repr=False)
+    # The pattern as the policy writes it (operator's configuration, shown to ops).
+    pattern_text: str | None = None
 
     def __post_init__(self) -> None:
         if (self.builtin is None) == (self.pattern is None):

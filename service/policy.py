@@ -339,7 +339,7 @@ def _build_detector(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, 
             pattern = compile_linear(spec["pattern"])
         except PatternRefused as exc:
             raise PolicyError(source, _format_path(("detectors", name, "pattern")), f"detector {name}: {exc}") from None
-        detector = Detector(name, spec["data_class"], pattern=pattern)
+        detector = Detector(name, spec["data_class"], pattern=pattern, pattern_text=spec["pattern"])
     else:
         detector = Detector(name, spec["data_class"], builtin=spec["builtin"])
     for index, example in enumerate(spec.get("must_match", ())):

@@ -292,6 +292,47 @@ def test_detectors_finish_on_adversarial_megabyte(text: str, expected: str) -> N
     assert result.stdout.decode().splitlines() == [expected, expected]
 
 
+# Runs every built-in of the example policy over the text on stdin; prints the detectors that hit.
+_POLICY_RUNNER = """
+import sys
+from service.config import EXAMPLE_POLICY
+from service.detectors import turn_text
+from service.policy import load_policy
+detectors = load_policy(EXAMPLE_POLICY).detectors
+text = sys.stdin.buffer.read().decode("utf-8")
+print(",".join(sorted(detectors.scan(turn_text(text)).detectors)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("cvv 123 " * (MEGABYTE // 8), "", id="codes-without-cards"),
+        pytest.param("4111111111111111 cvv 123 " * (MEGABYTE // 25), "card_security_code,pan", id="codes-and-cards"),
+        pytest.param("cvv 123 1 " * (MEGABYTE // 10), "", id="codes-and-digits"),
+        pytest.param("DE89 " * (MEGABYTE // 5), "", id="iban-groups"),
+        pytest.param("AA00" + "a" * MEGABYTE, "", id="iban-long-word"),
+        pytest.param("+1" * (MEGABYTE // 2), "", id="plus-ones"),
+        pytest.param("555-234-567 " * (MEGABYTE // 12), "", id="phone-prefixes"),
+        pytest.param("MRN-1234567 " * (MEGABYTE // 12), "", id="mrn-prefixes"),
+    ],
+)
+def test_policy_detectors_finish_on_adversarial_megabyte(text: str, expected: str) -> None:
+    """The example policy's detectors (every built-in and its own pattern) finish on a hostile 1 MB input; the same hang bound as above."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _POLICY_RUNNER],
+            input=text.encode("utf-8"),
+            capture_output=True,
+            cwd=REPO,
+            timeout=_HANG_TIMEOUT,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"detection did not finish within {_HANG_TIMEOUT} s on a {len(text):,}-character input")
+    assert result.stdout.decode().splitlines() == [expected]
+
+
 # --- Detectors under policy: each built-in on its own ---------------------------------------------
 
 
