@@ -15,14 +15,28 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from collections.abc import Iterable, Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 from operator import add, eq, mod
 from typing import Any, Protocol
 
 import re2  # type: ignore[import-untyped]
 
-__all__ = ["LinearPattern", "PatternRefused", "compile_linear", "detect_classes"]
+__all__ = [
+    "ALWAYS_REFUSED",
+    "BUILTINS",
+    "Detector",
+    "DetectorSet",
+    "Findings",
+    "LinearPattern",
+    "PatternRefused",
+    "compile_linear",
+    "default_detectors",
+    "detect_classes",
+    "turn_text",
+]
 
 
 class _Match(Protocol):
@@ -183,15 +197,20 @@ def _luhn(digits: bytes) -> bool:
     return (sum(values[-1::-2]) + sum(doubled[-2::-2])) % 10 == 0
 
 
-def _has_pan(digits: str) -> bool:
+def _pan_runs(digits: str) -> Iterator[tuple[int, int]]:
+    """The (start, end) of each run of digits that holds a card number, in order. Offsets are in
+    UTF-8 bytes of `digits`, which are its character offsets when it is ASCII."""
     subject = digits.encode("utf-8")
     for match in _DIGIT_RUN.finditer(subject):
         start, end = match.start(), match.end()
         may_start = start == 0 or subject[start - 1] != ord("-")
         may_end = end == len(subject) or subject[end] != ord("-")
         if _pan_in_run(subject[start:end], may_start, may_end):
-            return True
-    return False
+            yield start, end
+
+
+def _has_pan(digits: str) -> bool:
+    return next(_pan_runs(digits), None) is not None
 
 
 def _has_ssn(digits: str) -> bool:
@@ -321,14 +340,218 @@ def _scan_text(steps: Iterable[dict[str, Any]]) -> str:
 
 def detect_classes(steps: Iterable[dict[str, Any]], catalogue: Iterable[str]) -> set[str]:
     """The data classes found in client input, limited to classes the policy declares."""
+    return set(default_detectors(catalogue).scan(steps).classes)
+
+
+# --- Detectors under policy ---------------------------------------------------------------------
+#
+# The policy names the detectors a deployment runs and the data class each one raises: the
+# built-ins below, and patterns of its own (a hospital's record number format, say). Without a
+# `detectors` section the policy gets today's set (`default_detectors`).
+
+# A card security code (CVV2, CVC2, CID...) written with its label: the label, up to 12
+# characters that are neither digits nor line breaks, and 3 or 4 digits not followed by another.
+_SECURITY_CODE = compile_linear(
+    r"(?i)\b(?:cvv2?|cvc2?|cid|csc|cav2|security code|verification code|card code)\b[^0-9\n]{0,12}[0-9]{3,4}"
+)
+_ASCII_DIGIT_BYTES = frozenset(b"0123456789")
+# How far (in characters) a labelled code may be from a card number to count as written next to it.
+_NEXT_TO = 64
+# IBANs (ISO 13616): 15 to 34 characters, a country code, two check digits, then the account in
+# letters and digits; written compact or in groups of four. Case is ignored and the candidate's
+# boundaries and check digits are checked on it.
+_IBAN_COMPACT = compile_linear(r"(?i)\b[a-z]{2}[0-9]{2}[a-z0-9]{11,30}\b")
+_IBAN_GROUPED = compile_linear(r"(?i)\b[a-z]{2}[0-9]{2}(?: [a-z0-9]{4}){2,7}(?: [a-z0-9]{1,4})?")
+_IBAN_MIN, _IBAN_MAX = 15, 34
+# Telephone numbers: international (E.164, "+", 8 to 15 digits, single spaces, dots or dashes
+# between them) and North American (area code and exchange starting 2-9, 3-3-4 digits).
+_PHONE_INTERNATIONAL = compile_linear(r"\+[1-9](?:[ .-]?[0-9]){7,14}")
+_PHONE_NANP = compile_linear(r"(?:\([2-9][0-9]{2}\) ?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}")
+
+
+def _is_boundary_before(text: str, start: int) -> bool:
+    # Not inside a word or a longer number (a digit group typed with separators).
+    if start == 0:
+        return True
+    previous = text[start - 1]
+    if _is_word(previous):
+        return False
+    return not (previous in "-." and start > 1 and text[start - 2].isdigit())
+
+
+def _is_boundary_after(text: str, end: int) -> bool:
+    if end == len(text):
+        return True
+    following = text[end]
+    if _is_word(following):
+        return False
+    return not (following in "-." and end + 1 < len(text) and text[end + 1].isdigit())
+
+
+def _has_security_code_next_to_pan(digits: str) -> bool:
+    """A labelled card security code within 64 characters of a card number.
+
+    PCI DSS forbids storing it after authorization, so a turn carrying one is refused outright.
+    Card numbers are looked for only when a labelled code is present, and each code costs one
+    binary search among their positions.
+    """
+    # Byte offsets throughout, as `_pan_runs` gives them (character offsets for ASCII text).
+    subject = digits.encode("utf-8")
+    codes = [
+        (m.start(), m.end())
+        for m in _SECURITY_CODE.finditer(subject)
+        if m.end() == len(subject) or subject[m.end()] not in _ASCII_DIGIT_BYTES
+    ]
+    if not codes:
+        return False
+    runs = list(_pan_runs(digits))
+    starts, ends = [start for start, _ in runs], [end for _, end in runs]
+    for start, end in codes:
+        # Runs do not overlap, so the last one starting before the window's end ends last.
+        index = bisect_right(starts, end + _NEXT_TO)
+        if index and ends[index - 1] >= start - _NEXT_TO:
+            return True
+    return False
+
+
+def _iban_valid(candidate: str) -> bool:
+    compact = candidate.replace(" ", "").upper()
+    if not _IBAN_MIN <= len(compact) <= _IBAN_MAX:
+        return False
+    rotated = compact[4:] + compact[:4]
+    # Letters count as 10 (A) to 35 (Z); the whole number is 1 modulo 97.
+    number = "".join(str(int(char, 36)) for char in rotated)
+    return int(number) % 97 == 1
+
+
+def _has_iban(text: str) -> bool:
+    for match in _IBAN_COMPACT.finditer(_subject(text)):
+        if _iban_valid(text[match.start() : match.end()]):
+            return True
+    for match in _IBAN_GROUPED.finditer(_subject(text)):
+        # The grouped form may have taken a word that follows for a last group: try each whole
+        # group from the longest down (at most eight), each ending at a word boundary.
+        candidate = text[match.start() : match.end()]
+        while len(candidate) > 4:
+            end = match.start() + len(candidate)
+            if (end == len(text) or not _is_word(text[end])) and _iban_valid(candidate):
+                return True
+            candidate = candidate.rsplit(" ", 1)[0]
+    return False
+
+
+def _has_phone(digits: str) -> bool:
+    subject = _subject(digits)
+    for match in _PHONE_INTERNATIONAL.finditer(subject):
+        start, end = match.start(), match.end()
+        if (start == 0 or not _is_word(digits[start - 1])) and _is_boundary_after(digits, end):
+            return True
+    for match in _PHONE_NANP.finditer(subject):
+        start, end = match.start(), match.end()
+        if _is_boundary_before(digits, start) and _is_boundary_after(digits, end):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Scan:
+    # The turn's text, and the same with every decimal digit an ASCII one.
+    text: str
+    digits: str
+
+
+# Built-in detectors by name: what each looks for, given the scanned text.
+BUILTINS: dict[str, Callable[[_Scan], bool]] = {
+    "pan": lambda scan: _has_pan(scan.digits),
+    "card_security_code": lambda scan: _has_security_code_next_to_pan(scan.digits),
+    "us_ssn": lambda scan: _has_ssn(scan.digits),
+    "iban": lambda scan: _has_iban(scan.text),
+    "email": lambda scan: _has_email(scan.text),
+    "phone": lambda scan: _has_phone(scan.digits),
+}
+# A turn carrying what this built-in finds is always refused, whatever the route says.
+ALWAYS_REFUSED = frozenset({"card_security_code"})
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One detector of the policy: a built-in (by name) or a deployment's own RE2 pattern, and the
+    data class a hit raises."""
+
+    name: str
+    data_class: str
+    builtin: str | None = None
+    pattern: LinearPattern | None = field(default=None, repr=False)
+    # The pattern as the policy writes it (operator's configuration, shown to ops).
+    pattern_text: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.builtin is None) == (self.pattern is None):
+            raise ValueError(f"detector {self.name}: set exactly one of builtin or pattern")
+        if self.builtin is not None and self.builtin not in BUILTINS:
+            raise ValueError(f"detector {self.name}: unknown built-in {self.builtin!r}")
+
+    @property
+    def always_refused(self) -> bool:
+        return self.builtin in ALWAYS_REFUSED
+
+    def _hit(self, scan: _Scan) -> bool:
+        if self.pattern is not None:
+            return self.pattern.search(_subject(scan.text)) is not None
+        return BUILTINS[str(self.builtin)](scan)
+
+    def matches(self, text: str) -> bool:
+        """Whether this detector finds something in `text` (the policy's startup self-test)."""
+        return self._hit(_scan_of(turn_text(text)))
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the detectors found in a turn: the classes, the detectors that hit (policy names), and
+    whether one of them always refuses the turn. Never the matched text."""
+
+    classes: frozenset[str] = frozenset()
+    detectors: frozenset[str] = frozenset()
+    refused_by: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.detectors)
+
+
+@dataclass(frozen=True)
+class DetectorSet:
+    detectors: tuple[Detector, ...] = ()
+
+    def scan(self, steps: Iterable[dict[str, Any]]) -> Findings:
+        """Run every detector over the client input `steps`."""
+        if not self.detectors:
+            return Findings()
+        scan = _scan_of(_scan_text(steps))
+        hits = [detector for detector in self.detectors if detector._hit(scan)]
+        return Findings(
+            classes=frozenset(d.data_class for d in hits),
+            detectors=frozenset(d.name for d in hits),
+            refused_by=frozenset(d.name for d in hits if d.always_refused),
+        )
+
+
+def turn_text(text: str) -> list[dict[str, Any]]:
+    """`text` as one user turn, the way detectors see client input."""
+    return [{"type": "user_input", "content": [{"type": "text", "text": text}]}]
+
+
+def _scan_of(text: str | Sequence[dict[str, Any]]) -> _Scan:
+    joined = text if isinstance(text, str) else _scan_text(text)
+    return _Scan(joined, _ascii_digits(joined))
+
+
+def default_detectors(catalogue: Iterable[str]) -> DetectorSet:
+    """The detectors of a policy without a `detectors` section: card numbers (`pan`), SSNs and
+    e-mail addresses (`pii`), each only when the catalogue declares its class."""
     declared = set(catalogue)
-    if not declared & {"pan", "pii"}:
-        return set()
-    text = _scan_text(steps)
-    digits = _ascii_digits(text)
-    found: set[str] = set()
-    if "pan" in declared and _has_pan(digits):
-        found.add("pan")
-    if "pii" in declared and (_has_ssn(digits) or _has_email(text)):
-        found.add("pii")
-    return found
+    chosen = [
+        Detector(name, data_class, builtin=builtin)
+        for name, builtin, data_class in (("pan", "pan", "pan"), ("us_ssn", "us_ssn", "pii"), ("email", "email", "pii"))
+        if data_class in declared
+    ]
+    return DetectorSet(tuple(chosen))

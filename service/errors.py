@@ -14,7 +14,9 @@
     ├── PolicyViolation                    the request does not fit the route policy       (422)
     │   ├── UnknownRouteError
     │   ├── UnknownDataClassError
-    │   └── DataClassNotAllowedError
+    │   ├── DataClassNotAllowedError
+    │   └── DataClassBlocked               the route refuses turns carrying a detected class
+    │       └── CardSecurityCodeRefused    a card security code next to a card number (always)
     ├── TurnInProgress                     another turn holds the conversation             (409)
     │   └── LeaseLost                      a turn's lease ran out and another took over
     ├── LegalHoldActive                    a legal hold forbids deleting it                (409)
@@ -46,9 +48,11 @@ from typing import ClassVar
 
 __all__ = [
     "AuthenticationFailed",
+    "CardSecurityCodeRefused",
     "ConfigurationError",
     "ConversationNotFound",
     "CustodyError",
+    "DataClassBlocked",
     "DataClassNotAllowedError",
     "DatabaseUnavailable",
     "DecryptionError",
@@ -202,6 +206,32 @@ class DataClassNotAllowedError(PolicyViolation):
         self.route = route
         self.classes = tuple(sorted(set(classes)))
         super().__init__(f"route {route} does not allow data classes: " + ", ".join(self.classes))
+
+
+class DataClassBlocked(PolicyViolation):
+    """The detectors found a class in the turn's input that the route blocks (`on_detect: block`):
+    the turn is refused, nothing of it stored or sent. Names classes, never what matched."""
+
+    def __init__(self, route: str, classes: Iterable[str]) -> None:
+        self.route = route
+        self.classes = tuple(sorted(set(classes)))
+        super().__init__(
+            f"route {route} refuses input carrying data classes: " + ", ".join(self.classes) + "; remove it and retry"
+        )
+
+
+class CardSecurityCodeRefused(DataClassBlocked):
+    """A card security code written next to a card number: PCI DSS forbids storing it after
+    authorization, so such a turn is refused on every route, whatever its policy says."""
+
+    def __init__(self, route: str, classes: Iterable[str]) -> None:
+        PolicyViolation.__init__(
+            self,
+            "the input carries a card security code next to a card number, which may not be stored; "
+            "remove the code and retry",
+        )
+        self.route = route
+        self.classes = tuple(sorted(set(classes)))
 
 
 class LegalHoldActive(CustodyError):

@@ -19,12 +19,21 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from .config import SCHEMAS_DIR
-from .errors import DataClassNotAllowedError, PolicyError, PolicyViolation, UnknownDataClassError, UnknownRouteError
+from .detectors import Detector, DetectorSet, PatternRefused, compile_linear, default_detectors
+from .errors import (
+    DataClassBlocked,
+    DataClassNotAllowedError,
+    PolicyError,
+    PolicyViolation,
+    UnknownDataClassError,
+    UnknownRouteError,
+)
 from .retention_rules import Duration, RetentionRule, combine_rules
 
 __all__ = [
     "POLICY_SCHEMA_PATH",
     "DataClass",
+    "DataClassBlocked",
     "DataClassNotAllowedError",
     "Policy",
     "PolicyError",
@@ -33,6 +42,7 @@ __all__ = [
     "StorageDecision",
     "UnknownDataClassError",
     "UnknownRouteError",
+    "check_blocked",
     "check_data_classes",
     "decide_storage",
     "load_policy",
@@ -82,6 +92,9 @@ class Route:
     # How long a copy the provider keeps (provider storage) may live before Custody deletes it,
     # even while the conversation goes on; None leaves it to the provider's own expiry.
     provider_ttl: Duration | None = None
+    # Classes whose detection refuses the turn on this route (`on_detect: block`) instead of
+    # raising the conversation's classification (`raise`, the default).
+    blocked_classes: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.agent is None):
@@ -91,6 +104,7 @@ class Route:
         for name in ("agent_config", "tools", "generation_config", "response_format"):
             object.__setattr__(self, name, _freeze(getattr(self, name)))
         object.__setattr__(self, "data_classes", frozenset(self.data_classes))
+        object.__setattr__(self, "blocked_classes", frozenset(self.blocked_classes))
 
     def upstream_settings(self) -> dict[str, Any]:
         """Keyword arguments for `interactions.create` that must accompany every call.
@@ -113,6 +127,9 @@ class Policy:
     version: str
     data_classes: Mapping[str, DataClass]
     routes: Mapping[str, Route]
+    # The detectors every turn's input goes through; without a `detectors` section in the file,
+    # the built-in set of earlier versions (see `service.detectors.default_detectors`).
+    detectors: DetectorSet = field(default_factory=DetectorSet)
 
     def route(self, name: str) -> Route:
         """Return the route called `name`, or raise `UnknownRouteError`."""
@@ -183,6 +200,12 @@ def check_data_classes(route: Route, requested: Iterable[str], catalogue: Mappin
         raise DataClassNotAllowedError(route.name, forbidden)
 
 
+def check_blocked(route: Route, detected: Iterable[str]) -> None:
+    """Raise `DataClassBlocked` when the detectors found a class `route` blocks."""
+    if blocked := frozenset(detected) & route.blocked_classes:
+        raise DataClassBlocked(route.name, blocked)
+
+
 def load_policy(path: Path) -> Policy:
     """Read, validate and load the policy file at `path`."""
     source = str(path)
@@ -217,6 +240,12 @@ def parse_policy(document: Any, *, source: str) -> Policy:
         for name, spec in document["data_classes"].items()
     }
     routes = {name: _build_route(name, spec, catalogue, source) for name, spec in document["routes"].items()}
+    if "detectors" in document:
+        detectors = DetectorSet(
+            tuple(_build_detector(name, spec, catalogue, source) for name, spec in document["detectors"].items())
+        )
+    else:
+        detectors = default_detectors(catalogue)
     try:
         # Canonical JSON, so reformatting the YAML or reordering keys keeps the version.
         canonical = rfc8785.dumps(document)
@@ -226,6 +255,7 @@ def parse_policy(document: Any, *, source: str) -> Policy:
         version="sha256:" + hashlib.sha256(canonical).hexdigest(),
         data_classes=MappingProxyType(catalogue),
         routes=MappingProxyType(routes),
+        detectors=detectors,
     )
 
 
@@ -267,6 +297,10 @@ def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, Dat
         if cls not in catalogue:
             where = _format_path(("routes", name, "data_classes", index))
             raise PolicyError(source, where, f"{cls!r} is not a declared data class")
+    for cls in spec.get("on_detect", {}):
+        if cls not in catalogue:
+            where = _format_path(("routes", name, "on_detect", cls))
+            raise PolicyError(source, where, f"{cls!r} is not a declared data class")
     functions: set[str] = set()
     for index, tool in enumerate(spec.get("tools", ())):
         if tool["type"] == "function":
@@ -288,7 +322,35 @@ def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, Dat
         provider_storage=spec.get("provider_storage", False),
         retention=_retention(spec.get("retention"), ("routes", name, "retention"), source),
         provider_ttl=_duration(spec.get("retention", {}).get("provider_ttl"), ("routes", name, "retention"), source),
+        blocked_classes=frozenset(cls for cls, action in spec.get("on_detect", {}).items() if action == "block"),
     )
+
+
+def _build_detector(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, DataClass], source: str) -> Detector:
+    """A detector of the policy, checked as the service starts: its class is declared, its pattern
+    compiles with RE2 (a pattern that needs backtracking is refused), and it finds each of its
+    `must_match` examples and none of its `must_not_match` ones. Error messages name the detector
+    and the example's index, never the example itself."""
+    if spec["data_class"] not in catalogue:
+        where = _format_path(("detectors", name, "data_class"))
+        raise PolicyError(source, where, f"{spec['data_class']!r} is not a declared data class")
+    if "pattern" in spec:
+        try:
+            pattern = compile_linear(spec["pattern"])
+        except PatternRefused as exc:
+            raise PolicyError(source, _format_path(("detectors", name, "pattern")), f"detector {name}: {exc}") from None
+        detector = Detector(name, spec["data_class"], pattern=pattern, pattern_text=spec["pattern"])
+    else:
+        detector = Detector(name, spec["data_class"], builtin=spec["builtin"])
+    for index, example in enumerate(spec.get("must_match", ())):
+        if not detector.matches(example):
+            where = _format_path(("detectors", name, "must_match", index))
+            raise PolicyError(source, where, f"detector {name} does not match its must_match example {index}")
+    for index, example in enumerate(spec.get("must_not_match", ())):
+        if detector.matches(example):
+            where = _format_path(("detectors", name, "must_not_match", index))
+            raise PolicyError(source, where, f"detector {name} matches its must_not_match example {index}")
+    return detector
 
 
 def _duration(text: str | None, path: tuple[str | int, ...], source: str) -> Duration | None:

@@ -290,3 +290,134 @@ def test_detectors_finish_on_adversarial_megabyte(text: str, expected: str) -> N
     except subprocess.TimeoutExpired:
         pytest.fail(f"detection did not finish within {_HANG_TIMEOUT} s on a {len(text):,}-character input")
     assert result.stdout.decode().splitlines() == [expected, expected]
+
+
+# Runs every built-in of the example policy over the text on stdin; prints the detectors that hit.
+_POLICY_RUNNER = """
+import sys
+from service.config import EXAMPLE_POLICY
+from service.detectors import turn_text
+from service.policy import load_policy
+detectors = load_policy(EXAMPLE_POLICY).detectors
+text = sys.stdin.buffer.read().decode("utf-8")
+print(",".join(sorted(detectors.scan(turn_text(text)).detectors)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("cvv 123 " * (MEGABYTE // 8), "", id="codes-without-cards"),
+        pytest.param("4111111111111111 cvv 123 " * (MEGABYTE // 25), "card_security_code,pan", id="codes-and-cards"),
+        pytest.param("cvv 123 1 " * (MEGABYTE // 10), "", id="codes-and-digits"),
+        pytest.param("DE89 " * (MEGABYTE // 5), "", id="iban-groups"),
+        pytest.param("AA00" + "a" * MEGABYTE, "", id="iban-long-word"),
+        pytest.param("+1" * (MEGABYTE // 2), "", id="plus-ones"),
+        pytest.param("555-234-567 " * (MEGABYTE // 12), "", id="phone-prefixes"),
+        pytest.param("MRN-1234567 " * (MEGABYTE // 12), "", id="mrn-prefixes"),
+    ],
+)
+def test_policy_detectors_finish_on_adversarial_megabyte(text: str, expected: str) -> None:
+    """The example policy's detectors (every built-in and its own pattern) finish on a hostile 1 MB input; the same hang bound as above."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _POLICY_RUNNER],
+            input=text.encode("utf-8"),
+            capture_output=True,
+            cwd=REPO,
+            timeout=_HANG_TIMEOUT,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"detection did not finish within {_HANG_TIMEOUT} s on a {len(text):,}-character input")
+    assert result.stdout.decode().splitlines() == [expected]
+
+
+# --- Detectors under policy: each built-in on its own ---------------------------------------------
+
+
+def builtin_hits(name: str, text: str) -> bool:
+    return detectors.Detector(name, "x", builtin=name).matches(text)
+
+
+@pytest.mark.parametrize(
+    ("builtin", "text", "found"),
+    [
+        ("pan", "card 4556 7352 6790 9704 please", True),
+        ("pan", "4556735267909705", False),  # 16 digits failing Luhn
+        ("pan", "41111111111", False),  # Luhn-valid but too short for a card
+        ("card_security_code", "card 4111 1111 1111 1111, CVV 123", True),
+        ("card_security_code", "cvc2: 4321 for 4111111111111111", True),
+        ("card_security_code", "4111111111111111 exp 12/27 security code 987", True),
+        ("card_security_code", "CVV 123", False),  # no card number with it
+        ("card_security_code", "4111111111111112 cvv 123", False),  # not a card number (Luhn)
+        ("card_security_code", "4111111111111111 cvv 12345", False),  # five digits are no security code
+        ("card_security_code", "4111111111111111" + " x" * 40 + " cvv 123", False),  # too far from the card
+        ("card_security_code", "my cvv is fine, card 4111111111111111", False),  # label without a code
+        ("us_ssn", "SSN 123-45-6789", True),
+        ("us_ssn", "SSN 000-45-6789", False),  # area 000 is never issued
+        ("us_ssn", "SSN 666-45-6789", False),  # nor 666
+        ("us_ssn", "SSN 912-45-6789", False),  # nor 9xx
+        ("us_ssn", "SSN 123-00-6789", False),  # nor group 00
+        ("us_ssn", "SSN 123-45-0000", False),  # nor serial 0000
+        ("us_ssn", "part A123-45-6789", False),  # inside a word
+        ("iban", "pay to DE89 3704 0044 0532 0130 00 today", True),
+        ("iban", "DE89370400440532013000", True),
+        ("iban", "gb82 west 1234 5698 7654 32", True),  # lower case
+        ("iban", "GB82 WEST 1234 5698 7654 32 THEN", True),  # a word after it is not part of it
+        ("iban", "DE88 3704 0044 0532 0130 00", False),  # wrong check digits
+        ("iban", "DE89370400440532013001", False),  # one account digit changed
+        ("iban", "XDE89370400440532013000", False),  # inside a longer word
+        ("iban", "DE89 3704", False),  # too short
+        ("email", "write to jane.doe@example.org", True),
+        ("email", "write to jane.doe@", False),  # no domain
+        ("email", "write to jane.doe@localhost", False),  # no top-level domain
+        ("email", "@example.org", False),  # no local part
+        ("phone", "call +44 20 7946 0958", True),
+        ("phone", "call +1-555-867-5309", True),
+        ("phone", "call (555) 234-5678", True),
+        ("phone", "call 555.234.5678 now", True),
+        ("phone", "call 555-134-5678", False),  # an exchange never starts with 1
+        ("phone", "order 4555-234-5678", False),  # inside a longer number
+        ("phone", "+44 12", False),  # too few digits
+        ("phone", "on 2024-05-06 at 12:30", False),
+        ("phone", "SSN 123-45-6789", False),
+    ],
+)
+def test_builtin_detectors_hits_and_near_misses(builtin: str, text: str, found: bool) -> None:
+    """Each built-in finds what it names, and not the near misses: a failed Luhn or mod-97 check, a never-issued SSN range, an e-mail without a domain, a number too short or inside another."""
+    assert builtin_hits(builtin, text) is found
+
+
+def test_builtins_see_digits_in_any_script() -> None:
+    """A card number and its code typed in full-width digits are found, as card numbers always were."""
+    assert builtin_hits("card_security_code", fullwidth("card 4111111111111111 cvv 123 ü"))
+    assert builtin_hits("phone", fullwidth("call +44 20 7946 0958"))
+
+
+def test_detector_set_reports_classes_detectors_and_refusals() -> None:
+    """A set reports each hit's class and detector name; a card security code also marks the turn refused. A pattern of the deployment is searched anywhere in the text."""
+    mrn = detectors.Detector("mrn", "phi", pattern=detectors.compile_linear(r"\bMRN-[0-9]{8}\b"))
+    chosen = detectors.DetectorSet(
+        (
+            detectors.Detector("pan", "pan", builtin="pan"),
+            detectors.Detector("cvv", "pan", builtin="card_security_code"),
+            detectors.Detector("iban", "financial", builtin="iban"),
+            mrn,
+        )
+    )
+    findings = chosen.scan(turn("patient MRN-00412345 paid with 4111111111111111 cvv 123"))
+    assert findings.classes == {"pan", "phi"}
+    assert findings.detectors == {"pan", "cvv", "mrn"}
+    assert findings.refused_by == {"cvv"}
+    assert chosen.scan(tool_result({"iban": "DE89370400440532013000"})).classes == {"financial"}
+    assert not chosen.scan(turn("MRN-0042, nothing else"))
+
+
+def test_default_detectors_are_todays() -> None:
+    """Without a `detectors` section: pan for card numbers, pii for SSNs and e-mail addresses, and nothing else (no phone, IBAN or security-code refusal)."""
+    chosen = detectors.default_detectors(CATALOGUE)
+    assert {(d.name, d.data_class) for d in chosen.detectors} == {("pan", "pan"), ("us_ssn", "pii"), ("email", "pii")}
+    findings = chosen.scan(turn("4111111111111111 cvv 123, +44 20 7946 0958, DE89370400440532013000"))
+    assert findings.classes == {"pan"}
+    assert findings.refused_by == frozenset()

@@ -196,3 +196,28 @@ async def test_an_unreachable_key_store_stops_startup_without_its_password(
     with pytest.raises(ConfigurationError, match="cannot connect to the key store at CUSTODY_KEY_STORE_URL") as caught:
         await build_runtime(settings)
     assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("detector", "field"),
+    [
+        ("{pattern: 'MRN-[0-9]{8}', data_class: public, must_match: [MRN-1234], must_not_match: [x]}", "must_match"),
+        ("{pattern: '(?=MRN)MRN', data_class: public, must_match: [MRN], must_not_match: [x]}", "pattern"),
+    ],
+)
+async def test_a_detector_that_fails_its_check_stops_startup(
+    tmp_path: Path, keyring_path: Path, database_url: str, detector: str, field: str
+) -> None:
+    """A deployment pattern that misses its must_match example, or that RE2 refuses, stops startup naming the detector."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\n"
+        "data_classes:\n  public: {description: public, provider_storage: true}\n"
+        f"detectors:\n  record_number: {detector}\n"
+        "routes:\n  faq:\n    description: answers\n    model: m\n    data_classes: [public]\n"
+    )
+    settings = _settings(
+        tmp_path, keyring_path, DATABASE_URL=database_url, GEMINI_API_KEY="k", CUSTODY_POLICY=str(policy)
+    )
+    with pytest.raises(ConfigurationError, match=rf"detectors\.record_number\.{field}.*detector record_number"):
+        await build_runtime(settings)

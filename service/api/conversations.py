@@ -178,7 +178,10 @@ class ConversationController(Controller):
                 422: "The input is empty or in a shape a client may not send, a function result answers no pending "
                 "call, the Idempotency-Key is malformed or was used with a different request, the input "
                 "carries a data class the route does not allow, or the conversation's route has left the policy "
-                "(`pointer` says where).",
+                "(`pointer` says where). `data-class-blocked`: the detectors found a class the route blocks "
+                "(`on_detect: block`); `card-security-code`: the input carries a card security code next to a "
+                "card number, refused on every route. Both name the classes in `data_classes`, and nothing of "
+                "the turn is stored or sent to the model.",
                 503: "The database cannot be reached right now; a model reply already received is stored as soon "
                 "as it is back: retry after `Retry-After` seconds with the same Idempotency-Key.",
             },

@@ -127,8 +127,9 @@ class OpsController(Controller):
         self, request: Request[Any, Any, Any], principal: NamedDependency[Principal], meta: NamedDependency[RequestMeta]
     ) -> PolicyOut:
         """The policy this service runs under: its version, the data classes (provider storage and
-        retention rule of each) and the routes (their data classes, provider storage, retention rule,
-        provider_ttl, and the settings sent to the model with every turn).
+        retention rule of each), the routes (their data classes, provider storage, retention rule,
+        provider_ttl, the classes they block, and the settings sent to the model with every turn)
+        and the detectors (each one's class, and its built-in or pattern).
 
         The settings (system instruction, tools, generation config) are the operator's configuration,
         not conversation content, so ops see them whole.

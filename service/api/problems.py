@@ -42,6 +42,13 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
     (errors.IdempotencyKeyInFlight, 409, "idempotency-key-in-flight", "Idempotency-Key in use"),
     (UnknownRouteError, 422, "unknown-route", "Unknown route"),
     (UnknownDataClassError, 422, "unknown-data-class", "Unknown data class"),
+    (
+        errors.CardSecurityCodeRefused,
+        422,
+        "card-security-code",
+        "Card security code may not be stored",
+    ),
+    (errors.DataClassBlocked, 422, "data-class-blocked", "Data class blocked on this route"),
     (DataClassNotAllowedError, 422, "data-class-not-allowed", "Data class not allowed on this route"),
     (PolicyViolation, 422, "policy-violation", "Request violates the route policy"),
 ]
@@ -80,6 +87,8 @@ def _custody_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
                 pointer=getattr(exc, "pointer", None),
                 hold_id=getattr(exc, "hold_id", None),
                 deletable_from=getattr(exc, "deletable_from", None),
+                # Class names from the policy, never from the request (unlike an unknown class's).
+                data_classes=list(exc.classes) if isinstance(exc, errors.DataClassBlocked) else None,
             )
     if isinstance(exc, errors.UpstreamFailed):
         status = 504 if exc.timeout else 502

@@ -266,6 +266,21 @@ class RouteOut(msgspec.Struct):
         ),
     ]
     settings: dict[str, Any]
+    blocked_classes: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="Classes whose detection refuses a turn on this route (`on_detect: block`) instead "
+            "of raising the conversation's classification."
+        ),
+    ]
+
+
+class DetectorOut(msgspec.Struct):
+    """A detector every turn's input is scanned with: a built-in, or the deployment's own RE2 pattern."""
+
+    data_class: Annotated[str, msgspec.Meta(description="The class a hit raises.")]
+    builtin: str | None
+    pattern: str | None
 
 
 class PolicyOut(msgspec.Struct):
@@ -274,6 +289,7 @@ class PolicyOut(msgspec.Struct):
     version: Annotated[str, msgspec.Meta(description="The digest of the policy's content, as records name it.")]
     data_classes: dict[str, DataClassOut]
     routes: dict[str, RouteOut]
+    detectors: dict[str, DetectorOut]
 
     @classmethod
     def of(cls, policy: Policy) -> PolicyOut:
@@ -291,8 +307,13 @@ class PolicyOut(msgspec.Struct):
                     retention=RetentionRuleOut.of(route.retention),
                     provider_ttl=route.provider_ttl.iso if route.provider_ttl else None,
                     settings=route.upstream_settings(),
+                    blocked_classes=sorted(route.blocked_classes),
                 )
                 for name, route in sorted(policy.routes.items())
+            },
+            detectors={
+                d.name: DetectorOut(d.data_class, d.builtin, d.pattern_text)
+                for d in sorted(policy.detectors.detectors, key=lambda d: d.name)
             },
         )
 
@@ -495,6 +516,13 @@ class Problem(msgspec.Struct):
     code: Annotated[
         str | msgspec.UnsetType,
         msgspec.Meta(description="Why the model call failed, as a short machine reason (502 and 504 only)."),
+    ] = msgspec.UNSET
+    data_classes: Annotated[
+        list[str] | msgspec.UnsetType,
+        msgspec.Meta(
+            description="The data classes the detectors found in a refused turn's input (422 "
+            "`data-class-blocked` and `card-security-code` only); never what matched."
+        ),
     ] = msgspec.UNSET
 
 

@@ -2,7 +2,9 @@
 
 It locks the conversation row, closes a turn whose holder died (its lease ran out), answers a
 repeated Idempotency-Key with the stored result, refuses with 409 while another turn holds a live
-lease, raises the classification if the detectors found a new class, decrypts the history,
+lease, refuses a turn whose input carries what the detectors found and the policy refuses (a
+card security code, always; a class the route blocks), raises the classification if the
+detectors found a new class, decrypts the history,
 checks the input against the pending function calls, decides provider storage, and takes the
 lease. Its audit record is written here because this is where history is read to be disclosed
 to the model.
@@ -29,6 +31,7 @@ from ..conversations import (
 )
 from ..database import run_sql
 from ..errors import (
+    CardSecurityCodeRefused,
     ConversationNotFound,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
@@ -39,7 +42,7 @@ from ..errors import (
 from ..ids import audited_conversation_id, is_conversation_id, new_id
 from ..leases import close_abandoned
 from ..models import Conversation, DataKey, IdempotencyRecord, Turn
-from ..policy import StorageDecision, check_data_classes, decide_storage
+from ..policy import StorageDecision, check_blocked, check_data_classes, decide_storage
 from ._input import check_function_results
 from ._types import TurnRequest, TurnResult
 
@@ -52,10 +55,12 @@ RESULT_LABEL = "response"
 @dataclass(frozen=True)
 class Inspected:
     """What the content of a turn's input told us before the claim: its keyed fingerprint (for the
-    Idempotency-Key) and the data classes the detectors found."""
+    Idempotency-Key), the data classes the detectors found and, when one of them always refuses the
+    turn (a card security code), its name."""
 
     fingerprint: str
     detected: frozenset[str]
+    refused_by: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ async def claim_turn(
             if closed := await close_abandoned(ctx.auditor, session, conversation, closed_by="takeover"):
                 entry.details["abandoned_turns_closed"] = closed
                 ctx.metrics.abandoned_turns(closed, "takeover")
+        _refuse_detected(ctx, conversation.route, inspected, entry)
         if key_digest is not None:
             earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
             if earlier is not None:
@@ -189,6 +195,21 @@ async def claim_turn(
         }
         return claim
     raise AssertionError("unreachable")  # the audited block returns or raises
+
+
+def _refuse_detected(ctx: ServiceContext, route_name: str, inspected: Inspected, entry: AuditEntry) -> None:
+    """Refuse the turn when its input carries what may never be stored: a card security code next
+    to a card number (on every route), or a class the route blocks. Before anything else is
+    decided, so the refusal does not depend on leases or keys; the turn.start record names the
+    classes (the detector.hit record before it, the detectors), never what matched."""
+    route = ctx.policy.routes.get(route_name)
+    blocked = inspected.detected & route.blocked_classes if route is not None else frozenset()
+    if inspected.refused_by or blocked:
+        entry.details["blocked_classes"] = sorted(blocked or inspected.detected)
+    if inspected.refused_by:
+        raise CardSecurityCodeRefused(route_name, inspected.detected)
+    if route is not None:
+        check_blocked(route, inspected.detected)
 
 
 async def _locked_conversation(

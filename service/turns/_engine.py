@@ -36,7 +36,7 @@ from ..audit import AuditEntry, outcome_of
 from ..context import ServiceContext
 from ..conversations import delete_provider_copies
 from ..database_errors import database_unreachable
-from ..detectors import detect_classes
+from ..detectors import Findings
 from ..errors import ConversationNotFound, DatabaseUnavailable, UpstreamFailed
 from ..ids import is_conversation_id
 from ..keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
@@ -212,13 +212,15 @@ class TurnEngine:
         if large and not await self._owns(request):
             return Inspected("", frozenset())
         work = partial(self._fingerprint_and_detect, request.conversation_id, new_steps)
-        fingerprint, detected = await asyncio.to_thread(work) if large else work()
-        if detected and not large and not await self._owns(request):
+        fingerprint, findings = await asyncio.to_thread(work) if large else work()
+        detected = findings.classes
+        if findings and not large and not await self._owns(request):
             return Inspected("", frozenset())
-        if detected:
+        if findings:
             ctx.metrics.detector_hits(detected, request.principal.tenant_id)
             # Recorded on its own, before the claim, so the hit stays on record even when the
-            # turn is then refused because the route does not allow the class.
+            # turn is then refused: the route does not allow or blocks the class, or the input
+            # carries a card security code. Class and detector names only, never what matched.
             await ctx.auditor.record(
                 ctx.sessions,
                 AuditEntry(
@@ -228,10 +230,10 @@ class TurnEngine:
                     resource_type="conversation",
                     resource_id=request.conversation_id,
                     data_classes=sorted(detected),
-                    details={"classes": sorted(detected)},
+                    details={"classes": sorted(detected), "detectors": sorted(findings.detectors)},
                 ),
             )
-        return Inspected(fingerprint, detected)
+        return Inspected(fingerprint, detected, findings.refused_by)
 
     async def _owns(self, request: TurnRequest) -> bool:
         if not is_conversation_id(request.conversation_id):
@@ -247,6 +249,6 @@ class TurnEngine:
 
     def _fingerprint_and_detect(
         self, conversation_id: str, new_steps: list[dict[str, Any]]
-    ) -> tuple[str, frozenset[str]]:
+    ) -> tuple[str, Findings]:
         fingerprint = request_fingerprint(self._ctx.pepper, canonical_json([conversation_id, new_steps]))
-        return fingerprint, frozenset(detect_classes(new_steps, self._ctx.policy.data_classes))
+        return fingerprint, self._ctx.policy.detectors.scan(new_steps)

@@ -74,10 +74,19 @@ def test_every_error_response_is_a_problem() -> None:
 
 
 def test_the_problem_schema_has_the_members_the_mapping_writes() -> None:
-    """The Problem schema requires type, title, status and detail, and allows pointer, fields and code."""
+    """The Problem schema requires type, title, status and detail, and allows pointer, fields, code and data_classes."""
     problem = DOCUMENT["components"]["schemas"]["Problem"]
     assert sorted(problem["required"]) == ["detail", "status", "title", "type"]
-    assert set(problem["properties"]) == {"type", "title", "status", "detail", "pointer", "fields", "code"}
+    assert set(problem["properties"]) == {
+        "type",
+        "title",
+        "status",
+        "detail",
+        "pointer",
+        "fields",
+        "code",
+        "data_classes",
+    }
 
 
 def test_waiting_and_authentication_headers_are_documented() -> None:

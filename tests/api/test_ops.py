@@ -48,7 +48,7 @@ async def exists(service: RetentionService, conversation: str) -> bool:
 
 
 async def test_the_policy_shows_its_classes_routes_and_rules(retention: RetentionService) -> None:
-    """The policy answer has the version, each class's provider storage and rule, and each route's classes, rule, provider_ttl and settings; the read is audited."""
+    """The policy answer has the version, each class's provider storage and rule, each route's classes, rule, provider_ttl, settings and blocked classes, and the detectors; the read is audited."""
     ops = retention.tenant.headers("ops")
     response = await retention.api.get("/v1/ops/policy", headers=ops)
     assert response.status_code == 200, response.text
@@ -64,6 +64,18 @@ async def test_the_policy_shows_its_classes_routes_and_rules(retention: Retentio
     assert intake["data_classes"] == ["phi", "pii"]
     assert intake["provider_ttl"] is None
     assert intake["settings"] == retention.ctx.policy.route("patient-intake").upstream_settings()
+    assert intake["blocked_classes"] == ["financial", "pan"]
+    assert faq["blocked_classes"] == []
+    assert policy["detectors"]["card_security_code"] == {
+        "data_class": "pan",
+        "builtin": "card_security_code",
+        "pattern": None,
+    }
+    assert policy["detectors"]["mrn"] == {
+        "data_class": "phi",
+        "builtin": None,
+        "pattern": next(d.pattern_text for d in retention.ctx.policy.detectors.detectors if d.name == "mrn"),
+    }
     [record] = await records(retention, {"action": "policy.read"})
     assert record["actor"]["key_id"] == key_id(retention.tenant, "ops")
     assert record["policy_version"] == policy["version"]
