@@ -15,9 +15,10 @@ lease is ours; the caller gets 503 after a while and, retrying with its Idempote
 stored turn. The input is stored with the reply, not at the claim: a failed model call leaves the
 history exactly as it was, never with an unanswered input.
 
-Before any of that, the input is checked against the caller's own conversation and only then
-canonicalised (for the keyed request fingerprint) and scanned by the detectors; a large input is
-scanned in a worker thread so that it cannot stall the other requests of the process.
+Before any of that, the input is canonicalised (for the keyed request fingerprint) and scanned
+by the detectors: a small input at once, a large one only once the conversation is known to be
+the caller's, and in a worker thread so that it cannot stall the other requests of the process
+(see `_inspect`).
 """
 
 from __future__ import annotations
