@@ -1,4 +1,5 @@
-"""Content detectors: find data classes a turn's input carries that the client did not declare.
+"""Content detectors: find data classes a turn carries that the client did not declare, in its input
+and in the model's answer on its way into storage.
 
 A hit raises the conversation's classification (it never falls: design invariant 1), which can
 turn provider storage off for the rest of the conversation, or refuse the turn when the route
@@ -324,6 +325,14 @@ def _texts(steps: Iterable[dict[str, Any]]) -> Iterator[str]:
                     yield block["text"]
         elif step.get("type") == "function_result":
             yield from _json_texts(step.get("result"))
+        elif step.get("type") == "model_output":
+            # The model's answer, on its way into storage: what it echoes counts too.
+            content = step.get("content")
+            for block in content if isinstance(content, list) else ():
+                if isinstance(block, dict) and isinstance(block.get("text"), str):
+                    yield block["text"]
+        elif step.get("type") == "function_call":
+            yield from _json_texts(step.get("arguments"))
 
 
 def _scan_text(steps: Iterable[dict[str, Any]]) -> str:
@@ -523,7 +532,8 @@ class DetectorSet:
     detectors: tuple[Detector, ...] = ()
 
     def scan(self, steps: Iterable[dict[str, Any]]) -> Findings:
-        """Run every detector over the client input `steps`."""
+        """Run every detector over `steps`: a client's input, or the model's answer (its text and
+        its function calls' arguments)."""
         if not self.detectors:
             return Findings()
         scan = _scan_of(_scan_text(steps))

@@ -16,7 +16,8 @@
     │   ├── UnknownDataClassError
     │   ├── DataClassNotAllowedError
     │   └── DataClassBlocked               the route refuses turns carrying a detected class
-    │       └── CardSecurityCodeRefused    a card security code next to a card number (always)
+    │       ├── CardSecurityCodeRefused    a card security code next to a card number (always)
+    │       └── ModelOutputRefused         the model's answer carries what the route refuses
     ├── TurnInProgress                     another turn holds the conversation             (409)
     │   └── LeaseLost                      a turn's lease ran out and another took over
     ├── LegalHoldActive                    a legal hold forbids deleting it                (409)
@@ -69,6 +70,7 @@ __all__ = [
     "LegalHoldActive",
     "MalformedRequest",
     "MinimumRetention",
+    "ModelOutputRefused",
     "PermissionDenied",
     "PolicyError",
     "PolicyViolation",
@@ -232,6 +234,22 @@ class CardSecurityCodeRefused(DataClassBlocked):
         )
         self.route = route
         self.classes = tuple(sorted(set(classes)))
+
+
+class ModelOutputRefused(DataClassBlocked):
+    """The model's answer carries what the route refuses to store (a class it blocks or does not
+    allow, or a card security code): the turn fails and nothing of it is stored."""
+
+    def __init__(self, route: str, classes: Iterable[str]) -> None:
+        classes = tuple(sorted(set(classes)))
+        PolicyViolation.__init__(
+            self,
+            f"the model's answer carries data classes route {route} does not take ("
+            + ", ".join(classes)
+            + "); nothing of this turn was stored",
+        )
+        self.route = route
+        self.classes = classes
 
 
 class LegalHoldActive(CustodyError):

@@ -99,7 +99,9 @@ class Metrics:
             description="Turns closed as abandoned (their holder died), by who closed them (takeover, reaper)",
         )
         self._detector_hits = meter.create_counter(
-            "custody.detector.hits", unit="{hit}", description="Turn inputs in which a detector found a data class"
+            "custody.detector.hits",
+            unit="{hit}",
+            description="Turn inputs and model answers in which a detector found a data class",
         )
         self._audit_append = meter.create_histogram(
             "custody.audit.append.duration",

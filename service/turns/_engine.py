@@ -46,7 +46,7 @@ from ..models import Conversation
 from ..upstream import UpstreamReply
 from ._claim import Claim, Inspected, claim_turn
 from ._input import normalize_client_input
-from ._reply import outcome_of_reply
+from ._reply import Outcome, outcome_of_reply
 from ._settle import ClaimedTurn
 from ._types import TurnRequest, TurnResult
 
@@ -132,8 +132,9 @@ class TurnEngine:
                 # Copies the provider keeps go on the ledger before anything else can fail; the
                 # ids of a turn it keeps nothing of are written with the turn itself.
                 await self._stored(partial(turn.ledger, reply.interaction_ids))
+            findings = await self._scan_output(turn, outcome)
             finishing = True
-            return await self._stored(partial(turn.finish, outcome))
+            return await self._stored(partial(turn.finish, outcome, findings))
         except BaseException as exc:
             if database_unreachable(exc):
                 # Given up after turn_store_retry_seconds: once the database is back, the lease
@@ -145,6 +146,37 @@ class TurnEngine:
             if not exists or isinstance(exc, ConversationNotFound):
                 await self._delete_orphans(turn, reply.interaction_ids)
             raise
+
+    async def _scan_output(self, turn: ClaimedTurn, outcome: Outcome) -> Findings:
+        """The detectors over the model's answer (its text and function calls' arguments) on its
+        way into storage; a hit is recorded on its own, like one in the input, by class and
+        detector name. The finish then raises the classification, or refuses the turn."""
+        ctx = self._ctx
+        if not outcome.kept:
+            return Findings()
+        work = partial(ctx.policy.detectors.scan, outcome.model_steps)
+        large = sum(map(len, outcome.model_step_bytes)) > _OFF_LOOP_BYTES
+        findings = await asyncio.to_thread(work) if large else work()
+        if findings:
+            request = turn.request
+            ctx.metrics.detector_hits(findings.classes, request.principal.tenant_id)
+            entry = AuditEntry(
+                "detector.hit",
+                request.principal,
+                request.meta,
+                resource_type="conversation",
+                resource_id=request.conversation_id,
+                data_classes=sorted(findings.classes),
+                details={
+                    "classes": sorted(findings.classes),
+                    "detectors": sorted(findings.detectors),
+                    "source": "model_output",
+                    "turn_id": turn.claim.turn_id,
+                },
+            )
+            # Like the rest of storing a reply, kept trying while the database is unreachable.
+            await self._stored(lambda _retry: ctx.auditor.record(ctx.sessions, entry))
+        return findings
 
     async def _give_back(self, turn: ClaimedTurn, code: str, attempts: int, interaction_ids: list[str]) -> None:
         """Release a turn whose model call failed; interactions it did get (hops of a continued
@@ -248,8 +280,6 @@ class TurnEngine:
             )
         return found is not None
 
-    def _fingerprint_and_detect(
-        self, conversation_id: str, new_steps: list[dict[str, Any]]
-    ) -> tuple[str, Findings]:
+    def _fingerprint_and_detect(self, conversation_id: str, new_steps: list[dict[str, Any]]) -> tuple[str, Findings]:
         fingerprint = request_fingerprint(self._ctx.pepper, canonical_json([conversation_id, new_steps]))
         return fingerprint, self._ctx.policy.detectors.scan(new_steps)

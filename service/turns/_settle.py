@@ -26,9 +26,10 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ..audit import AuditEntry
 from ..context import ServiceContext
-from ..conversations import align_data_keys, encode_json, last_activity_deadline, seal_day_for
+from ..conversations import align_data_keys, encode_json, last_activity_deadline, rule_values, seal_day_for
 from ..database import run_sql
-from ..errors import ConversationNotFound, LeaseLost
+from ..detectors import Findings
+from ..errors import ConversationNotFound, LeaseLost, ModelOutputRefused
 from ..models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
 from ._claim import RESULT_LABEL, Claim
 from ._reply import Outcome, output_text
@@ -128,7 +129,7 @@ class ClaimedTurn:
         )
         return list(inserted.all())
 
-    async def finish(self, outcome: Outcome, retry: bool) -> TurnResult:
+    async def finish(self, outcome: Outcome, findings: Findings, retry: bool) -> TurnResult:
         """Store the outcome, if the lease is still ours; the result the caller gets.
 
         One statement (`_FINISH`) does the turn's writes, so the unit of work is that statement,
@@ -146,6 +147,8 @@ class ClaimedTurn:
         sealed = [claim.cipher.seal_step(claim.step_count + offset, step) for offset, step in enumerate(stored)]
         unstored_ids = [] if claim.decision.provider_storage else outcome.reply.interaction_ids
         async with self.ctx.auditor.action(self.ctx.sessions, self.turn_entry()) as (session, entry):
+            if findings:
+                await self._take_output_classes(session, entry, findings)
             finished = (
                 await run_sql(
                     session,
@@ -192,6 +195,33 @@ class ClaimedTurn:
                 "upstream_interaction_id": outcome.last_interaction,
             }
         return result
+
+    async def _take_output_classes(self, session: AsyncSession, entry: AuditEntry, findings: Findings) -> None:
+        """What the detectors found in the model's answer: a class the route blocks or does not
+        allow, or a card security code, refuses the turn (raising rolls this transaction back:
+        nothing of the turn is stored); a new class the route allows raises the conversation's
+        classification, and its retention rule with it, in this transaction."""
+        claim = self.claim
+        route = self.ctx.policy.routes.get(claim.route)
+        raised = findings.classes - set(claim.data_classes)
+        refused = ((findings.classes & route.blocked_classes) | (raised - route.data_classes)) if route else raised
+        if findings.refused_by or refused:
+            entry.details["blocked_classes"] = sorted(refused or findings.classes)
+            raise ModelOutputRefused(claim.route, refused or findings.classes)
+        if not raised:
+            return
+        classes = sorted({*claim.data_classes, *raised})
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == self.request.conversation_id)
+            .values(
+                data_classes=classes,
+                **rule_values(self.ctx.policy.retention_for(claim.route, classes), self.ctx.policy.version),
+            )
+            .execution_options(synchronize_session=False)
+        )
+        entry.data_classes = classes
+        entry.details["classification_raised"] = sorted(raised)
 
     async def _finished_earlier(self, outcome: Outcome) -> bool:
         async with self.ctx.sessions() as session:
