@@ -149,7 +149,9 @@ async def test_detector_hits_lease_conflicts_and_auth_failures_are_counted(
         assert (await observed.api.get("/v1/conversations", headers=tenant.headers("auditor"))).status_code == 403
         scrape = await observed.scrape()
 
-    assert scrape.value("custody_detector_hits_total", **{"class": "pii"}) == 1
+    # The e-mail address twice: in the input, and in the simulated model's answer, which echoes it.
+    assert scrape.value("custody_detector_hits_total", **{"class": "pii"}) == 2
+    # The refused card number once: its turn never reached the model.
     assert scrape.value("custody_detector_hits_total", **{"class": "pan"}) == 1
     assert scrape.value("custody_lease_conflicts_total", kind="held") == 1
     assert scrape.value("custody_auth_failures_total", reason="unauthenticated") == 1
