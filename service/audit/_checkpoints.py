@@ -10,7 +10,7 @@ from ._chain import AuditSigner, Checkpoint
 from ._queries import chains
 from ._writer import AuditEntry, Auditor, lock_head
 
-__all__ = ["CHECKPOINT_LOCK", "checkpoint_all", "sign_at", "sign_checkpoint"]
+__all__ = ["CHECKPOINT_LOCK", "checkpoint_all", "checkpoint_entry", "sign_at", "sign_checkpoint"]
 
 
 async def sign_checkpoint(session: AsyncSession, signer: AuditSigner, chain: str) -> Checkpoint | None:
@@ -59,16 +59,19 @@ async def checkpoint_all(auditor: Auditor, sessions: async_sessionmaker[AsyncSes
             if head.seq == 0 or (latest is not None and head.seq <= latest + 1):
                 continue
             checkpoint = await sign_at(session, signer, chain, head.seq, head.head_hash, head.clock)
-            await auditor.append(
-                session,
-                AuditEntry(
-                    "audit.checkpoint",
-                    None,
-                    resource_type="audit_log",
-                    resource_id=chain,
-                    chain=chain,
-                    details={"seq": checkpoint.seq, "key_id": checkpoint.key_id},
-                ),
-            )
+            await auditor.append(session, checkpoint_entry(checkpoint))
             signed.append(checkpoint)
     return signed
+
+
+def checkpoint_entry(checkpoint: Checkpoint, *, operator: str | None = None) -> AuditEntry:
+    """The `audit.checkpoint` record of a checkpoint just signed, on its own chain."""
+    return AuditEntry(
+        "audit.checkpoint",
+        None,
+        resource_type="audit_log",
+        resource_id=checkpoint.chain,
+        chain=checkpoint.chain,
+        details={"seq": checkpoint.seq, "key_id": checkpoint.key_id},
+        operator=operator,
+    )

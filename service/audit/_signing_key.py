@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ._chain import AuditSigner, Checkpoint
-from ._checkpoints import CHECKPOINT_LOCK, sign_checkpoint
+from ._checkpoints import CHECKPOINT_LOCK, checkpoint_entry, sign_checkpoint
 from ._queries import chains
 from ._writer import SYSTEM_CHAIN, AuditEntry, Auditor
 
@@ -85,17 +85,6 @@ async def rotate_signing_key(
             checkpoint = await sign_checkpoint(session, signer, chain)
             if checkpoint is None:  # the chain holds the handover record now: never empty
                 raise RuntimeError(f"the audit chain {chain} is empty after its handover record")
-            await auditor.append(
-                session,
-                AuditEntry(
-                    "audit.checkpoint",
-                    None,
-                    resource_type="audit_log",
-                    resource_id=chain,
-                    chain=chain,
-                    details={"seq": checkpoint.seq, "key_id": checkpoint.key_id},
-                    operator=operator,
-                ),
-            )
+            await auditor.append(session, checkpoint_entry(checkpoint, operator=operator))
             signed.append(checkpoint)
     return SigningKeyRotation(old.key_id, new_signer.key_id, trusted_until, signed)
