@@ -127,6 +127,10 @@ class Conversation(Base):
     purge_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The policy the rule was derived under: a different one means it must be recomputed.
     retention_policy_version: Mapped[str] = mapped_column(String(80), index=True, nullable=False, server_default="")
+    # The provider's copy that holds this whole history (the last interaction of the last turn
+    # stored with provider storage), which the next turn may chain onto instead of replaying;
+    # NULL when there is none, or the history has moved on without the provider.
+    provider_chain_id: Mapped[str | None] = mapped_column(String(200))
 
 
 class DataKey(Base):
@@ -160,6 +164,7 @@ class Turn(Base):
     __tablename__ = "turns"
     __table_args__ = (
         CheckConstraint("status IN ('in_progress', 'completed', 'requires_action', 'failed')", name="status"),
+        CheckConstraint("history_sent IN ('replayed', 'chained', 'replayed_after_chain_lost')", name="history_sent"),
         # The row lock already serializes turns; this is the backstop if that ever regresses.
         UniqueConstraint("conversation_id", "number", name="uq_turns_conversation_number"),
     )
@@ -179,6 +184,9 @@ class Turn(Base):
     upstream_status: Mapped[str | None] = mapped_column(String(40))
     upstream_latency_ms: Mapped[float | None] = mapped_column()
     upstream_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # How the history reached the model: replayed in full, chained onto the provider's copy
+    # (previous_interaction_id), or replayed in full after the provider's copy was found gone.
+    history_sent: Mapped[str] = mapped_column(String(32), nullable=False, server_default="replayed")
     # The API key that started the turn, so that an abandoned turn's outcome names its actor.
     key_id: Mapped[str | None] = mapped_column(String(40))
     error_code: Mapped[str | None] = mapped_column(String(80))
