@@ -37,6 +37,9 @@ class ServiceContext:
     # unreachable, and how long its caller waits for that.
     turn_store_retry_seconds: float = 300.0
     turn_store_wait_seconds: float = 10.0
+    # A turn chains onto the provider's copy of its history only while that copy is younger than
+    # this (and the route's provider_ttl); older, the whole history is replayed (see the claim).
+    provider_chain_max_age_seconds: float = 43_200.0
     # Work that outlives its request: storing a reply, releasing a lease, renewing one.
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
     # The clock retention deadlines are compared with (the database's; tests move it forward).

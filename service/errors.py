@@ -325,6 +325,8 @@ class UpstreamFailed(CustodyError):
         # Interactions of the turn that did succeed before it failed (a continued turn): the
         # provider may keep copies of them, so they go into the ledger all the same.
         self.interaction_ids = interaction_ids or []
+        # How the turn's history went to the model (service.upstream.HISTORY_SENT).
+        self.history_sent = "replayed"
 
     @property
     def reason_code(self) -> str:

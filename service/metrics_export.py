@@ -157,4 +157,3 @@ def _millis(env: Mapping[str, str], name: str, default: float) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ConfigurationError(f"{name} must be a positive number of milliseconds, not {raw[:40]!r}")
     return value
-

@@ -382,6 +382,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         turn_lease_seconds=settings.turn_lease_seconds,
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
         turn_store_wait_seconds=settings.turn_store_wait_seconds,
+        provider_chain_max_age_seconds=settings.provider_chain_max_age_seconds,
         data_keys=DataKeyCache(settings.data_key_cache_size, settings.data_key_cache_seconds),
         auth_failures=AuthFailures(
             AuthFailureLimits(
@@ -392,9 +393,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         ),
         metrics=metrics.metrics,
     )
-    runtime = Runtime(
-        settings, ctx, engine, announce, metrics=metrics, metrics_token=metrics_token, _closers=closers
-    )
+    runtime = Runtime(settings, ctx, engine, announce, metrics=metrics, metrics_token=metrics_token, _closers=closers)
     if not settings.deployment and demo_keys:
         runtime.demo_keys = await _issue_demo_keys(ctx)
     return runtime

@@ -26,7 +26,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google import genai
@@ -38,7 +38,7 @@ from .errors import ConfigurationError, UpstreamFailed
 from .json_spans import split_steps
 from .metrics import Metrics
 
-__all__ = ["Upstream", "UpstreamReply"]
+__all__ = ["HISTORY_SENT", "Chain", "Upstream", "UpstreamReply"]
 
 _TRANSIENT = frozenset({408, 429, 500, 502, 503, 504})
 # A turn continued over more interactions than this is refused rather than followed forever.
@@ -64,6 +64,23 @@ class UpstreamReply:
     interaction_ids: list[str] = field(default_factory=list)
     # The exact bytes of each step of `body["steps"]`, in the same order, as the API sent them.
     steps: list[bytes] = field(kw_only=True, repr=False)
+    # How the history reached the model (see `HISTORY_SENT`).
+    history_sent: str = field(default="replayed", kw_only=True)
+
+
+# How a turn's history reached the model: all of it in `input`; only the new input, chained onto
+# the provider's copy of the rest with `previous_interaction_id`; or all of it after the provider
+# answered that the copy to chain onto is gone.
+HISTORY_SENT = ("replayed", "chained", "replayed_after_chain_lost")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The provider's copy of a conversation's history up to now, to chain a turn onto: the
+    interaction that holds it, and how many of the turn's steps (the last ones) are new."""
+
+    interaction_id: str
+    new_steps: int
 
 
 class Upstream:
@@ -102,8 +119,46 @@ class Upstream:
         self._attempts = max(1, attempts)
         self._metrics = metrics or Metrics.disabled()
 
-    async def create(self, *, settings: dict[str, Any], steps: Sequence[bytes], store: bool) -> UpstreamReply:
+    async def create(
+        self, *, settings: dict[str, Any], steps: Sequence[bytes], store: bool, chain: Chain | None = None
+    ) -> UpstreamReply:
         """One turn with `steps` as its whole input; the reply's raw JSON.
+
+        With a `chain` (only with provider storage), only the new steps are sent, with
+        `previous_interaction_id` naming the provider's copy of the rest: the history the model
+        sees is the same, the request a fraction of the size. When the provider answers that the
+        copy is gone (expired, deleted, never stored: 404 or 410, or a 400 that names the field),
+        the turn is sent again with the whole history, as a fresh chain; the reply says which
+        way the history went (`history_sent`). Nothing of a refused chained request is kept by
+        the provider, so the fallback leaves no copy behind.
+        """
+        if chain is None or not store:
+            return await self._create_turn(settings, steps, store, None)
+        try:
+            return await self._create_turn(settings, steps[len(steps) - chain.new_steps :], store, chain.interaction_id)
+        except _ChainLost as lost:
+            spent = lost.attempts
+        except UpstreamFailed as exc:
+            exc.history_sent = "chained"
+            raise
+        try:
+            reply = await self._create_turn(settings, steps, store, None, spent=spent)
+        except UpstreamFailed as exc:
+            exc.history_sent = "replayed_after_chain_lost"
+            raise
+        return replace(reply, history_sent="replayed_after_chain_lost")
+
+    async def _create_turn(
+        self,
+        settings: dict[str, Any],
+        steps: Sequence[bytes],
+        store: bool,
+        previous_interaction_id: str | None,
+        *,
+        spent: int = 0,
+    ) -> UpstreamReply:
+        """One turn: its first interaction, and any continuations it asks for. `spent`: requests
+        the turn sent before this (a chained attempt refused), counted in its attempts.
 
         `steps` are the exact JSON bytes of each input step (one JSON value each, as stored or
         as the API sent it): they go into the body's `input` array as they are, never parsed or
@@ -118,13 +173,14 @@ class Upstream:
         """
         started = time.perf_counter()
         hops: list[_Hop] = []
-        attempts = 0
+        attempts = spent
         # The input array is joined once and re-sent as it is by every hop that needs it.
         input_array = b"[" + b",".join(steps) + b"]"
-        body = _request_body(settings, store, {}, input_array)
+        first = {"previous_interaction_id": previous_interaction_id} if previous_interaction_id else {}
+        body = _request_body(settings, store, first, input_array)
         while True:
             try:
-                hop, used = await self._create_one(body, store)
+                hop, used = await self._create_one(body, store, chained=bool(previous_interaction_id) and not hops)
             except UpstreamFailed as exc:
                 exc.attempts += attempts
                 exc.interaction_ids = _hop_ids(hops)
@@ -151,11 +207,18 @@ class Upstream:
                 body = _request_body(settings, store, {"continuation_token": token}, input_array)
         merged, merged_steps = _merge(hops)
         return UpstreamReply(
-            merged, (time.perf_counter() - started) * 1000, attempts, _hop_ids(hops), steps=merged_steps
+            merged,
+            (time.perf_counter() - started) * 1000,
+            attempts,
+            _hop_ids(hops),
+            steps=merged_steps,
+            history_sent="chained" if previous_interaction_id else "replayed",
         )
 
-    async def _create_one(self, body: bytes, store: bool) -> tuple[_Hop, int]:
-        """One interaction, with Custody's retries; ((parsed body, step bytes), requests sent)."""
+    async def _create_one(self, body: bytes, store: bool, *, chained: bool = False) -> tuple[_Hop, int]:
+        """One interaction, with Custody's retries; ((parsed body, step bytes), requests sent).
+        `chained`: the body names a previous interaction, and a refusal that says it is gone
+        raises `_ChainLost`."""
         for attempt in range(1, self._attempts + 1):
             try:
                 with self._metrics.upstream_request("create", _request_outcome):
@@ -165,6 +228,8 @@ class Upstream:
                     "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
                 ) from None
             except sdk_errors.APIStatusError as exc:
+                if chained and _chain_gone(exc):
+                    raise _ChainLost(attempt) from None
                 retry = exc.status_code in _TRANSIENT and (not store or exc.status_code == 429)
                 if retry and attempt < self._attempts:
                     await asyncio.sleep(_backoff(attempt, exc.response.headers.get("retry-after")))
@@ -224,6 +289,29 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
+
+
+class _ChainLost(Exception):
+    """The provider no longer has the interaction a chained request named."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__("the previous interaction is gone")
+        self.attempts = attempts
+
+
+def _chain_gone(exc: sdk_errors.APIStatusError) -> bool:
+    """Whether a refused chained create says its previous interaction is gone: 404 or 410, or a
+    400 whose message names `previous_interaction_id` (how the provider reports an unknown or
+    expired id is not documented, so both shapes count). The message is only looked at, never
+    kept: it may quote the request."""
+    if exc.status_code in {404, 410}:
+        return True
+    if exc.status_code != 400:
+        return False
+    body = exc.body
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else body
+    return isinstance(message, str) and "previous_interaction" in message
 
 
 def _request_outcome(exc: BaseException) -> str:

@@ -346,9 +346,7 @@ class OwnService:
 
 
 @pytest.fixture
-async def own_service(
-    ctx: ServiceContext, gemini: RunningSimulator, fresh_database: str
-) -> AsyncIterator[OwnService]:
+async def own_service(ctx: ServiceContext, gemini: RunningSimulator, fresh_database: str) -> AsyncIterator[OwnService]:
     """The service on a database of the test's own, for tests that change the schema (a constraint
     added to a shared table would fail every other test's writes while it is there, and for good if
     the test died before dropping it)."""

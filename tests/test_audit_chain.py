@@ -270,7 +270,9 @@ async def test_external_checkpoint_copy_catches_a_deleted_checkpoint(lab: tuple[
             )
             session = AsyncSession(bind=connection)
             inside_only = await verify_chain(session, CHAIN, TrustedKeys.of(signer.public_key))
-            with_copy = await verify_chain(session, CHAIN, TrustedKeys.of(signer.public_key), extra_checkpoints=kept_outside)
+            with_copy = await verify_chain(
+                session, CHAIN, TrustedKeys.of(signer.public_key), extra_checkpoints=kept_outside
+            )
         finally:
             await transaction.rollback()
     assert inside_only.ok  # nothing left in the database can tell

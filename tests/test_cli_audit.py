@@ -48,8 +48,14 @@ async def test_checkpoint_export_and_offline_verify(
     await take_turn(api, tenant.headers(), conversation, "hello")
     kept = tmp_path / "checkpoints.ndjson"
     signed = _custody(
-        "audit", "checkpoint", "--out", str(kept), database_url=database_url, key=signing_key_path,
-        keyring=keyring_path, data_dir=tmp_path
+        "audit",
+        "checkpoint",
+        "--out",
+        str(kept),
+        database_url=database_url,
+        key=signing_key_path,
+        keyring=keyring_path,
+        data_dir=tmp_path,
     )
     assert signed.returncode == 0, signed.stderr
     assert kept.read_text().strip(), "the checkpoints were not copied out"
@@ -68,8 +74,14 @@ async def test_checkpoint_export_and_offline_verify(
 
     chain = (await api.get("/v1/audit/verify", headers=tenant.headers("auditor"))).json()["chain"]
     exported = _custody(
-        "audit", "export", "--chain", chain, database_url=database_url, key=signing_key_path,
-        keyring=keyring_path, data_dir=tmp_path
+        "audit",
+        "export",
+        "--chain",
+        chain,
+        database_url=database_url,
+        key=signing_key_path,
+        keyring=keyring_path,
+        data_dir=tmp_path,
     )
     assert exported.returncode == 0, exported.stderr
     export = tmp_path / "export.ndjson"
@@ -88,7 +100,7 @@ async def test_checkpoint_export_and_offline_verify(
             str(public),
             database_url="postgresql://nobody@127.0.0.1:1/none",
             key=signing_key_path,
-        keyring=keyring_path,
+            keyring=keyring_path,
             data_dir=tmp_path,
         )
 
@@ -153,7 +165,7 @@ async def test_fhir_export_verifies_offline_from_the_cli(
             str(public),
             database_url="postgresql://nobody@127.0.0.1:1/none",
             key=signing_key_path,
-        keyring=keyring_path,
+            keyring=keyring_path,
             data_dir=tmp_path,
         )
 

@@ -44,7 +44,9 @@ async def test_intact_history_decrypts(api: httpx.AsyncClient, tenant: Tenant, c
     assert [p for p, _, _ in steps] == list(range(8))
 
 
-async def test_step_moved_to_another_position_fails(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
+async def test_step_moved_to_another_position_fails(
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext
+) -> None:
     """Swapping two steps' ciphertexts inside one conversation is detected."""
     conversation = await _two_turn_conversation(api, tenant)
     await _sql(

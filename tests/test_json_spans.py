@@ -55,6 +55,7 @@ def _string(value: str, data: st.DataObject) -> str:
 
 def render(value: Any, data: st.DataObject) -> str:
     """`value` as JSON text with odd spacing, shuffled keys and unusual number spellings."""
+
     def space() -> str:
         return data.draw(_SPACES)
 
@@ -75,7 +76,9 @@ def render(value: Any, data: st.DataObject) -> str:
 # --- properties --------------------------------------------------------------------------------
 
 
-@settings(max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     steps=st.lists(_values, max_size=5),
     before=st.dictionaries(st.text(max_size=6).filter(lambda k: k != "steps"), _values, max_size=3),

@@ -66,9 +66,7 @@ async def test_rotation_rewraps_and_a_running_replica_keeps_reading(
                 .all()
             )
 
-        env = os.environ | deployment_env(
-            fresh_database, keyring_under_test.environment, signing_key_path, pepper_path
-        )
+        env = os.environ | deployment_env(fresh_database, keyring_under_test.environment, signing_key_path, pepper_path)
         rotated = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "service", "keyring", "rotate"],

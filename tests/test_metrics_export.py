@@ -117,7 +117,10 @@ def test_metrics_go_over_otlp_to_the_configured_endpoint(receiver: MetricsReceiv
 def test_the_metrics_endpoint_variable_is_used_as_given(receiver: MetricsReceiver) -> None:
     """OTEL_EXPORTER_OTLP_METRICS_ENDPOINT wins over the base endpoint and gets no path appended."""
     export = metrics_export_from_env(
-        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.base + "/m"},
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.base + "/m",
+        },
         prometheus=True,
     )
     export.metrics.upstream_failed("upstream_timeout")

@@ -280,7 +280,10 @@ def test_the_pkcs11_settings_choose_the_hsm_keyring(hsm_keyring: Pkcs11Keyring, 
         ({"CUSTODY_PKCS11_TOKEN_LABEL": ""}, "CUSTODY_PKCS11_TOKEN_LABEL is not"),
         ({"CUSTODY_PKCS11_PIN_FILE": ""}, "CUSTODY_PKCS11_PIN_FILE is not"),
         ({"CUSTODY_PKCS11_PIN_FILE": "/nowhere/pin"}, "CUSTODY_PKCS11_PIN_FILE=/nowhere/pin does not exist"),
-        ({"CUSTODY_PKCS11_MODULE": "/nowhere/libvendor.so"}, "CUSTODY_PKCS11_MODULE=/nowhere/libvendor.so does not exist"),
+        (
+            {"CUSTODY_PKCS11_MODULE": "/nowhere/libvendor.so"},
+            "CUSTODY_PKCS11_MODULE=/nowhere/libvendor.so does not exist",
+        ),
         ({"CUSTODY_KEYRING": "/etc/hosts"}, "both CUSTODY_KEYRING and CUSTODY_PKCS11_MODULE"),
     ],
     ids=["no-label", "no-pin-file", "missing-pin-file", "missing-module", "two-keyrings"],
@@ -358,7 +361,9 @@ async def test_the_service_runs_turns_on_the_hsm_keyring(
             assert (await api.get("/readyz")).status_code == 200
             deleted = await api.delete(f"/v1/conversations/{conversation}", headers=tenant.headers())
             assert deleted.status_code == 200, deleted.text
-            assert (await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())).status_code == 404
+            assert (
+                await api.get(f"/v1/conversations/{conversation}/steps", headers=tenant.headers())
+            ).status_code == 404
     finally:
         await runtime.aclose()
     with pytest.raises(KeyringError, match="closed"):

@@ -27,14 +27,22 @@ from .conftest import TEST_PEPPER, asgi_transport, key_store_of
 
 
 def _deployment(tmp_path: Path, **env: str) -> Settings:
-    return Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/x", "CUSTODY_DATA_DIR": str(tmp_path)} | env)
+    return Settings.from_env(
+        {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/x", "CUSTODY_DATA_DIR": str(tmp_path)} | env
+    )
 
 
 @pytest.mark.parametrize(
     ("loader", "variable"),
-    [(load_keyring, "CUSTODY_KEYRING"), (load_pepper, "CUSTODY_PEPPER_FILE"), (load_signer, "CUSTODY_AUDIT_SIGNING_KEY")],
+    [
+        (load_keyring, "CUSTODY_KEYRING"),
+        (load_pepper, "CUSTODY_PEPPER_FILE"),
+        (load_signer, "CUSTODY_AUDIT_SIGNING_KEY"),
+    ],
 )
-def test_deployment_without_a_secret_stops_naming_the_variable(tmp_path: Path, loader: Callable[[Settings, list[str]], object], variable: str) -> None:
+def test_deployment_without_a_secret_stops_naming_the_variable(
+    tmp_path: Path, loader: Callable[[Settings, list[str]], object], variable: str
+) -> None:
     """With DATABASE_URL set, an unset secret variable is an error naming it, and nothing is generated."""
     announced: list[str] = []
     with pytest.raises(ConfigurationError, match=variable) as caught:
@@ -46,9 +54,15 @@ def test_deployment_without_a_secret_stops_naming_the_variable(tmp_path: Path, l
 
 @pytest.mark.parametrize(
     ("loader", "variable"),
-    [(load_keyring, "CUSTODY_KEYRING"), (load_pepper, "CUSTODY_PEPPER_FILE"), (load_signer, "CUSTODY_AUDIT_SIGNING_KEY")],
+    [
+        (load_keyring, "CUSTODY_KEYRING"),
+        (load_pepper, "CUSTODY_PEPPER_FILE"),
+        (load_signer, "CUSTODY_AUDIT_SIGNING_KEY"),
+    ],
 )
-def test_a_named_secret_that_is_missing_is_never_generated(tmp_path: Path, loader: Callable[[Settings, list[str]], object], variable: str) -> None:
+def test_a_named_secret_that_is_missing_is_never_generated(
+    tmp_path: Path, loader: Callable[[Settings, list[str]], object], variable: str
+) -> None:
     """A secret variable naming a file that does not exist is an error, in the zero-config run too."""
     missing = tmp_path / "nowhere" / "secret"
     settings = Settings.from_env({"CUSTODY_DATA_DIR": str(tmp_path), variable: str(missing)})

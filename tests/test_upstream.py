@@ -126,7 +126,9 @@ async def test_timeouts_are_not_retried(gemini: RunningSimulator) -> None:
     """A model that does not answer in time fails the turn with upstream_timeout after one request, even with store=false."""
     gemini.app.reset()
     gemini.app.inject(FaultSpec(hang_seconds=3))
-    settings = UpstreamSettings(api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None)
+    settings = UpstreamSettings(
+        api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None
+    )
     upstream = Upstream(settings, attempts=3, timeout_seconds=0.3)
     with pytest.raises(UpstreamFailed) as caught:
         await upstream.create(settings=SETTINGS, steps=STEPS, store=False)

@@ -138,7 +138,7 @@ async def test_a_create_is_sent_as_the_typed_create_sends_it(
 ) -> None:
     """For every route's settings, the same method, path, query, headers (but content-length) and body values as the typed create."""
     upstream = make(gemini, mode, request)
-    steps = [user_step("first"), user_step("héllo \u2028 😀 \"quoted\" \\ back")]
+    steps = [user_step("first"), user_step('héllo \u2028 😀 "quoted" \\ back')]
     for settings in SETTINGS:
         gemini.app.reset()
         for store in (False, True):
@@ -298,7 +298,9 @@ async def test_a_step_no_reserializer_would_write_is_sent_as_is() -> None:
     step = b'{"type": "model_output" , "content":[{"text":"x","type":"text","n":1.50E+2}]}'
     steps = [encode(user_step("hi")), step, encode(user_step("and?"))]
     with start_simulator(SimulatorConfig(strict_replay=False)) as lenient:
-        settings = UpstreamSettings(api_key="k", base_url=lenient.base_url, use_vertexai=False, project=None, location=None)
+        settings = UpstreamSettings(
+            api_key="k", base_url=lenient.base_url, use_vertexai=False, project=None, location=None
+        )
         upstream = Upstream(settings, attempts=1)
         await upstream.create(settings={"model": "gemini-3-flash-preview"}, steps=steps, store=False)
         await upstream.aclose()
@@ -332,7 +334,9 @@ async def test_failures_raise_the_error_classes_the_typed_create_raises(
     gemini.app.reset()
     gemini.app.inject(fault)
     with pytest.raises(sdk_errors.APIError) as ours:
-        await upstream._send_create(b'{"model":"gemini-3-flash-preview","store":false,"input":[' + encode(steps[0]) + b"]}")
+        await upstream._send_create(
+            b'{"model":"gemini-3-flash-preview","store":false,"input":[' + encode(steps[0]) + b"]}"
+        )
     gemini.app.inject(fault)
     with pytest.raises(sdk_errors.APIError) as typed:
         await typed_create(upstream)(model="gemini-3-flash-preview", input=steps, store=False)

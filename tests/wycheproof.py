@@ -33,9 +33,7 @@ def vector_cases(name: str) -> list[pytest.ParameterSet]:
         return [pytest.param(None, None, id=f"missing-{name}", marks=pytest.mark.wycheproof_missing(name))]
     document: dict[str, Any] = json.loads(path.read_text())
     return [
-        pytest.param(group, case, id=f"tc{case['tcId']}")
-        for group in document["testGroups"]
-        for case in group["tests"]
+        pytest.param(group, case, id=f"tc{case['tcId']}") for group in document["testGroups"] for case in group["tests"]
     ]
 
 

@@ -135,9 +135,7 @@ class OpsController(Controller):
         not conversation content, so ops see them whole.
         """
         ctx = _ctx(request)
-        entry = AuditEntry(
-            "policy.read", principal, meta, resource_type="policy", policy_version=ctx.policy.version
-        )
+        entry = AuditEntry("policy.read", principal, meta, resource_type="policy", policy_version=ctx.policy.version)
         async with ctx.auditor.action(ctx.sessions, entry):
             out = PolicyOut.of(ctx.policy)
         return out
@@ -287,9 +285,7 @@ class OpsController(Controller):
     ) -> HoldsOut:
         """The tenant's legal holds, oldest first."""
         ctx = _ctx(request)
-        entry = AuditEntry(
-            "legal_hold.list", principal, meta, resource_type="legal_hold", details={"active": active}
-        )
+        entry = AuditEntry("legal_hold.list", principal, meta, resource_type="legal_hold", details={"active": active})
         async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
             found = await list_holds(session, principal.tenant_id, active_only=active is True)
             if active is False:

@@ -170,9 +170,9 @@ def add_run_commands(commands: argparse._SubParsersAction[Any]) -> None:
     commands.add_parser("serve", help="run the REST API (configured by environment variables)").set_defaults(
         handler=_serve
     )
-    commands.add_parser(
-        "migrate", help="bring the database schema, and the key store's, up to date"
-    ).set_defaults(handler=_migrate)
+    commands.add_parser("migrate", help="bring the database schema, and the key store's, up to date").set_defaults(
+        handler=_migrate
+    )
     commands.add_parser("openapi", help="print the OpenAPI document (schemas/openapi.json)").set_defaults(
         handler=_openapi
     )

@@ -37,7 +37,7 @@ from ._lifecycle import (
     read_history,
 )
 from ._listing import ConversationPage, ConversationSummary, list_conversations
-from ._provider_copies import delete_provider_copies
+from ._provider_copies import delete_conversation_copies, delete_provider_copies
 from ._receipts import (
     RECEIPT_FORMAT,
     Destroyed,
@@ -69,6 +69,7 @@ __all__ = [
     "create_cipher",
     "decode_json",
     "delete_conversation",
+    "delete_conversation_copies",
     "delete_provider_copies",
     "encode_json",
     "erase",

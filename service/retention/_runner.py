@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, tuple_, update
+from sqlalchemy import and_, exists, false, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from ..audit import SYSTEM_CHAIN, AuditEntry, utc_instant
 from ..context import ServiceContext
@@ -316,8 +317,9 @@ async def _recover_receipts(ctx: ServiceContext, summary: RunSummary, tenant_id:
 
 
 async def _sweep_provider_copies(ctx: ServiceContext, summary: RunSummary, tenant_id: str | None) -> None:
-    """Retry provider copies whose deletion failed or never ran (their conversation is gone), and
-    delete copies older than their route's provider_ttl. One runner at a time."""
+    """Retry provider copies whose deletion failed or never ran (their conversation is gone, or
+    no longer permits provider storage), and delete copies older than their route's
+    provider_ttl. One runner at a time."""
     async with ctx.sessions() as session:
         if not await session.scalar(select(func.pg_try_advisory_lock(_PROVIDER_SWEEP_LOCK))):
             return
@@ -339,7 +341,7 @@ async def _stale_copies(
     # A copy whose conversation an owed receipt names is being deleted by the process that holds
     # that receipt (or will be by whoever recovers it): not this sweep's, or two would ask at once.
     owed = exists().where(ReceiptItem.conversation_id == UpstreamInteraction.conversation_id)
-    conditions = [and_(or_(UpstreamInteraction.delete_attempts > 0, gone), ~owed)]
+    conditions = [and_(or_(UpstreamInteraction.delete_attempts > 0, gone, _storage_not_permitted(ctx)), ~owed)]
     for name, route in ctx.policy.routes.items():
         if route.provider_ttl is not None:
             conditions.append(
@@ -359,6 +361,27 @@ async def _stale_copies(
     ):
         grouped.setdefault((conversation_id, tenant), []).append(interaction_id)
     return [(conversation_id, tenant, ids) for (conversation_id, tenant), ids in grouped.items()]
+
+
+def _storage_not_permitted(ctx: ServiceContext) -> ColumnElement[bool]:
+    """The copy's conversation may not have provider copies (any more): the policy's storage
+    decision (service.policy.decide_storage) as SQL. Its classification rose to a class that
+    forbids them, or the policy changed; the turn that raised it deletes them at once, and this
+    catches a deletion that never ran (the process stopped first)."""
+    permitted = []
+    for name, route in ctx.policy.routes.items():
+        if not route.provider_storage:
+            continue
+        catalogue = ctx.policy.data_classes
+        allowed = sorted(c for c in route.data_classes if c in catalogue and catalogue[c].provider_storage)
+        permitted.append(
+            and_(
+                Conversation.route == name,
+                func.cardinality(Conversation.data_classes) > 0,
+                Conversation.data_classes.contained_by(allowed),
+            )
+        )
+    return exists().where(Conversation.id == UpstreamInteraction.conversation_id, ~or_(false(), *permitted))
 
 
 async def pending_provider_copies(ctx: ServiceContext, tenant_id: str | None = None) -> list[dict[str, Any]]:

@@ -183,9 +183,12 @@ class Simulator:
         if self._verbatim and method == "POST" and path.endswith("/interactions"):
             verbatim = self._verbatim.popleft()
             record.response = _parse_body(verbatim)
-            # Its steps count as the model's own, so that replaying them is accepted.
+            # Its steps count as the model's own, so that replaying them is accepted; a stored
+            # interaction is kept as answered (its id and steps), so chaining onto it works.
             if isinstance(record.response, dict) and isinstance(record.response.get("steps"), list):
                 self.ledger.record(record.response["steps"])
+                if isinstance(result, dict) and isinstance(record.response.get("id"), str):
+                    self.store.adopt(str(result.get("id")), record.response["id"], record.response["steps"])
             await _send_bytes(send, 200, verbatim)
             return
         drop = fault is not None and fault.drop

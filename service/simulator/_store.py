@@ -89,6 +89,14 @@ class InteractionStore:
         with self._lock:
             self._items.pop(interaction_id, None)
 
+    def adopt(self, interaction_id: str, new_id: str, steps: list[dict[str, Any]]) -> None:
+        """Keep a stored interaction under another id with other steps (a test's verbatim answer)."""
+        with self._lock:
+            item = self._items.pop(interaction_id, None)
+            if item is not None:
+                item.id, item.steps = new_id, steps
+                self._items[new_id] = item
+
     def ids(self) -> list[str]:
         now = self._clock.now()
         with self._lock:

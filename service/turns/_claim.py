@@ -4,10 +4,10 @@ It locks the conversation row, closes a turn whose holder died (its lease ran ou
 repeated Idempotency-Key with the stored result, refuses with 409 while another turn holds a live
 lease, refuses a turn whose input carries what the detectors found and the policy refuses (a
 card security code, always; a class the route blocks), raises the classification if the
-detectors found a new class, decrypts the history,
-checks the input against the pending function calls, decides provider storage, and takes the
-lease. Its audit record is written here because this is where history is read to be disclosed
-to the model.
+detectors found a new class, decrypts the history, checks the input against the pending function
+calls, decides provider storage (and whether the turn may chain onto the provider's copy of the
+history, or the provider's copies must go), and takes the lease. Its audit record is written
+here because this is where history is read to be disclosed to the model.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from ..errors import (
 )
 from ..ids import audited_conversation_id, is_conversation_id, new_id
 from ..leases import close_abandoned
-from ..models import Conversation, DataKey, IdempotencyRecord, Turn
-from ..policy import StorageDecision, check_blocked, check_data_classes, decide_storage
+from ..models import Conversation, DataKey, IdempotencyRecord, Turn, UpstreamInteraction
+from ..policy import Route, StorageDecision, check_blocked, check_data_classes, decide_storage
+from ..upstream import Chain
 from ._input import check_function_results
 from ._types import TurnRequest, TurnResult
 
@@ -81,6 +82,12 @@ class Claim:
     # The stored steps, each its exact JSON bytes, and where the next step goes.
     history: list[bytes] = field(repr=False)
     step_count: int = 0
+    # The provider's copy of the history to chain this turn onto, when storage is permitted and
+    # the copy is fit for it (see `_chain_onto`).
+    chain: Chain | None = None
+    # The conversation may no longer have provider copies (its classification rose to a class
+    # that forbids them, or its policy stopped permitting them): the engine deletes them at once.
+    drop_provider_copies: bool = False
 
 
 async def claim_turn(
@@ -101,7 +108,9 @@ async def claim_turn(
         details={"input_steps": len(new_steps), "idempotency_key": key_digest is not None},
     )
     async with ctx.auditor.action(ctx.sessions, entry) as (session, entry):
-        conversation, now = await _locked_conversation(session, principal.tenant_id, request.conversation_id)
+        conversation, now, chained_copy = await _locked_conversation(
+            session, principal.tenant_id, request.conversation_id
+        )
         entry.data_classes = list(conversation.data_classes)
         leased = bool(
             conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
@@ -147,6 +156,12 @@ async def claim_turn(
         history = await replay_steps(session, cipher)
         check_function_results([decode_json(step) for step in history if _may_be_function_step(step)], new_steps)
         decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
+        drop_copies = False
+        if not decision.provider_storage and (raised or conversation.provider_chain_id is not None):
+            # Provider storage is no longer permitted: this turn goes with store=false and the
+            # whole history, and the copies the provider holds are deleted at once.
+            conversation.provider_chain_id = None
+            drop_copies = True
         claim = Claim(
             turn_id=new_id("turn"),
             turn_number=conversation.turn_count + 1,
@@ -160,6 +175,8 @@ async def claim_turn(
             cipher=cipher,
             history=history,
             step_count=conversation.step_count,
+            chain=_chain_onto(ctx, route, decision, chained_copy, now, len(new_steps)),
+            drop_provider_copies=drop_copies,
         )
         # Pending ORM changes (a raised classification, a takeover's release) go first; then the
         # lease, the turn row and the Idempotency-Key in one statement.
@@ -192,6 +209,7 @@ async def claim_turn(
             "history_steps": len(history),
             "store": decision.provider_storage,
             "storage_reason": decision.code,
+            "history_chained": claim.chain is not None,
         }
         return claim
     raise AssertionError("unreachable")  # the audited block returns or raises
@@ -214,23 +232,52 @@ def _refuse_detected(ctx: ServiceContext, route_name: str, inspected: Inspected,
 
 async def _locked_conversation(
     session: AsyncSession, tenant_id: str, conversation_id: str
-) -> tuple[Conversation, datetime]:
+) -> tuple[Conversation, datetime, UpstreamInteraction | None]:
     """The caller's conversation, locked, with the database's clock (leases compare against one
-    clock, whichever replica asks) and its data key row, in one round trip: the key row lands in
-    the session, where `load_cipher` finds it without asking again."""
+    clock, whichever replica asks), its data key row and the ledger row of the provider copy it
+    may chain onto, in one round trip: the key row lands in the session, where `load_cipher`
+    finds it without asking again."""
     if not is_conversation_id(conversation_id):
         raise ConversationNotFound(conversation_id)
     row = (
         await session.execute(
-            select(Conversation, func.now(), DataKey)
+            select(Conversation, func.now(), DataKey, UpstreamInteraction)
             .outerjoin(DataKey, DataKey.conversation_id == Conversation.id)
+            .outerjoin(UpstreamInteraction, UpstreamInteraction.id == Conversation.provider_chain_id)
             .where(Conversation.id == conversation_id, Conversation.tenant_id == tenant_id)
             .with_for_update(of=Conversation)
         )
     ).one_or_none()
     if row is None:
         raise ConversationNotFound(conversation_id)
-    return row[0], row[1]
+    return row[0], row[1], row[3]
+
+
+def _chain_onto(
+    ctx: ServiceContext,
+    route: Route,
+    decision: StorageDecision,
+    copy: UpstreamInteraction | None,
+    now: datetime,
+    new_steps: int,
+) -> Chain | None:
+    """The provider copy this turn may chain onto, or None to replay the whole history.
+
+    Only with provider storage permitted, and only onto a copy the ledger says the provider
+    still holds (stored, never deleted) and that is younger than the chain's age limit (and the
+    route's `provider_ttl`, past which the copy is due for deletion anyway). The age limit is
+    there because the provider is not known to refuse an expired id: it may answer as if the
+    history were empty, so Custody never relies on a copy near the provider's own expiry. A copy
+    gone for any other reason is refused by the provider, and the turn replays in full.
+    """
+    if not decision.provider_storage or copy is None or not copy.stored or copy.deleted_at is not None:
+        return None
+    max_age = ctx.provider_chain_max_age_seconds
+    if route.provider_ttl is not None:
+        max_age = min(max_age, route.provider_ttl.approx_seconds)
+    if copy.created_at <= now - timedelta(seconds=max_age):
+        return None
+    return Chain(copy.id, new_steps)
 
 
 def _may_be_function_step(step: bytes) -> bool:

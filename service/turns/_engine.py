@@ -6,6 +6,9 @@ A turn is three units of work, and no database transaction stays open across the
    Idempotency-Key from storage;
 2. call the model with the whole history plus the new input as `input`, `store` as decided, and
    the route's settings re-sent, while a background task renews the lease (see service/leases.py);
+   where provider storage is permitted and the provider holds a fit copy of the history, only the
+   new input goes, chained onto that copy (`previous_interaction_id`), and a copy found gone
+   falls back to the whole history (service/upstream.py);
 3. settle (see _settle.py): the ledger of provider copies first, then `turn.create`, which
    appends the input and reply if the lease is still ours, or a release if the model failed.
 
@@ -14,6 +17,10 @@ stop it, and if the database is unreachable it keeps trying (the reply is in mem
 lease is ours; the caller gets 503 after a while and, retrying with its Idempotency-Key, the
 stored turn. The input is stored with the reply, not at the claim: a failed model call leaves the
 history exactly as it was, never with an unanswered input.
+
+When the claim finds that the conversation may no longer have provider copies (its
+classification rose to a class that forbids them), they are deleted while the model works, and
+the turn answers once that is done too; when the model's answer raises it so, after the finish.
 
 Before any of that, the input is canonicalised (for the keyed request fingerprint) and scanned
 by the detectors: a small input at once, a large one only once the conversation is known to be
@@ -35,10 +42,10 @@ from sqlalchemy import select
 
 from ..audit import AuditEntry, outcome_of
 from ..context import ServiceContext
-from ..conversations import delete_provider_copies
+from ..conversations import delete_conversation_copies, delete_provider_copies
 from ..database_errors import database_unreachable
 from ..detectors import Findings
-from ..errors import ConversationNotFound, DatabaseUnavailable, UpstreamFailed
+from ..errors import ConversationNotFound, DatabaseUnavailable, ModelOutputRefused, UpstreamFailed
 from ..ids import is_conversation_id
 from ..keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
 from ..leases import renew_lease
@@ -83,6 +90,7 @@ class TurnEngine:
         claim = await claim_turn(ctx, request, new_steps, inspected, key_digest)
         if isinstance(claim, TurnResult):
             return claim
+        dropping = self._drop_copies(request, "classification_raised") if claim.drop_provider_copies else None
         # The model's answer (completed, requires_action, failed), a failed call (failed), or
         # anything else: the caller went away, the reply was not stored in time, a bug (error).
         status = "error"
@@ -94,7 +102,32 @@ class TurnEngine:
             status = "failed"
             raise
         finally:
+            if dropping is not None:
+                # The caller hears back once the provider's copies are gone too (or on the ledger
+                # as pending, for the retention runner to retry).
+                await asyncio.wait([dropping])
             ctx.metrics.turn_finished(claim.route, status, time.perf_counter() - started, request.principal.tenant_id)
+
+    def _drop_copies(self, request: TurnRequest, cause: str) -> asyncio.Task[None]:
+        """Delete every copy the provider holds of the conversation, in a task of its own that
+        outlives the request; a failure leaves them pending on the ledger, which the retention
+        runner's sweep retries."""
+        ctx = self._ctx
+
+        async def drop() -> None:
+            try:
+                await delete_conversation_copies(
+                    ctx,
+                    request.principal,
+                    request.meta,
+                    request.conversation_id,
+                    tenant_id=request.principal.tenant_id,
+                    cause=cause,
+                )
+            except Exception as exc:  # noqa: BLE001 - the sweep retries; the turn goes on
+                logger.warning("provider copies not deleted yet (%s); the retention runner retries", type(exc).__name__)
+
+        return ctx.tasks.spawn(drop(), name=f"drop-copies:{request.conversation_id}")
 
     async def _call_and_settle(self, request: TurnRequest, new_steps: list[dict[str, Any]], claim: Claim) -> TurnResult:
         """The model call, with the lease renewed meanwhile, then the reply stored (or the turn
@@ -109,13 +142,16 @@ class TurnEngine:
                 settings=claim.settings,
                 steps=[*claim.history, *turn.new_step_bytes],
                 store=claim.decision.provider_storage,
+                chain=claim.chain,
             )
         except BaseException as exc:
             # Failed, cancelled (the client went away, or the replica's drain time ran out) or a
             # bug: give the conversation back.
-            code, attempts = (exc.code, exc.attempts) if isinstance(exc, UpstreamFailed) else (_aborted(ctx, exc), 0)
-            partial_hops = exc.interaction_ids if isinstance(exc, UpstreamFailed) else []
-            release = self._in_background(self._give_back(turn, code, attempts, partial_hops), heartbeat, claim)
+            failed = exc if isinstance(exc, UpstreamFailed) else None
+            code, attempts = (failed.code, failed.attempts) if failed else (_aborted(ctx, exc), 0)
+            partial_hops = failed.interaction_ids if failed else []
+            sent = failed.history_sent if failed else ("chained" if claim.chain else "replayed")
+            release = self._in_background(self._give_back(turn, code, attempts, partial_hops, sent), heartbeat, claim)
             # The caller hears about the model's failure, not the database's: if the database is
             # down, the release goes on in the background.
             with contextlib.suppress(DatabaseUnavailable):
@@ -134,7 +170,7 @@ class TurnEngine:
                 await self._stored(partial(turn.ledger, reply.interaction_ids))
             findings = await self._scan_output(turn, outcome)
             finishing = True
-            return await self._stored(partial(turn.finish, outcome, findings))
+            result = await self._stored(partial(turn.finish, outcome, findings))
         except BaseException as exc:
             if database_unreachable(exc):
                 # Given up after turn_store_retry_seconds: once the database is back, the lease
@@ -142,10 +178,19 @@ class TurnEngine:
                 raise
             # Free the turn row and the key. A failed finish was recorded by its audited action;
             # a failed ledger write was not, so it gets its record here.
-            exists = await self._stored(partial(turn.release, outcome_of(exc)[1], reply.attempts, audit=not finishing))
-            if not exists or isinstance(exc, ConversationNotFound):
+            exists = await self._stored(
+                partial(turn.release, outcome_of(exc)[1], reply.attempts, audit=not finishing, sent=reply.history_sent)
+            )
+            if not exists or isinstance(exc, (ConversationNotFound, ModelOutputRefused)):
+                # Deleted meanwhile, or the answer carried what this route may not keep: the
+                # provider's copies of this turn go too.
                 await self._delete_orphans(turn, reply.interaction_ids)
             raise
+        if turn.claim.decision.provider_storage and not turn.storage_permitted_after(findings):
+            # The model's answer raised the classification to a class that forbids provider
+            # storage: every copy of the conversation goes now, this turn's included.
+            await self._drop_copies(turn.request, "classification_raised")
+        return result
 
     async def _scan_output(self, turn: ClaimedTurn, outcome: Outcome) -> Findings:
         """The detectors over the model's answer (its text and function calls' arguments) on its
@@ -178,17 +223,20 @@ class TurnEngine:
             await self._stored(lambda _retry: ctx.auditor.record(ctx.sessions, entry))
         return findings
 
-    async def _give_back(self, turn: ClaimedTurn, code: str, attempts: int, interaction_ids: list[str]) -> None:
+    async def _give_back(
+        self, turn: ClaimedTurn, code: str, attempts: int, interaction_ids: list[str], sent: str
+    ) -> None:
         """Release a turn whose model call failed; interactions it did get (hops of a continued
         turn) still go into the ledger, since the provider may keep them."""
         if interaction_ids:
             await self._stored(partial(turn.ledger, interaction_ids))
-        if not await self._stored(partial(turn.release, code, attempts)):
+        if not await self._stored(partial(turn.release, code, attempts, sent=sent)):
             await self._delete_orphans(turn, interaction_ids)
 
     async def _delete_orphans(self, turn: ClaimedTurn, interaction_ids: list[str]) -> None:
-        """The conversation was deleted while the model worked: the copies the provider kept of
-        this turn's interactions go too (nobody could reach them through the conversation now)."""
+        """The copies the provider kept of this turn's interactions, when the turn stored nothing
+        of them: the conversation was deleted while the model worked (nobody could reach them
+        now), or the answer was refused (it carries what the route may not keep)."""
         if turn.claim.decision.provider_storage and interaction_ids:
             request = turn.request
             await delete_provider_copies(

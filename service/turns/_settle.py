@@ -5,6 +5,7 @@
   record for each (the ids of a turn it keeps nothing of are written by `finish`);
 - `finish` (`turn.create`): if the lease is still ours, the new input and the model's steps are
   appended, sealed, at the next positions; the turn's outcome is recorded and the lease released;
+  with provider storage, the turn's last interaction becomes the copy the next turn chains onto;
 - `release`: a turn that failed is closed and its lease and Idempotency-Key given back.
 
 Each is safe to run again after a lost acknowledgement (the database died between the commit and
@@ -31,6 +32,7 @@ from ..database import run_sql
 from ..detectors import Findings
 from ..errors import ConversationNotFound, LeaseLost, ModelOutputRefused
 from ..models import Conversation, IdempotencyRecord, Turn, UpstreamInteraction
+from ..policy import decide_storage
 from ._claim import RESULT_LABEL, Claim
 from ._reply import Outcome, output_text
 from ._types import TurnRequest, TurnResult
@@ -68,6 +70,17 @@ class ClaimedTurn:
             storage_reason=claim.decision.reason,
             policy_version=claim.policy_version,
         )
+
+    def storage_permitted_after(self, findings: Findings) -> bool:
+        """Whether provider storage is still permitted once the classes the detectors found in
+        the model's answer are added to the conversation's."""
+        route = self.ctx.policy.routes.get(self.claim.route)
+        if route is None or not self.claim.decision.provider_storage:
+            return False
+        if not findings.classes - set(self.claim.data_classes):
+            return True
+        classes = {*self.claim.data_classes, *findings.classes}
+        return decide_storage(route, classes, self.ctx.policy.data_classes).provider_storage
 
     def turn_entry(self) -> AuditEntry:
         """The `turn.create` record of this turn, with its storage decision."""
@@ -146,6 +159,11 @@ class ClaimedTurn:
         # and the statement checks that it is so.
         sealed = [claim.cipher.seal_step(claim.step_count + offset, step) for offset, step in enumerate(stored)]
         unstored_ids = [] if claim.decision.provider_storage else outcome.reply.interaction_ids
+        # The copy the next turn may chain onto: the last interaction of a kept turn, when the
+        # provider may keep it (none otherwise: the history moves on without the provider). A
+        # turn that kept nothing leaves the chain as it was, like the history.
+        chain_after = outcome.last_interaction if self.storage_permitted_after(findings) else None
+        history_sent = outcome.reply.history_sent
         async with self.ctx.auditor.action(self.ctx.sessions, self.turn_entry()) as (session, entry):
             if findings:
                 await self._take_output_classes(session, entry, findings)
@@ -169,6 +187,8 @@ class ClaimedTurn:
                     request.principal.tenant_id,
                     unstored_ids,
                     self.ctx.clock.offset,
+                    chain_after,
+                    history_sent,
                 )
             ).one_or_none()
             if finished is None:
@@ -193,6 +213,7 @@ class ClaimedTurn:
                 "status": outcome.status,
                 "steps": len(outcome.model_steps),
                 "upstream_interaction_id": outcome.last_interaction,
+                "history_sent": history_sent,
             }
         return result
 
@@ -251,7 +272,9 @@ class ClaimedTurn:
         else:
             await session.execute(delete(IdempotencyRecord).where(*mine).execution_options(synchronize_session=False))
 
-    async def release(self, code: str, attempts: int, retry: bool, *, audit: bool = True) -> bool:
+    async def release(
+        self, code: str, attempts: int, retry: bool, *, audit: bool = True, sent: str = "replayed"
+    ) -> bool:
         """Record the failed turn and give the conversation back; the history is untouched.
         Idempotent: a turn already closed (by an earlier attempt or a takeover) stays as it is.
         False when the conversation is gone (deleted while the model worked)."""
@@ -264,7 +287,7 @@ class ClaimedTurn:
             closing = turn is not None and turn.status == "in_progress"
             if turn is not None and closing:
                 turn.status, turn.error_code, turn.finished_at = "failed", code[:80], func.now()
-                turn.upstream_attempts = attempts
+                turn.upstream_attempts, turn.history_sent = attempts, sent
             if conversation is not None and conversation.lease_token == claim.lease_token:
                 conversation.lease_token = conversation.lease_expires_at = None
             if claim.key_digest is not None:
@@ -280,7 +303,7 @@ class ClaimedTurn:
                 )
             if audit and closing:
                 entry = self.turn_entry()
-                entry.details["upstream_attempts"] = attempts
+                entry.details |= {"upstream_attempts": attempts, "history_sent": sent}
                 await self.ctx.auditor.append(session, entry, outcome="error", reason=code[:80])
             return conversation is not None
 
@@ -291,8 +314,9 @@ def _sql(expression: ColumnElement[Any]) -> str:
     return str(expression.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
-# A finished turn's writes in one statement, one round trip: release the lease and move the
-# deadline (only while our lease token is on the row, which also locks it); append the sealed
+# A finished turn's writes in one statement, one round trip: release the lease, move the
+# deadline and, for a kept turn, set the chain (only while our lease token is on the row, which
+# also locks it); append the sealed
 # steps at the positions the claim saw free; record the turn's outcome; put the ids of
 # interactions the provider kept nothing of on the ledger. It answers where the history now
 # starts and what the data key's expiry layer needs to know, or no row when the lease is gone
@@ -305,7 +329,8 @@ WITH conversation AS (
         lease_token = NULL,
         lease_expires_at = NULL,
         updated_at = now(),
-        purge_at = {_sql(last_activity_deadline())}
+        purge_at = {_sql(last_activity_deadline())},
+        provider_chain_id = CASE WHEN $13 THEN $17::varchar ELSE provider_chain_id END
     WHERE id = $1 AND lease_token = $2
     RETURNING step_count - cardinality($5::bytea[]) AS first_position, purge_at
 ), appended AS (
@@ -321,6 +346,7 @@ WITH conversation AS (
         usage = $10::jsonb,
         upstream_latency_ms = $11,
         upstream_attempts = $12,
+        history_sent = $18,
         finished_at = now(),
         first_position = CASE WHEN $13 THEN $3 ELSE turns.first_position END,
         step_count = CASE WHEN $13 THEN cardinality($5::bytea[]) ELSE turns.step_count END

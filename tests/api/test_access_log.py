@@ -142,7 +142,9 @@ async def test_the_text_format_is_one_readable_line_with_the_ids(api: httpx.Asyn
         response = await api.get("/healthz")
         lines = log.lines()
     [line] = [line for line in lines if "custody.access" in line]
-    assert re.search(r"INFO +custody\.access: GET /healthz 200 [0-9.]+ms \[request_id=req_[0-9a-f]+ trace_id=[0-9a-f]{32}\]$", line)
+    assert re.search(
+        r"INFO +custody\.access: GET /healthz 200 [0-9.]+ms \[request_id=req_[0-9a-f]+ trace_id=[0-9a-f]{32}\]$", line
+    )
     assert response.headers["x-request-id"] in line
 
 

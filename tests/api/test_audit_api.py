@@ -81,7 +81,9 @@ async def test_auditors_reads_are_audited(api: httpx.AsyncClient, tenant: Tenant
     assert events[-1]["actor"]["role"] == "auditor"
 
 
-async def test_export_verifies_offline_and_tampering_is_named(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
+async def test_export_verifies_offline_and_tampering_is_named(
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext
+) -> None:
     """A native export carries range, head and signed checkpoint; it verifies offline, and an edited line is named."""
     await _activity(api, tenant)
     await checkpoint_all(ctx.auditor, ctx.sessions)
@@ -340,7 +342,9 @@ EVENT_EDITS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-async def test_fhir_export_verifies_offline_with_its_header(api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext) -> None:
+async def test_fhir_export_verifies_offline_with_its_header(
+    api: httpx.AsyncClient, tenant: Tenant, ctx: ServiceContext
+) -> None:
     """A FHIR export verifies offline with its header; an edited event, a dropped or reordered line, or another export's or an edited header fails."""
     await _activity(api, tenant)
     await checkpoint_all(ctx.auditor, ctx.sessions)

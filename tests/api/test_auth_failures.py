@@ -179,7 +179,9 @@ async def test_the_right_secret_still_works_while_its_key_id_is_limited(service:
     assert (await attacker.get("/v1/conversations/conv_x", headers=headers)).status_code == 401
 
 
-async def test_a_limited_address_does_not_limit_another(service: MakeService, tenant: Tenant, new_tenant: NewTenant) -> None:
+async def test_a_limited_address_does_not_limit_another(
+    service: MakeService, tenant: Tenant, new_tenant: NewTenant
+) -> None:
     """Once one address is over its limit everything from it gets 429, and another address is answered as usual."""
     svc = service()
     _, headers = wrong(tenant)

@@ -93,9 +93,7 @@ async def test_body_that_is_not_json_is_400(api: httpx.AsyncClient, tenant: Tena
     assert_problem(response, 400, "malformed-request")
 
 
-@pytest.mark.parametrize(
-    ("method", "suffix"), [("GET", ""), ("GET", "/steps"), ("POST", "/turns"), ("DELETE", "")]
-)
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("GET", "/steps"), ("POST", "/turns"), ("DELETE", "")])
 @pytest.mark.parametrize("bad_id", ["conv_%00", "%00", "conv_" + "0" * 29 + "%00", "conv_" + "a" * 30 + "%0A"])
 async def test_malformed_conversation_ids_are_404_on_every_endpoint(
     api: httpx.AsyncClient, tenant: Tenant, method: str, suffix: str, bad_id: str

@@ -22,15 +22,15 @@ async def test_idempotency_records_hold_no_recoverable_key_or_input(
     api: httpx.AsyncClient, tenant: Tenant, engine: AsyncEngine
 ) -> None:
     """A turn whose input is a card number leaves an Idempotency-Key record from which neither the key nor the card number can be brute-forced."""
-    conversation = await open_conversation(
-        api, tenant.headers(), {"route": "billing-support", "data_classes": ["pan"]}
-    )
+    conversation = await open_conversation(api, tenant.headers(), {"route": "billing-support", "data_classes": ["pan"]})
     key = f"pay-{CARD}"
     await take_turn(api, tenant.headers(), conversation, CARD, **{"Idempotency-Key": key})
     async with engine.connect() as connection:
         row = (
             await connection.execute(
-                text("SELECT key, fingerprint, idempotency_records::text AS everything FROM idempotency_records WHERE conversation_id = :c"),
+                text(
+                    "SELECT key, fingerprint, idempotency_records::text AS everything FROM idempotency_records WHERE conversation_id = :c"
+                ),
                 {"c": conversation},
             )
         ).one()

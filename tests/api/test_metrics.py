@@ -121,12 +121,15 @@ async def test_metrics_count_turns_by_route_and_status_and_time_them(
     assert scrape.value("custody_upstream_duration_seconds_count", operation="create", outcome="ok") == 3
     assert scrape.value("custody_upstream_duration_seconds_count", operation="create", outcome="error") == 4
     assert scrape.value("custody_audit_append_duration_seconds_count") >= 8  # at least a start and an end per turn
-    assert scrape.value(
-        "http_server_request_duration_seconds_count",
-        http_request_method="POST",
-        http_route=TURNS,
-        http_response_status_code="200",
-    ) == 3
+    assert (
+        scrape.value(
+            "http_server_request_duration_seconds_count",
+            http_request_method="POST",
+            http_route=TURNS,
+            http_response_status_code="200",
+        )
+        == 3
+    )
     assert scrape.value("custody_db_pool_size") >= 1
     assert {s.labels["state"] for s in scrape.find("custody_db_pool_connections")} == {"used", "idle"}
 
@@ -145,7 +148,9 @@ async def test_detector_hits_lease_conflicts_and_auth_failures_are_counted(
         await _wait_for_lease(engine, conversation)
         assert_problem(await _turn(observed, tenant, conversation, "racing"), 409, "turn-in-progress")
         await slow
-        assert (await observed.api.get("/v1/conversations", headers={"Authorization": "Bearer nope"})).status_code == 401
+        assert (
+            await observed.api.get("/v1/conversations", headers={"Authorization": "Bearer nope"})
+        ).status_code == 401
         assert (await observed.api.get("/v1/conversations", headers=tenant.headers("auditor"))).status_code == 403
         scrape = await observed.scrape()
 
@@ -250,7 +255,9 @@ async def test_no_content_id_or_tenant_reaches_the_metrics(
     async with observed_service(ctx, gemini, engine) as observed:
         headers = tenant.headers()
         conversation = await open_conversation(observed.api, headers)
-        await take_turn(observed.api, headers, conversation, f"{CANARY} jane@example.org", **{"Idempotency-Key": CANARY})
+        await take_turn(
+            observed.api, headers, conversation, f"{CANARY} jane@example.org", **{"Idempotency-Key": CANARY}
+        )
         await observed.api.post(
             f"/v1/conversations/{conversation}/turns?note={CANARY}",
             json={"input": [{"type": "text", "text": CANARY}]},

@@ -316,10 +316,14 @@ async def test_the_ops_key_reads_no_content_anywhere(
 
     api = retention.api
     answers = []
-    hold = await api.post("/v1/ops/holds", json={"scope": "subject", "subject": CANARY, "reason": "case 5"}, headers=ops)
+    hold = await api.post(
+        "/v1/ops/holds", json={"scope": "subject", "subject": CANARY, "reason": "case 5"}, headers=ops
+    )
     assert hold.status_code == 201, hold.text
     answers.append(hold)
-    answers.append(await api.post("/v1/ops/holds", json={"scope": "conversation", "conversation_id": CANARY}, headers=ops))
+    answers.append(
+        await api.post("/v1/ops/holds", json={"scope": "conversation", "conversation_id": CANARY}, headers=ops)
+    )
     answers.append(await api.get("/v1/ops/policy", headers=ops))
     preview = await api.get("/v1/ops/retention/preview", headers=ops)
     assert preview.json()["candidates"] == []  # the subject hold covers both

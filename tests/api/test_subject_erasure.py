@@ -141,7 +141,9 @@ async def test_what_was_kept_goes_once_its_reasons_have(retention: RetentionServ
     second = await erase(retention, SUBJECT)
     assert {d["conversation_id"] for d in second["payload"]["destroyed"]} == {held, young}
     assert second["payload"]["kept"] == []
-    listed = await retention.api.get("/v1/conversations", params={"subject": SUBJECT}, headers=retention.tenant.headers())
+    listed = await retention.api.get(
+        "/v1/conversations", params={"subject": SUBJECT}, headers=retention.tenant.headers()
+    )
     assert listed.json() == {"conversations": [], "next_cursor": None}
     # A subject with nothing left gets a receipt that lists nothing.
     third = await erase(retention, SUBJECT)

@@ -98,7 +98,9 @@ async def test_reply_is_stored_when_the_database_returns(
     back = time.monotonic()
     await _background_settled(outage_ctx)
     stored_after = time.monotonic() - back
-    retried = await take_turn(client, tenant.headers(), conversation, "remember this", **{"Idempotency-Key": "outage-turn"})
+    retried = await take_turn(
+        client, tenant.headers(), conversation, "remember this", **{"Idempotency-Key": "outage-turn"}
+    )
     assert retried["status"] == "completed"
     assert retried["turn_number"] == 1
     assert len(gemini.app.creates()) == 1  # the reply kept in memory was stored; no second model call

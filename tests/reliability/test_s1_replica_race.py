@@ -132,9 +132,7 @@ async def test_fifty_concurrent_turns_on_one_conversation_over_three_replicas(
     assert not set(refused) & set(stored)
     # Each turn's steps are contiguous and belong to the acknowledged turn of that number.
     assert [s["turn_id"] for s in steps if s["step"]["type"] == "user_input"] == [t for _, _, t in accepted]
-    runs = [steps[0]["turn_id"]] + [
-        b["turn_id"] for a, b in itertools.pairwise(steps) if a["turn_id"] != b["turn_id"]
-    ]
+    runs = [steps[0]["turn_id"]] + [b["turn_id"] for a, b in itertools.pairwise(steps) if a["turn_id"] != b["turn_id"]]
     assert runs == [t for _, _, t in accepted]
     # Every turn row is closed, one per acknowledged turn, each with its turn.create record; every
     # refusal has its own record too.

@@ -169,7 +169,9 @@ async def test_what_remains_of_a_purged_conversation_is_ids_counts_and_its_recei
     assert any(purged.survivor in row for row in tables["steps"])
 
 
-async def test_a_dump_taken_before_the_purge_opens_nothing_after_it(retention: RetentionService, purged: Purged) -> None:
+async def test_a_dump_taken_before_the_purge_opens_nothing_after_it(
+    retention: RetentionService, purged: Purged
+) -> None:
     """Restoring the pre-purge dump and reading it with the service's keyring and live key store recovers none of the purged conversation's content: its data key is sealed under the expiry key of its deadline's day, which the runner destroyed once the day had passed."""
     async with restored_dump(purged.dump) as restored:
         engine = make_engine(restored)

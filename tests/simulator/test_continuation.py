@@ -20,9 +20,7 @@ def raw_create(client: genai.Client, **body: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("store", [False, True])
-def test_the_sdk_continues_every_hop_and_merges_them(
-    client: genai.Client, sim: RunningSimulator, store: bool
-) -> None:
+def test_the_sdk_continues_every_hop_and_merges_them(client: genai.Client, sim: RunningSimulator, store: bool) -> None:
     """`sim:continue 2` is answered in three interactions, which the SDK's automatic continuation follows and merges."""
     result = client.interactions.create(model=MODEL, input="a long one sim:continue 2", store=store)
     assert result.status == "completed"
