@@ -85,9 +85,10 @@ class Claim:
     # The provider's copy of the history to chain this turn onto, when storage is permitted and
     # the copy is fit for it (see `_chain_onto`).
     chain: Chain | None = None
-    # The conversation may no longer have provider copies (its classification rose to a class
-    # that forbids them, or its policy stopped permitting them): the engine deletes them at once.
-    drop_provider_copies: bool = False
+    # Why the conversation may no longer have provider copies, when it may not: its
+    # classification rose to a class that forbids them (`classification_raised`), or its policy
+    # stopped permitting them (`storage_not_permitted`). The engine deletes them at once.
+    drop_provider_copies: str | None = None
 
 
 async def claim_turn(
@@ -156,12 +157,12 @@ async def claim_turn(
         history = await replay_steps(session, cipher)
         check_function_results([decode_json(step) for step in history if _may_be_function_step(step)], new_steps)
         decision = decide_storage(route, conversation.data_classes, ctx.policy.data_classes)
-        drop_copies = False
+        drop_copies = None
         if not decision.provider_storage and (raised or conversation.provider_chain_id is not None):
             # Provider storage is no longer permitted: this turn goes with store=false and the
             # whole history, and the copies the provider holds are deleted at once.
             conversation.provider_chain_id = None
-            drop_copies = True
+            drop_copies = "classification_raised" if raised else "storage_not_permitted"
         claim = Claim(
             turn_id=new_id("turn"),
             turn_number=conversation.turn_count + 1,

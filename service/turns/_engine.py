@@ -90,7 +90,7 @@ class TurnEngine:
         claim = await claim_turn(ctx, request, new_steps, inspected, key_digest)
         if isinstance(claim, TurnResult):
             return claim
-        dropping = self._drop_copies(request, "classification_raised") if claim.drop_provider_copies else None
+        dropping = self._drop_copies(request, claim.drop_provider_copies) if claim.drop_provider_copies else None
         # The model's answer (completed, requires_action, failed), a failed call (failed), or
         # anything else: the caller went away, the reply was not stored in time, a bug (error).
         status = "error"

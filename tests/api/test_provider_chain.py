@@ -329,3 +329,25 @@ async def test_the_retention_sweep_deletes_copies_the_policy_no_longer_permits(
     assert await _ledger(engine, conversation) == dict.fromkeys(stored, True)
     assert await _chain(engine, conversation) is None
     assert _held(gemini, kept_copies) == set(kept_copies)
+
+
+async def test_a_turn_under_a_policy_that_stopped_permitting_storage_deletes_the_copies(
+    ctx: ServiceContext, shop: httpx.AsyncClient, tenant: Tenant, gemini: RunningSimulator, engine: AsyncEngine
+) -> None:
+    """The route stops permitting provider storage: the next turn goes with store=false and the whole history, and the copies of the conversation are deleted with it, each record naming the cause."""
+    conversation = await open_conversation(shop, tenant.headers(), SHOP)
+    await take_turn(shop, tenant.headers(), conversation, "first")
+    await take_turn(shop, tenant.headers(), conversation, "second")
+    stored = await _ledger(engine, conversation)
+    gemini.app.reset()
+    async with _client(ctx, _policy_document(provider_storage=False)) as changed:
+        turn = await take_turn(changed, tenant.headers(), conversation, "third")
+        deletes = await _audit(changed, tenant, action="upstream.delete")
+    assert turn["storage"]["store"] is False
+    (create,) = gemini.app.create_requests()
+    assert "previous_interaction_id" not in create.body
+    assert _held(gemini, stored) == set()
+    assert await _chain(engine, conversation) is None
+    assert {(e["resource"]["id"], e["details"]["cause"]) for e in deletes} == {
+        (i, "storage_not_permitted") for i in stored
+    }
