@@ -624,11 +624,6 @@ def _response_headers(status: int) -> dict[str, OpenAPIHeader]:
         headers["WWW-Authenticate"] = _header(
             "The scheme to authenticate with.", Schema(type=OpenAPIType.STRING, examples=['Bearer realm="custody"'])
         )
-    if status == 202:
-        headers["Location"] = _header(
-            "The turn started in the background, to poll: `/v1/conversations/{id}/turns/{turn_id}`.",
-            Schema(type=OpenAPIType.STRING),
-        )
     if status in (429, 503):
         headers["Retry-After"] = _header(
             "Seconds to wait before retrying.", Schema(type=OpenAPIType.INTEGER, minimum=0)
@@ -655,6 +650,11 @@ class ApiOperation(Operation):
                 del responses[status]
                 continue
             response.headers = {**(response.headers or {}), **_response_headers(int(status))}
+            if int(status) == 202 and self.operation_id == "CreateTurn":
+                response.headers["Location"] = _header(
+                    "The turn started in the background, to poll: `/v1/conversations/{id}/turns/{turn_id}`.",
+                    Schema(type=OpenAPIType.STRING),
+                )
 
 
 class StructSchemas(OpenAPISchemaPlugin):

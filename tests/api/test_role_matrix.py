@@ -35,7 +35,12 @@ BODIES = {
 }
 # Path parameters other than the conversation: ids of the right shape that name nothing (the
 # admitted role gets a 404, which is still in), and a subject.
-PATH_VALUES = {"{hold_id}": "hold_" + "0" * 30, "{run_id}": "run_" + "0" * 30, "{subject}": "matrix-subject"}
+PATH_VALUES = {
+    "{hold_id}": "hold_" + "0" * 30,
+    "{run_id}": "run_" + "0" * 30,
+    "{turn_id}": "turn_" + "0" * 30,
+    "{subject}": "matrix-subject",
+}
 AUDIT_FIELDS = ("prev_hash", "record_hash", '"chain"')
 
 
@@ -68,7 +73,9 @@ async def test_role_matrix(
         assert not any(field in response.text for field in AUDIT_FIELDS), response.text
 
 
-async def test_no_key_reaches_another_tenants_subjects_holds_or_runs(api: httpx.AsyncClient, new_tenant: NewTenant) -> None:
+async def test_no_key_reaches_another_tenants_subjects_holds_or_runs(
+    api: httpx.AsyncClient, new_tenant: NewTenant
+) -> None:
     """Another tenant's ops and backend keys find none of this tenant's runs, holds, conversations or subjects, and change none of them."""
     owner, other = await new_tenant(), await new_tenant()
     subject = "MRN-shared-0042"
@@ -97,7 +104,9 @@ async def test_no_key_reaches_another_tenants_subjects_holds_or_runs(api: httpx.
     assert conversation not in (await api.get("/v1/ops/provider-copies", headers=ops)).text
 
     backend = other.headers()
-    assert (await api.get("/v1/conversations", params={"subject": subject}, headers=backend)).json()["conversations"] == []
+    assert (await api.get("/v1/conversations", params={"subject": subject}, headers=backend)).json()[
+        "conversations"
+    ] == []
     assert conversation not in (await api.get("/v1/conversations", headers=backend)).text
     erased = await api.delete(f"/v1/subjects/{subject}", headers=backend)
     assert erased.status_code == 200, erased.text
