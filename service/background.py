@@ -32,6 +32,10 @@ class BackgroundTasks:
         task.add_done_callback(self._finished)
         return task
 
+    def running(self, name: str) -> bool:
+        """Whether a task spawned under this name is still running."""
+        return any(task.get_name() == name for task in self._tasks)
+
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:

@@ -83,6 +83,8 @@ class Settings:
     data_key_cache_seconds: float = 300.0
     # How old a provider copy may be for a turn to chain onto it instead of replaying the history.
     provider_chain_max_age_seconds: float = 43_200.0
+    # How often a replica asks the model whether a background turn it follows has ended.
+    background_poll_seconds: float = 2.0
     # The Gemini simulator instead of Google: implied only by the zero-config run (no
     # DATABASE_URL); a deployment must ask for it with CUSTODY_USE_SIMULATOR.
     use_simulator: bool = False
@@ -179,6 +181,7 @@ class Settings:
             data_key_cache_size=_count(env, "CUSTODY_DATA_KEY_CACHE_SIZE", 10_000),
             data_key_cache_seconds=_number(env, "CUSTODY_DATA_KEY_CACHE_SECONDS", 300.0),
             provider_chain_max_age_seconds=_number(env, "CUSTODY_PROVIDER_CHAIN_MAX_AGE_SECONDS", 43_200.0),
+            background_poll_seconds=_positive(env, "CUSTODY_BACKGROUND_POLL_SECONDS", 2.0),
             use_simulator=_flag(env, "CUSTODY_USE_SIMULATOR"),
             pepper_path=_path(env, "CUSTODY_PEPPER_FILE"),
             audit_signing_key_path=_path(env, "CUSTODY_AUDIT_SIGNING_KEY"),

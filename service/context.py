@@ -42,6 +42,11 @@ class ServiceContext:
     provider_chain_max_age_seconds: float = 43_200.0
     # Work that outlives its request: storing a reply, releasing a lease, renewing one.
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
+    # The pollers of background turns this replica follows (service/turns/_background.py): at
+    # shutdown they are cancelled, not waited for; their leases run out and a replica resumes them.
+    polls: BackgroundTasks = field(default_factory=BackgroundTasks)
+    # How often a background turn's interaction is polled (one GET each time).
+    background_poll_seconds: float = 2.0
     # The clock retention deadlines are compared with (the database's; tests move it forward).
     clock: Clock = field(default_factory=Clock)
     # This replica's failed-authentication limits and the summaries of failures it owes the log.

@@ -15,9 +15,12 @@
     │   ├── UnknownRouteError
     │   ├── UnknownDataClassError
     │   ├── DataClassNotAllowedError
-    │   └── DataClassBlocked               the route refuses turns carrying a detected class
-    │       ├── CardSecurityCodeRefused    a card security code next to a card number (always)
-    │       └── ModelOutputRefused         the model's answer carries what the route refuses
+    │   ├── DataClassBlocked               the route refuses turns carrying a detected class
+    │   │   ├── CardSecurityCodeRefused    a card security code next to a card number (always)
+    │   │   └── ModelOutputRefused         the model's answer carries what the route refuses
+    │   └── BackgroundNotPermitted         a background turn where the route or a class forbids it
+    ├── TurnNotFound                       no such turn in this tenant's conversation      (404)
+    ├── TurnNotRunning                     the turn to cancel is not a running background turn (409)
     ├── TurnInProgress                     another turn holds the conversation             (409)
     │   └── LeaseLost                      a turn's lease ran out and another took over
     ├── LegalHoldActive                    a legal hold forbids deleting it                (409)
@@ -49,6 +52,7 @@ from typing import ClassVar
 
 __all__ = [
     "AuthenticationFailed",
+    "BackgroundNotPermitted",
     "CardSecurityCodeRefused",
     "ConfigurationError",
     "ConversationNotFound",
@@ -79,6 +83,8 @@ __all__ = [
     "ShuttingDown",
     "TooManyAuthenticationFailures",
     "TurnInProgress",
+    "TurnNotFound",
+    "TurnNotRunning",
     "UnknownDataClassError",
     "UnknownRouteError",
     "UpstreamFailed",
@@ -250,6 +256,37 @@ class ModelOutputRefused(DataClassBlocked):
         )
         self.route = route
         self.classes = classes
+
+
+class BackgroundNotPermitted(PolicyViolation):
+    """A background turn was asked for where it may not run: the route does not permit background
+    turns, or the storage decision does not permit provider storage (a background interaction is
+    always one the provider keeps). Nothing of the turn is stored or sent."""
+
+    def __init__(self, route: str, reason: str) -> None:
+        # `reason` is the storage decision's code or `route_denies_background`: never content.
+        super().__init__(
+            f"route {route} does not run background turns for this conversation ({reason}); "
+            "send the turn without `background`"
+        )
+        self.route = route
+        self.reason = reason
+
+
+class TurnNotFound(CustodyError):
+    """No such turn in this tenant's conversation (another tenant's looks the same)."""
+
+    def __init__(self, turn_id: str) -> None:
+        # The id came from the request path: it is not repeated back.
+        super().__init__("no such turn in this conversation for this tenant")
+        self.requested = turn_id
+
+
+class TurnNotRunning(CustodyError):
+    """Only a background turn still waiting for the model can be cancelled."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the turn is not a running background turn (status {status}); nothing was cancelled")
 
 
 class LegalHoldActive(CustodyError):

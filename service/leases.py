@@ -8,6 +8,11 @@ longer than the lease): the next turn on the conversation, or the reaper that ru
 replica, closes the abandoned turn (status failed, error `abandoned`), records its outcome as a
 `turn.create` record against the key that started it, frees its Idempotency-Key so a retry can
 run the turn again, and clears the lease.
+
+A background turn (one whose model runs on after the request, see service/turns/_background.py)
+is not abandoned when its holder dies: the interaction goes on at the provider, and a poller in
+any replica takes the lease over and resumes it. So the reaper and a new turn's takeover leave
+it, and its lease, alone; deletion and retention, which erase the conversation, close it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,7 +31,7 @@ from .context import ServiceContext
 from .database_errors import database_unreachable
 from .models import Conversation, IdempotencyRecord, Turn
 
-__all__ = ["close_abandoned", "reap_expired_leases", "renew_lease"]
+__all__ = ["background_turn_running", "close_abandoned", "reap_expired_leases", "renew_lease"]
 
 logger = logging.getLogger("custody.leases")
 _REAP_BATCH = 100
@@ -57,20 +63,40 @@ async def renew_lease(ctx: ServiceContext, conversation_id: str, lease_token: st
         interval = ctx.turn_lease_seconds / 3
 
 
+# Closers that leave a running background turn to its poller; the others erase the conversation.
+_RESUMABLE_BY = frozenset({"takeover", "reaper"})
+
+
+def _background_running(conversation_id: str) -> Any:
+    return (
+        Turn.conversation_id == conversation_id,
+        Turn.status == "in_progress",
+        Turn.background_interaction_id.is_not(None),
+    )
+
+
+async def background_turn_running(session: AsyncSession, conversation_id: str) -> bool:
+    """Whether a background turn of the conversation is still waiting for the model: its lease,
+    expired or not, is not to be taken by another turn (a poller resumes it)."""
+    found = await session.scalar(select(Turn.id).where(*_background_running(conversation_id)).limit(1))
+    return found is not None
+
+
 async def close_abandoned(
     auditor: Auditor, session: AsyncSession, conversation: Conversation, *, closed_by: str
 ) -> int:
     """Close the turns of `conversation` whose holder is gone, in the caller's transaction (which
-    holds the conversation row locked); returns how many were closed."""
-    abandoned = (
-        await session.scalars(
-            select(Turn)
-            .where(Turn.conversation_id == conversation.id, Turn.status == "in_progress")
-            .order_by(Turn.number)
-        )
-    ).all()
+    holds the conversation row locked); returns how many were closed. The reaper and a takeover
+    leave a running background turn and its lease to the pollers."""
+    query = select(Turn).where(Turn.conversation_id == conversation.id, Turn.status == "in_progress")
+    if closed_by in _RESUMABLE_BY:
+        if await background_turn_running(session, conversation.id):
+            return 0
+    abandoned = (await session.scalars(query.order_by(Turn.number))).all()
     for turn in abandoned:
         turn.status, turn.error_code, turn.finished_at = "failed", "abandoned", func.now()
+        # A background turn that died before its model started keeps no sealed input either.
+        turn.pending_input = turn.pending_input_key_version = None
         # The abandoned turn stored nothing, so its Idempotency-Key may run the turn again.
         await session.execute(
             delete(IdempotencyRecord).where(IdempotencyRecord.turn_id == turn.id, IdempotencyRecord.response.is_(None))

@@ -167,6 +167,12 @@ class Turn(Base):
         CheckConstraint("history_sent IN ('replayed', 'chained', 'replayed_after_chain_lost')", name="history_sent"),
         # The row lock already serializes turns; this is the backstop if that ever regresses.
         UniqueConstraint("conversation_id", "number", name="uq_turns_conversation_number"),
+        # The background pollers' sweep: the turns still waiting for a background interaction.
+        Index(
+            "ix_turns_background_running",
+            "conversation_id",
+            postgresql_where=text("status = 'in_progress' AND background_interaction_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -192,6 +198,12 @@ class Turn(Base):
     error_code: Mapped[str | None] = mapped_column(String(80))
     started_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A background turn: the provider interaction it waits for (NULL for a foreground turn), and
+    # its input steps sealed under the conversation's data key (a record, label `pending_input`)
+    # until the answer is stored with them, by whichever replica polls it then.
+    background_interaction_id: Mapped[str | None] = mapped_column(String(200))
+    pending_input: Mapped[bytes | None] = mapped_column(LargeBinary)
+    pending_input_key_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class Step(Base):

@@ -95,6 +95,9 @@ class Route:
     # Classes whose detection refuses the turn on this route (`on_detect: block`) instead of
     # raising the conversation's classification (`raise`, the default).
     blocked_classes: frozenset[str] = frozenset()
+    # Whether a client may ask for a background turn (the model runs it while Custody polls);
+    # only ever where provider storage is permitted too, which the turn checks at its claim.
+    background: bool = False
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.agent is None):
@@ -323,6 +326,7 @@ def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, Dat
         retention=_retention(spec.get("retention"), ("routes", name, "retention"), source),
         provider_ttl=_duration(spec.get("retention", {}).get("provider_ttl"), ("routes", name, "retention"), source),
         blocked_classes=frozenset(cls for cls, action in spec.get("on_detect", {}).items() if action == "block"),
+        background=spec.get("background", False),
     )
 
 

@@ -43,6 +43,7 @@ from .retention import RunSummary, run_retention
 from .secret_files import keyring_source, load_keyring, load_pepper, load_retired_keys, load_signer
 from .telemetry import describe, tracer_provider_from_env
 from .tenants import create_tenant, issue_key
+from .turns import BackgroundTurns
 from .upstream import Upstream
 
 __all__ = ["Runtime", "build_runtime"]
@@ -102,6 +103,23 @@ class Runtime:
                         logger.warning("closed %d abandoned turn(s)", closed)
                 except Exception as exc:  # noqa: BLE001 - a failed round is retried next time
                     logger.error("reaping abandoned turns failed (%s); will retry", type(exc).__name__)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(loop()))
+
+    def start_background_turns(self) -> None:
+        """Resume the background turns whose replica died or stopped (their lease ran out): every
+        replica looks about every third of a lease length, at once at startup."""
+        every = self.ctx.turn_lease_seconds / 3
+        turns = BackgroundTurns(self.ctx)
+
+        async def loop() -> None:
+            while True:
+                try:
+                    if resumed := await turns.resume_orphans():
+                        logger.info("resumed %d background turn(s)", resumed)
+                except Exception as exc:  # noqa: BLE001 - a failed round is retried next time
+                    logger.error("resuming background turns failed (%s); will retry", type(exc).__name__)
+                await asyncio.sleep(every)
 
         self._tasks.append(asyncio.get_running_loop().create_task(loop()))
 
@@ -211,6 +229,9 @@ class Runtime:
             task.cancel()
         # Wait for them, so no periodic flush is still writing when the final one runs.
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Background turns are not waited for (the model may take minutes): their pollers stop,
+        # and their leases run out for another replica, or this one restarted, to resume them.
+        await self.ctx.polls.drain(timeout=0)
         await self._flush_auth_failures()
         # Replies the model already gave are stored (or their leases released) before we go.
         await self.ctx.tasks.drain(timeout=self.settings.turn_store_wait_seconds)
@@ -383,6 +404,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
         turn_store_wait_seconds=settings.turn_store_wait_seconds,
         provider_chain_max_age_seconds=settings.provider_chain_max_age_seconds,
+        background_poll_seconds=settings.background_poll_seconds,
         data_keys=DataKeyCache(settings.data_key_cache_size, settings.data_key_cache_seconds),
         auth_failures=AuthFailures(
             AuthFailureLimits(

@@ -267,6 +267,100 @@ class Upstream:
             return False
         return True
 
+    async def start_background(
+        self, *, settings: dict[str, Any], steps: Sequence[bytes], chain: Chain | None = None
+    ) -> tuple[str, int, str]:
+        """Start a background turn (`background=true, store=true`) with `steps` as its whole input,
+        sent as their exact bytes like `create`, or chained onto the provider's copy of the
+        history as `create` chains (falling back to the whole history when it is gone); (the
+        interaction's id, requests sent, how the history went). The model works on it after the
+        call returns: `get` shows when it is done. Retried as a stored create is (only a 429),
+        since a retried create could leave a copy whose id we never see."""
+        spent = 0
+        if chain is not None:
+            try:
+                started = await self._start_background(settings, steps[len(steps) - chain.new_steps :], chain, 0)
+            except _ChainLost as lost:
+                spent = lost.attempts
+            except UpstreamFailed as exc:
+                exc.history_sent = "chained"
+                raise
+            else:
+                return (*started, "chained")
+        try:
+            started = await self._start_background(settings, steps, None, spent)
+        except UpstreamFailed as exc:
+            exc.history_sent = "replayed_after_chain_lost" if chain else "replayed"
+            raise
+        return (*started, "replayed_after_chain_lost" if chain else "replayed")
+
+    async def _start_background(
+        self, settings: dict[str, Any], steps: Sequence[bytes], chain: Chain | None, spent: int
+    ) -> tuple[str, int]:
+        fields: dict[str, Any] = {"background": True}
+        if chain is not None:
+            fields["previous_interaction_id"] = chain.interaction_id
+        body = _request_body(settings, True, fields, b"[" + b",".join(steps) + b"]")
+        try:
+            (parsed, _), attempts = await self._create_one(body, True, chained=chain is not None)
+        except UpstreamFailed as exc:
+            exc.attempts += spent
+            self._metrics.upstream_failed(exc.code)
+            raise
+        attempts += spent
+        interaction_id = parsed.get("id")
+        if not isinstance(interaction_id, str) or not _INTERACTION_ID.fullmatch(interaction_id):
+            self._metrics.upstream_failed("upstream_bad_response")
+            raise UpstreamFailed(
+                "upstream_bad_response", "the model service did not name the background interaction", attempts=attempts
+            )
+        return interaction_id, attempts
+
+    async def get(self, interaction_id: str) -> tuple[dict[str, Any], list[bytes]] | None:
+        """A stored interaction as it is now: (the parsed body, the exact bytes of each of its
+        steps, as `create` keeps them), or None when the provider no longer has it. One request,
+        never retried here: the caller polls again. Fails as `create` does (UpstreamFailed)."""
+        try:
+            with self._metrics.upstream_request("get", _request_outcome):
+                # The raw response: the typed one would parse the steps into models, and the
+                # bytes stored must be the very ones the API sent (see json_spans).
+                response = await self._client.aio.interactions.with_raw_response.get(interaction_id)
+                parsed, step_bytes = split_steps(await response.read())
+        except sdk_errors.NotFoundError:
+            return None
+        except sdk_errors.APITimeoutError:
+            raise UpstreamFailed("upstream_timeout", "the model service did not answer in time", timeout=True) from None
+        except sdk_errors.APIStatusError as exc:
+            raise UpstreamFailed(
+                f"upstream_http_{exc.status_code}", f"reading the interaction failed with HTTP {exc.status_code}"
+            ) from None
+        except sdk_errors.APIConnectionError:
+            raise UpstreamFailed("upstream_unreachable", "the model service could not be reached") from None
+        except _NOT_JSON:
+            raise UpstreamFailed("upstream_bad_response", "the model service sent a body that is not JSON") from None
+        if not isinstance(parsed.get("steps", []), list):
+            raise UpstreamFailed("upstream_bad_response", "the model service sent an unexpected body")
+        return parsed, step_bytes
+
+    async def cancel(self, interaction_id: str) -> bool:
+        """Cancel a background interaction; False when there was nothing to cancel (it had ended
+        already, or the provider no longer has it). Other failures raise UpstreamFailed."""
+        try:
+            with self._metrics.upstream_request("cancel", _request_outcome):
+                await self._client.aio.interactions.cancel(interaction_id)
+        except sdk_errors.NotFoundError:
+            return False
+        except sdk_errors.APIStatusError as exc:
+            if exc.status_code in (400, 409):
+                # FAILED_PRECONDITION: the interaction is not running any more.
+                return False
+            raise UpstreamFailed(
+                f"upstream_http_{exc.status_code}", f"cancelling the interaction failed with HTTP {exc.status_code}"
+            ) from None
+        except sdk_errors.APIConnectionError:
+            raise UpstreamFailed("upstream_unreachable", "the model service could not be reached") from None
+        return True
+
     async def verify(self) -> None:
         """Fail at startup, with a clear message, when the configured key or URL does not work.
 

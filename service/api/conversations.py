@@ -8,8 +8,9 @@ from types import MappingProxyType
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from ..audit import RequestMeta
@@ -24,7 +25,7 @@ from ..conversations import (
 )
 from ..errors import InvalidInput
 from ..ids import id_pattern
-from ..turns import TurnEngine, TurnRequest
+from ..turns import BackgroundTurns, TurnEngine, TurnRequest, TurnView
 from .security import provide_meta, require_role
 from .wire import (
     AUTHENTICATED,
@@ -38,6 +39,7 @@ from .wire import (
     HistoryStep,
     TurnCreate,
     TurnOut,
+    TurnStatusOut,
     problem_responses,
 )
 
@@ -53,6 +55,18 @@ MAX_STEP_POSITION = 2**31 - 1
 def _ctx(request: Request[Any, Any, Any]) -> ServiceContext:
     ctx: ServiceContext = request.app.state.ctx
     return ctx
+
+
+def _status_out(view: TurnView) -> TurnStatusOut:
+    return TurnStatusOut(
+        conversation_id=view.conversation_id,
+        turn_id=view.turn_id,
+        turn_number=view.turn_number,
+        status=view.status,
+        error_code=view.error_code,
+        background=view.background,
+        result=TurnOut.of(view.result) if view.result is not None else None,
+    )
 
 
 class ConversationController(Controller):
@@ -181,11 +195,23 @@ class ConversationController(Controller):
                 "(`pointer` says where). `data-class-blocked`: the detectors found a class the route blocks "
                 "(`on_detect: block`); `card-security-code`: the input carries a card security code next to a "
                 "card number, refused on every route. Both name the classes in `data_classes`, and nothing of "
-                "the turn is stored or sent to the model.",
+                "the turn is stored or sent to the model. `background-not-permitted`: a background turn was asked "
+                "for where the route does not permit background turns or provider storage is not permitted (the "
+                "route's or a data class's policy); nothing is stored or sent.",
                 503: "The database cannot be reached right now; a model reply already received is stored as soon "
                 "as it is back: retry after `Retry-After` seconds with the same Idempotency-Key.",
             },
-        ),
+        )
+        | {
+            # Said here: the handler's return type names both bodies, which would document 200 as either.
+            200: ResponseSpec(TurnOut, description="Request fulfilled, document follows", generate_examples=False),
+            202: ResponseSpec(
+                TurnStatusOut,
+                description="A background turn (`background: true`) was started: `status` is `in_progress` (or, "
+                "for a repeated Idempotency-Key, the first turn's outcome) and `Location` is the turn to poll.",
+                generate_examples=False,
+            ),
+        },
     )
     async def turn(
         self,
@@ -204,19 +230,83 @@ class ConversationController(Controller):
                 schema_extra={"pattern": _IDEMPOTENCY_KEY.pattern},
             ),
         ] = None,
-    ) -> TurnOut:
+    ) -> TurnOut | Response[TurnStatusOut]:
         """Send the next input; the whole history is replayed to the model with store=false.
 
         A reply the model did not complete answers 200 with `status: failed` and stores nothing; a
         model call that still fails after Custody's retries answers 502 (504 when it timed out).
         Resend with the same Idempotency-Key to get the first answer again, not a second turn.
+
+        With `background: true` (where the route permits it and provider storage is permitted), the
+        model runs the turn in the background (`store=true`): the answer is 202 at once, with the
+        turn's id and a `Location` to poll (`GET .../turns/{turn_id}`). Custody polls the model and
+        stores its answer as it stores a foreground turn's; until then the conversation refuses new
+        turns (409), and `POST .../turns/{turn_id}/cancel` stops it.
         """
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", pointer="Idempotency-Key")
         turn = TurnRequest(
             principal, meta, conversation_id, data.input, idempotency_key, input_bytes=len(await request.body())
         )
-        return TurnOut.of(await TurnEngine(_ctx(request)).run(turn))
+        if not data.background:
+            return TurnOut.of(await TurnEngine(_ctx(request)).run(turn))
+        view = await BackgroundTurns(_ctx(request)).start(turn)
+        return Response(
+            _status_out(view),
+            status_code=202,
+            headers={"Location": f"/v1/conversations/{view.conversation_id}/turns/{view.turn_id}"},
+        )
+
+    @get(
+        "/{conversation_id:str}/turns/{turn_id:str}",
+        operation_id="GetTurn",
+        summary="Read a turn's progress and result",
+        operation_class=ApiOperation,
+        responses=problem_responses(
+            *AUTHENTICATED,
+            notes={404: "No such conversation for this tenant, or no such turn in it (`turn-not-found`)."},
+        ),
+    )
+    async def read_turn(
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: FromPath[str],
+        turn_id: FromPath[str],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+    ) -> TurnStatusOut:
+        """A turn's status and, once the model has answered (`completed` or `requires_action`), its
+        result as the turn itself would have answered it. Audited as a read of the history."""
+        return _status_out(await BackgroundTurns(_ctx(request)).read(principal, meta, conversation_id, turn_id))
+
+    @post(
+        "/{conversation_id:str}/turns/{turn_id:str}/cancel",
+        operation_id="CancelTurn",
+        status_code=200,
+        summary="Cancel a background turn",
+        operation_class=ApiOperation,
+        responses=problem_responses(
+            *AUTHENTICATED,
+            notes={
+                404: "No such conversation for this tenant, or no such turn in it (`turn-not-found`).",
+                409: "The turn is not a running background turn (`turn-not-running`): it has ended, or it is a "
+                "foreground turn, or its model has not been started yet.",
+            },
+        ),
+    )
+    async def cancel_turn(
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: FromPath[str],
+        turn_id: FromPath[str],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+    ) -> TurnStatusOut:
+        """Cancel a running background turn: it ends `failed` with `error_code: cancelled`, nothing of
+        it is stored, the conversation takes turns again and its Idempotency-Key may run it again;
+        then the model's interaction is cancelled too (it may have finished meanwhile: its answer
+        is dropped)."""
+        return _status_out(await BackgroundTurns(_ctx(request)).cancel(principal, meta, conversation_id, turn_id))
 
     @get(
         "/{conversation_id:str}/steps",

@@ -34,6 +34,8 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
     (errors.MalformedRequest, 400, "malformed-request", "Malformed request"),
     (errors.FunctionResultMismatch, 422, "function-result-mismatch", "Function result answers no pending call"),
     (errors.InvalidInput, 422, "invalid-input", "Invalid input"),
+    (errors.TurnNotFound, 404, "turn-not-found", "Turn not found"),
+    (errors.TurnNotRunning, 409, "turn-not-running", "The turn is not running"),
     (errors.TurnInProgress, 409, "turn-in-progress", "Another turn is in progress"),
     (errors.LegalHoldActive, 409, "legal-hold", "A legal hold forbids this deletion"),
     (errors.HoldReleased, 409, "hold-released", "Legal hold released already"),
@@ -49,6 +51,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
         "Card security code may not be stored",
     ),
     (errors.DataClassBlocked, 422, "data-class-blocked", "Data class blocked on this route"),
+    (errors.BackgroundNotPermitted, 422, "background-not-permitted", "Background turn not permitted"),
     (DataClassNotAllowedError, 422, "data-class-not-allowed", "Data class not allowed on this route"),
     (PolicyViolation, 422, "policy-violation", "Request violates the route policy"),
 ]

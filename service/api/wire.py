@@ -56,6 +56,7 @@ __all__ = [
     "TenantHoldCreate",
     "TurnCreate",
     "TurnOut",
+    "TurnStatusOut",
     "problem_responses",
 ]
 
@@ -109,6 +110,15 @@ class TurnCreate(msgspec.Struct, forbid_unknown_fields=True):
             ],
         ),
     ]
+    background: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Run the turn in the background: the answer is 202 with the turn's id at once, and "
+            "`GET /v1/conversations/{id}/turns/{turn_id}` shows its progress and result. Only on a route that "
+            "permits background turns and where provider storage is permitted (422 `background-not-permitted` "
+            "otherwise)."
+        ),
+    ] = False
 
 
 class StorageOut(msgspec.Struct):
@@ -146,6 +156,27 @@ class TurnOut(msgspec.Struct):
             storage=StorageOut(store=result.store, reason=result.storage_reason),
             policy_version=result.policy_version,
         )
+
+
+class TurnStatusOut(msgspec.Struct):
+    """A turn's progress and, once the model has answered, its result (as a foreground turn answers)."""
+
+    conversation_id: str
+    turn_id: str
+    turn_number: int
+    status: Annotated[
+        str,
+        msgspec.Meta(
+            description="`in_progress` while the model works; then `completed`, `requires_action` or `failed` "
+            "(`error_code` says why; `cancelled` for a cancelled turn)."
+        ),
+    ]
+    error_code: str | None
+    background: Annotated[bool, msgspec.Meta(description="Whether the turn runs (or ran) in the background.")]
+    result: Annotated[
+        TurnOut | None,
+        msgspec.Meta(description="The turn's answer once it is `completed` or `requires_action`; null before."),
+    ]
 
 
 class DeletionReceiptOut(msgspec.Struct):
@@ -273,6 +304,13 @@ class RouteOut(msgspec.Struct):
             "of raising the conversation's classification."
         ),
     ]
+    background: Annotated[
+        bool,
+        msgspec.Meta(
+            description="Whether a client may ask for a background turn here (only where provider storage is "
+            "permitted too)."
+        ),
+    ] = False
 
 
 class DetectorOut(msgspec.Struct):
@@ -308,6 +346,7 @@ class PolicyOut(msgspec.Struct):
                     provider_ttl=route.provider_ttl.iso if route.provider_ttl else None,
                     settings=route.upstream_settings(),
                     blocked_classes=sorted(route.blocked_classes),
+                    background=route.background,
                 )
                 for name, route in sorted(policy.routes.items())
             },
@@ -611,6 +650,11 @@ class ApiOperation(Operation):
                 del responses[status]
                 continue
             response.headers = {**(response.headers or {}), **_response_headers(int(status))}
+            if int(status) == 202 and self.operation_id == "CreateTurn":
+                response.headers["Location"] = _header(
+                    "The turn started in the background, to poll: `/v1/conversations/{id}/turns/{turn_id}`.",
+                    Schema(type=OpenAPIType.STRING),
+                )
 
 
 class StructSchemas(OpenAPISchemaPlugin):

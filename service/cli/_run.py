@@ -81,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
             app = create_app(runtime.ctx, max_body_bytes=settings.max_body_bytes, metrics_endpoint=scrape)
             runtime.start_checkpoints(settings.audit_checkpoint_seconds)
             runtime.start_reaper()
+            runtime.start_background_turns()
             runtime.start_auth_failure_accounting()
             runtime.start_retention(settings.retention_interval_seconds)
             config = uvicorn.Config(

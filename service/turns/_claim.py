@@ -40,7 +40,7 @@ from ..errors import (
     UnknownRouteError,
 )
 from ..ids import audited_conversation_id, is_conversation_id, new_id
-from ..leases import close_abandoned
+from ..leases import background_turn_running, close_abandoned
 from ..models import Conversation, DataKey, IdempotencyRecord, Turn, UpstreamInteraction
 from ..policy import Route, StorageDecision, check_blocked, check_data_classes, decide_storage
 from ..upstream import Chain
@@ -116,6 +116,10 @@ async def claim_turn(
         leased = bool(
             conversation.lease_token and conversation.lease_expires_at and conversation.lease_expires_at > now
         )
+        if conversation.lease_token and not leased and await background_turn_running(session, conversation.id):
+            # A background turn's holder died: a poller resumes it (service/turns/_background.py),
+            # so its lease counts as held.
+            leased = True
         if conversation.lease_token and not leased:
             # The lease ran out: its holder died (or lost the database for longer than the
             # lease). Close its turn, with its outcome on record, before taking over.

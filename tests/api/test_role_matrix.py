@@ -35,7 +35,12 @@ BODIES = {
 }
 # Path parameters other than the conversation: ids of the right shape that name nothing (the
 # admitted role gets a 404, which is still in), and a subject.
-PATH_VALUES = {"{hold_id}": "hold_" + "0" * 30, "{run_id}": "run_" + "0" * 30, "{subject}": "matrix-subject"}
+PATH_VALUES = {
+    "{hold_id}": "hold_" + "0" * 30,
+    "{run_id}": "run_" + "0" * 30,
+    "{turn_id}": "turn_" + "0" * 30,
+    "{subject}": "matrix-subject",
+}
 AUDIT_FIELDS = ("prev_hash", "record_hash", '"chain"')
 
 
