@@ -63,10 +63,11 @@ def launch(
             service.stop()
 
 
+@pytest.mark.parametrize("how", ["stopped", "killed"])
 async def test_a_restarted_service_completes_a_background_turn(
-    launch: Any, tenant: Tenant, slow_gemini: RunningSimulator
+    launch: Any, tenant: Tenant, slow_gemini: RunningSimulator, how: str
 ) -> None:
-    """The first service answers 202 and is stopped while the model works; the conversation still refuses new turns (409); a service started afterwards takes the expired lease, polls the model, and stores the answer, which the history then holds."""
+    """The first service answers 202 and is stopped (SIGTERM) or killed (SIGKILL) while the model works; the conversation still refuses new turns (409); a service started afterwards takes the expired lease, polls the model, and stores the answer, which the history then holds."""
     slow_gemini.app.reset(state=True)
     headers = tenant.headers()
     first = launch("first")
@@ -82,8 +83,12 @@ async def test_a_restarted_service_completes_a_background_turn(
         )
         assert started.status_code == 202, started.text
         turn_id = started.json()["turn_id"]
-        first.stop()
-        assert first.process.returncode == 0, first.output()
+        if how == "stopped":
+            first.stop()
+            assert first.process.returncode == 0, first.output()
+        else:
+            first.process.kill()
+            first.process.wait()
 
         second = launch("second")
         refused = await http.post(
