@@ -68,6 +68,13 @@ class Settings:
     # Custody's own retry of transient upstream failures (the SDK's retries are switched off).
     upstream_attempts: int = 3
     upstream_timeout_seconds: float = 120.0
+    # A turn's model call as a whole (every attempt, and the waits between them) ends by then; a
+    # request's Request-Timeout header may shorten it, never lengthen it.
+    turn_deadline_seconds: float = 180.0
+    # The circuit breaker before the model service: this many failures in a row open it, and it
+    # refuses turns at once for this long before letting a probe through.
+    upstream_breaker_failures: int = 5
+    upstream_breaker_open_seconds: float = 30.0
     # A turn's claim on its conversation lapses after this unless its holder renews it (every
     # third of it, while the model works), so a dead replica blocks a conversation for seconds.
     turn_lease_seconds: float = 10.0
@@ -174,6 +181,9 @@ class Settings:
             max_body_bytes=_count(env, "CUSTODY_MAX_BODY_BYTES", 1_000_000),
             upstream_attempts=_count(env, "CUSTODY_UPSTREAM_ATTEMPTS", 3),
             upstream_timeout_seconds=_positive(env, "CUSTODY_UPSTREAM_TIMEOUT_SECONDS", 120.0),
+            turn_deadline_seconds=_positive(env, "CUSTODY_TURN_DEADLINE_SECONDS", 180.0),
+            upstream_breaker_failures=_count(env, "CUSTODY_UPSTREAM_BREAKER_FAILURES", 5),
+            upstream_breaker_open_seconds=_positive(env, "CUSTODY_UPSTREAM_BREAKER_OPEN_SECONDS", 30.0),
             turn_lease_seconds=_number(env, "CUSTODY_TURN_LEASE_SECONDS", 10.0),
             turn_store_retry_seconds=_number(env, "CUSTODY_TURN_STORE_RETRY_SECONDS", 300.0),
             turn_store_wait_seconds=_number(env, "CUSTODY_TURN_STORE_WAIT_SECONDS", 10.0),

@@ -40,6 +40,8 @@ class ServiceContext:
     # A turn chains onto the provider's copy of its history only while that copy is younger than
     # this (and the route's provider_ttl); older, the whole history is replayed (see the claim).
     provider_chain_max_age_seconds: float = 43_200.0
+    # The most a turn's model call may take in all (see Settings); a request may ask for less.
+    turn_deadline_seconds: float = 180.0
     # Work that outlives its request: storing a reply, releasing a lease, renewing one.
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
     # The pollers of background turns this replica follows (service/turns/_background.py): at

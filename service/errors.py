@@ -353,10 +353,19 @@ class UpstreamFailed(CustodyError):
         timeout: bool = False,
         attempts: int = 1,
         interaction_ids: list[str] | None = None,
+        upstream_status: int | None = None,
+        unavailable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.timeout = timeout
+        # The model service's own HTTP status, when it answered with one.
+        self.upstream_status = upstream_status
+        # Overloaded or failing for now (its 429 or 503, or our breaker open): worth retrying
+        # later, after `retry_after` seconds when that is known.
+        self.unavailable = unavailable
+        self.retry_after = retry_after
         # How many requests Custody sent before giving up; recorded on the failed turn.
         self.attempts = attempts
         # Interactions of the turn that did succeed before it failed (a continued turn): the

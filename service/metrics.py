@@ -82,6 +82,11 @@ class Metrics:
             description="One request to the model service, by operation and outcome (ok or error)",
             explicit_bucket_boundaries_advisory=_UPSTREAM_BUCKETS,
         )
+        self._breaker_openings = meter.create_counter(
+            "custody.upstream.breaker_openings",
+            unit="{opening}",
+            description="Times the circuit breaker before the model service opened (it then fails turns fast)",
+        )
         self._upstream_failures = meter.create_counter(
             "custody.upstream.failures",
             unit="{call}",
@@ -188,6 +193,25 @@ class Metrics:
 
     def upstream_failed(self, reason: str) -> None:
         self._upstream_failures.add(1, {"reason": reason})
+
+    def upstream_breaker(self, state: str) -> None:
+        """The breaker changed state (closed, open, half_open); openings are counted."""
+        if state == "open":
+            self._breaker_openings.add(1)
+
+    def watch_upstream_breaker(self, state: Callable[[], int]) -> None:
+        """Report the breaker's state (0 closed, 1 half-open, 2 open) whenever metrics are read:
+        it goes from open to half-open by the clock alone, with no event to record."""
+
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(state())
+
+        self._meter.create_observable_gauge(
+            "custody.upstream.breaker_state",
+            callbacks=[observe],
+            unit="1",
+            description="The circuit breaker before the model service: 0 closed, 1 half-open (probing), 2 open",
+        )
 
     # --- audit (service/audit) -----------------------------------------------------------------
 

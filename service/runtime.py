@@ -373,6 +373,8 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
             attempts=settings.upstream_attempts,
             timeout_seconds=settings.upstream_timeout_seconds,
             metrics=metrics.metrics,
+            breaker_failures=settings.upstream_breaker_failures,
+            breaker_open_seconds=settings.upstream_breaker_open_seconds,
         )
         if verify_upstream:
             await upstream.verify()
@@ -388,6 +390,8 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
             base_url=simulator.base_url,
             api_key="simulator",
             metrics=metrics.metrics,
+            breaker_failures=settings.upstream_breaker_failures,
+            breaker_open_seconds=settings.upstream_breaker_open_seconds,
         )
         why = "CUSTODY_USE_SIMULATOR is set" if settings.use_simulator else "EMBEDDED DEFAULT: no GEMINI_API_KEY"
         announce.append(f"{why}, calling the local Gemini SIMULATOR at {simulator.base_url}")
@@ -404,6 +408,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         turn_store_retry_seconds=settings.turn_store_retry_seconds,
         turn_store_wait_seconds=settings.turn_store_wait_seconds,
         provider_chain_max_age_seconds=settings.provider_chain_max_age_seconds,
+        turn_deadline_seconds=settings.turn_deadline_seconds,
         background_poll_seconds=settings.background_poll_seconds,
         data_keys=DataKeyCache(settings.data_key_cache_size, settings.data_key_cache_seconds),
         auth_failures=AuthFailures(

@@ -2,11 +2,15 @@
 
 Custody owns the retry decision. The SDK would retry `create` up to five times on
 408/409/429/5xx, and a retried `create` with `store=true` can leave provider copies whose ids we
-never see (wire reference §8). So the SDK's retries are off and this module retries itself:
-with `store=false` a retry leaves nothing behind, so transient failures (408, 429, 5xx, a dropped
-connection) are retried up to `attempts` times; with provider storage only a 429, which the
-server refused before doing any work, is retried. Timeouts are never retried: the model may
-still be working, and the caller's turn has already waited long enough.
+never see. So the SDK's retries are off and this module retries itself: with `store=false` a
+retry leaves nothing behind, so transient failures (408, 429, 5xx, a dropped connection, an
+attempt that timed out) are retried up to `attempts` times; with provider storage only a 429,
+which the server refused before doing any work, is retried. Between attempts it waits what the
+service asked for (`Retry-After` in seconds or as an HTTP date, or `retry-after-ms`; a wait over
+10 s is not waited but handed to the caller), otherwise a fully jittered exponential backoff. A
+turn's deadline bounds all of it: each attempt's timeout is cut to what is left, and no retry
+starts that could not start in time. A circuit breaker (service/circuit_breaker.py) stops the
+attempts altogether while the model service keeps failing.
 
 `create` is the turn's hot path and does not use the SDK's typed `create`, which builds pydantic
 models for the whole history and serializes it again on every call (most of the service's CPU
@@ -21,18 +25,21 @@ timeout as the typed `create` (tests/test_upstream_wire.py compares the two on t
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from google import genai
 from google.genai import _interactions as sdk_errors
 from google.genai import types
 
+from .circuit_breaker import BREAKER_STATES, BreakerOpen, CircuitBreaker
 from .config import API_REVISION, UpstreamSettings
 from .errors import ConfigurationError, UpstreamFailed
 from .json_spans import split_steps
@@ -95,6 +102,8 @@ class Upstream:
         base_url: str | None = None,
         api_key: str | None = None,
         metrics: Metrics | None = None,
+        breaker_failures: int = 5,
+        breaker_open_seconds: float = 30.0,
     ) -> None:
         http_options = types.HttpOptions(
             base_url=base_url or settings.base_url,
@@ -117,10 +126,24 @@ class Upstream:
             self._client = genai.Client(api_key=key, http_options=http_options)
         self._send_create = _sdk_create_sender(self._client)
         self._attempts = max(1, attempts)
+        self._timeout = timeout_seconds
         self._metrics = metrics or Metrics.disabled()
+        # One breaker for the one model service this client reaches (its base URL and credentials).
+        self.breaker = CircuitBreaker(
+            failure_threshold=breaker_failures,
+            open_seconds=breaker_open_seconds,
+            on_change=self._metrics.upstream_breaker,
+        )
+        self._metrics.watch_upstream_breaker(lambda: BREAKER_STATES[self.breaker.state])
 
     async def create(
-        self, *, settings: dict[str, Any], steps: Sequence[bytes], store: bool, chain: Chain | None = None
+        self,
+        *,
+        settings: dict[str, Any],
+        steps: Sequence[bytes],
+        store: bool,
+        chain: Chain | None = None,
+        deadline: float | None = None,
     ) -> UpstreamReply:
         """One turn with `steps` as its whole input; the reply's raw JSON.
 
@@ -131,18 +154,24 @@ class Upstream:
         the turn is sent again with the whole history, as a fresh chain; the reply says which
         way the history went (`history_sent`). Nothing of a refused chained request is kept by
         the provider, so the fallback leaves no copy behind.
+
+        `deadline` (a `time.monotonic()` instant) bounds the whole turn: every attempt, the waits
+        between them, continuations and a fallback; an attempt's timeout shrinks to what is left,
+        and a retry that could not start before it is not made.
         """
         if chain is None or not store:
-            return await self._create_turn(settings, steps, store, None)
+            return await self._create_turn(settings, steps, store, None, deadline=deadline)
         try:
-            return await self._create_turn(settings, steps[len(steps) - chain.new_steps :], store, chain.interaction_id)
+            return await self._create_turn(
+                settings, steps[len(steps) - chain.new_steps :], store, chain.interaction_id, deadline=deadline
+            )
         except _ChainLost as lost:
             spent = lost.attempts
         except UpstreamFailed as exc:
             exc.history_sent = "chained"
             raise
         try:
-            reply = await self._create_turn(settings, steps, store, None, spent=spent)
+            reply = await self._create_turn(settings, steps, store, None, spent=spent, deadline=deadline)
         except UpstreamFailed as exc:
             exc.history_sent = "replayed_after_chain_lost"
             raise
@@ -156,6 +185,7 @@ class Upstream:
         previous_interaction_id: str | None,
         *,
         spent: int = 0,
+        deadline: float | None = None,
     ) -> UpstreamReply:
         """One turn: its first interaction, and any continuations it asks for. `spent`: requests
         the turn sent before this (a chained attempt refused), counted in its attempts.
@@ -180,7 +210,9 @@ class Upstream:
         body = _request_body(settings, store, first, input_array)
         while True:
             try:
-                hop, used = await self._create_one(body, store, chained=bool(previous_interaction_id) and not hops)
+                hop, used = await self._create_one(
+                    body, store, chained=bool(previous_interaction_id) and not hops, deadline=deadline
+                )
             except UpstreamFailed as exc:
                 exc.attempts += attempts
                 exc.interaction_ids = _hop_ids(hops)
@@ -215,42 +247,100 @@ class Upstream:
             history_sent="chained" if previous_interaction_id else "replayed",
         )
 
-    async def _create_one(self, body: bytes, store: bool, *, chained: bool = False) -> tuple[_Hop, int]:
+    async def _create_one(
+        self, body: bytes, store: bool, *, chained: bool = False, deadline: float | None = None
+    ) -> tuple[_Hop, int]:
         """One interaction, with Custody's retries; ((parsed body, step bytes), requests sent).
         `chained`: the body names a previous interaction, and a refusal that says it is gone
-        raises `_ChainLost`."""
+        raises `_ChainLost`. `deadline`: see `create`.
+
+        The rule is the module's (store-aware, Retry-After in seconds or as an HTTP date, full
+        jitter otherwise), written out here rather than through a retry library: it needs the
+        response's status, store and headers at every decision, a per-attempt timeout cut to the
+        deadline, and the breaker's verdict before each attempt, which would all be callbacks
+        around a library's loop, each harder to read than the loop itself."""
+        breaker = self.breaker
         for attempt in range(1, self._attempts + 1):
+            timeout = self._timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _deadline_passed(attempt - 1)
+                timeout = min(timeout, left)
+            try:
+                breaker.before_request()
+            except BreakerOpen as refused:
+                raise UpstreamFailed(
+                    "upstream_circuit_open",
+                    "the model service has been failing; requests are refused for a while",
+                    attempts=attempt - 1,
+                    unavailable=True,
+                    retry_after=refused.retry_after,
+                ) from None
+            verdict = False
             try:
                 with self._metrics.upstream_request("create", _request_outcome):
-                    parsed, step_bytes = split_steps(await self._send_create(body))
+                    parsed, step_bytes = split_steps(await self._send_create(body, timeout))
+                breaker.record_success()
+                verdict = True
             except sdk_errors.APITimeoutError:
+                breaker.record_failure()
+                verdict = True
+                if timeout < self._timeout:
+                    raise _deadline_passed(attempt) from None
+                # A hung attempt without provider storage left nothing behind: another may answer,
+                # within the turn's deadline. With storage the model may still be working on a copy.
+                if not store and attempt < self._attempts and _in_time(deadline, 0.0):
+                    continue
                 raise UpstreamFailed(
                     "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
                 ) from None
             except sdk_errors.APIStatusError as exc:
+                status = exc.status_code or 0
+                # A server error says the service is unwell; any other answer says it is up.
+                if status >= 500 or status == 408:
+                    breaker.record_failure()
+                else:
+                    breaker.record_success()
+                verdict = True
                 if chained and _chain_gone(exc):
                     raise _ChainLost(attempt) from None
-                retry = exc.status_code in _TRANSIENT and (not store or exc.status_code == 429)
-                if retry and attempt < self._attempts:
-                    await asyncio.sleep(_backoff(attempt, exc.response.headers.get("retry-after")))
+                asked = _retry_after(exc.response.headers)
+                # A wait the service asks for is kept (0 means "no preference": the backoff);
+                # one longer than this turn should wait goes back to the caller instead.
+                retry = status in _TRANSIENT and (not store or status == 429) and (asked or 0) <= _MAX_RETRY_AFTER
+                wait = asked or _backoff(attempt)
+                if retry and attempt < self._attempts and _in_time(deadline, wait):
+                    await asyncio.sleep(wait)
                     continue
                 # The status only: upstream error bodies may quote the request's content.
                 raise UpstreamFailed(
-                    f"upstream_http_{exc.status_code}",
-                    f"the model call failed with HTTP {exc.status_code}",
+                    f"upstream_http_{status}",
+                    f"the model call failed with HTTP {status}",
                     attempts=attempt,
+                    upstream_status=status,
+                    unavailable=status in {429, 503},
+                    retry_after=asked,
                 ) from None
             except sdk_errors.APIConnectionError:
-                if not store and attempt < self._attempts:
-                    await asyncio.sleep(_backoff(attempt, None))
+                breaker.record_failure()
+                verdict = True
+                wait = _backoff(attempt)
+                if not store and attempt < self._attempts and _in_time(deadline, wait):
+                    await asyncio.sleep(wait)
                     continue
                 raise UpstreamFailed(
                     "upstream_unreachable", "the model service could not be reached", attempts=attempt
                 ) from None
             except _NOT_JSON:
+                breaker.record_failure()
+                verdict = True
                 raise UpstreamFailed(
                     "upstream_bad_response", "the model service sent a body that is not JSON", attempts=attempt
                 ) from None
+            finally:
+                if not verdict:
+                    breaker.record_abandoned()  # cancelled mid-request: no verdict on the service
             if not isinstance(parsed.get("steps", []), list):
                 raise UpstreamFailed(
                     "upstream_bad_response", "the model service sent an unexpected body", attempts=attempt
@@ -467,9 +557,10 @@ def _request_body(settings: dict[str, Any], store: bool, fields: dict[str, Any],
     return b"".join((head[:-1], b',"input":', input_array, b"}"))
 
 
-def _sdk_create_sender(client: genai.Client) -> Callable[[bytes], Awaitable[bytes]]:
-    """`send(body)`: POST a create whose JSON body is already bytes, as the SDK's typed
-    `interactions.create` would send it; the response body, or the SDK's error classes.
+def _sdk_create_sender(client: genai.Client) -> Callable[[bytes, float | None], Awaitable[bytes]]:
+    """`send(body, timeout_seconds)`: POST a create whose JSON body is already bytes, as the SDK's
+    typed `interactions.create` would send it (with the configured timeout, or a shorter one
+    given); the response body, or the SDK's error classes.
 
     The SDK (google-genai 3.x, a generated client) has no public way to send a body it did not
     serialize itself, so this reaches into its generated interactions resource, and only here:
@@ -510,7 +601,7 @@ def _sdk_create_sender(client: genai.Client) -> Callable[[bytes], Awaitable[byte
     if http is None:
         raise ConfigurationError("the google-genai client has no async HTTP client")
 
-    async def send(body: bytes) -> bytes:
+    async def send(body: bytes, timeout_seconds: float | None = None) -> bytes:
         # Arguments as the generated `AsyncInteractions.create` passes them (stream=False).
         request = build_request(
             method="POST",
@@ -529,7 +620,7 @@ def _sdk_create_sender(client: genai.Client) -> Callable[[bytes], Awaitable[byte
             security=config.security,
             get_serialized_body=lambda: SerializedRequestBody("application/json", content=body),
             allow_empty_value=None,
-            timeout_ms=timeout_ms,
+            timeout_ms=timeout_ms if timeout_seconds is None else max(1, int(timeout_seconds * 1000)),
         )
         context = HookContext(
             config=config,
@@ -568,11 +659,44 @@ def _error_body(response: Any) -> Any:
         return response.text
 
 
-def _backoff(attempt: int, retry_after: str | None) -> float:
-    if retry_after:
+def _backoff(attempt: int) -> float:
+    """Full jitter: anywhere from nothing to the exponential step, so that clients who failed
+    together do not come back together."""
+    step: float = min(0.25 * 2.0 ** (attempt - 1), 4.0)
+    return random.uniform(0.0, step)  # noqa: S311 - jitter that spreads retries, not a secret
+
+
+def _retry_after(headers: Any) -> float | None:
+    """How long the service asked us to wait: `retry-after-ms`, or `Retry-After` in seconds or as
+    an HTTP date; None when it did not say (or said something unreadable)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
         try:
-            return min(max(float(retry_after), 0.0), _MAX_RETRY_AFTER)
+            return max(float(milliseconds) / 1000, 0.0)
         except ValueError:
             pass
-    base: float = min(0.25 * 2.0 ** (attempt - 1), 4.0)
-    return base * random.uniform(0.75, 1.0)  # noqa: S311 - jitter that spreads retries, not a secret
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT, whether or not it says so
+        when = when.replace(tzinfo=UTC)
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def _in_time(deadline: float | None, wait: float) -> bool:
+    """Whether a retry after `wait` seconds would still start before the deadline."""
+    return deadline is None or time.monotonic() + wait < deadline
+
+
+def _deadline_passed(attempts: int) -> UpstreamFailed:
+    return UpstreamFailed(
+        "upstream_deadline", "the turn's deadline passed before the model answered", timeout=True, attempts=attempts
+    )

@@ -195,10 +195,14 @@ def keyring_under_test(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 
 
 def make_upstream(gemini: RunningSimulator, **options: Any) -> Upstream:
+    """An Upstream to the simulator. Its circuit breaker opens only after a run of failures no
+    single test makes, unless the test asks otherwise: the tests that inject failures one after
+    another would otherwise open the session's shared breaker for the tests after them
+    (tests/test_upstream_resilience.py tests the breaker on Upstreams of its own)."""
     settings = UpstreamSettings(
         api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None
     )
-    return Upstream(settings, **options)
+    return Upstream(settings, **({"breaker_failures": 1_000} | options))
 
 
 @pytest.fixture(scope="session")

@@ -122,8 +122,8 @@ async def test_retries_stop_after_the_configured_attempts(gemini: RunningSimulat
     assert len(gemini.app.creates()) == 3
 
 
-async def test_timeouts_are_not_retried(gemini: RunningSimulator) -> None:
-    """A model that does not answer in time fails the turn with upstream_timeout after one request, even with store=false."""
+async def test_timeouts_are_not_retried_with_provider_storage(gemini: RunningSimulator) -> None:
+    """A model that does not answer in time, with store=true (it may still be working on a copy it keeps), fails the turn with upstream_timeout after one request."""
     gemini.app.reset()
     gemini.app.inject(FaultSpec(hang_seconds=3))
     settings = UpstreamSettings(
@@ -131,10 +131,24 @@ async def test_timeouts_are_not_retried(gemini: RunningSimulator) -> None:
     )
     upstream = Upstream(settings, attempts=3, timeout_seconds=0.3)
     with pytest.raises(UpstreamFailed) as caught:
-        await upstream.create(settings=SETTINGS, steps=STEPS, store=False)
+        await upstream.create(settings=SETTINGS, steps=STEPS, store=True)
     await upstream.aclose()
     assert (caught.value.code, caught.value.timeout, caught.value.attempts) == ("upstream_timeout", True, 1)
     assert len(gemini.app.creates()) == 1
+
+
+async def test_timeouts_are_retried_without_provider_storage(gemini: RunningSimulator) -> None:
+    """With store=false a hung attempt left nothing behind: the next attempt goes, and answers."""
+    gemini.app.reset()
+    gemini.app.inject(FaultSpec(hang_seconds=3))
+    settings = UpstreamSettings(
+        api_key="test-key", base_url=gemini.base_url, use_vertexai=False, project=None, location=None
+    )
+    upstream = Upstream(settings, attempts=3, timeout_seconds=0.3)
+    reply = await upstream.create(settings=SETTINGS, steps=STEPS, store=False)
+    await upstream.aclose()
+    assert reply.attempts == 2
+    assert len(gemini.app.creates()) == 2
 
 
 async def test_a_continued_turn_keeps_its_step_bytes_aligned(gemini: RunningSimulator) -> None:

@@ -335,7 +335,7 @@ async def test_failures_raise_the_error_classes_the_typed_create_raises(
     gemini.app.inject(fault)
     with pytest.raises(sdk_errors.APIError) as ours:
         await upstream._send_create(
-            b'{"model":"gemini-3-flash-preview","store":false,"input":[' + encode(steps[0]) + b"]}"
+            b'{"model":"gemini-3-flash-preview","store":false,"input":[' + encode(steps[0]) + b"]}", None
         )
     gemini.app.inject(fault)
     with pytest.raises(sdk_errors.APIError) as typed:

@@ -47,6 +47,8 @@ __all__ = ["ConversationController"]
 
 logger = logging.getLogger("custody.api")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# A number of seconds, in plain decimal (no exponent, sign or spaces).
+_SECONDS = re.compile(r"^[0-9]{1,6}(?:\.[0-9]{1,3})?$")
 # A step's position is a Postgres `integer`: a cursor past it names no step, and the driver
 # refuses to send it (that was a 500), so it is refused as malformed like any cursor out of range.
 MAX_STEP_POSITION = 2**31 - 1
@@ -199,7 +201,10 @@ class ConversationController(Controller):
                 "for where the route does not permit background turns or provider storage is not permitted (the "
                 "route's or a data class's policy); nothing is stored or sent.",
                 503: "The database cannot be reached right now; a model reply already received is stored as soon "
-                "as it is back: retry after `Retry-After` seconds with the same Idempotency-Key.",
+                "as it is back: retry after `Retry-After` seconds with the same Idempotency-Key. Or "
+                "`upstream-failed`: the model service is overloaded or failing for now (its own 429 or 503, named "
+                "in `upstream_status`, or Custody's circuit breaker is open, `code: upstream_circuit_open`); retry "
+                "after `Retry-After` seconds when given.",
             },
         )
         | {
@@ -230,11 +235,26 @@ class ConversationController(Controller):
                 schema_extra={"pattern": _IDEMPOTENCY_KEY.pattern},
             ),
         ] = None,
+        request_timeout: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Request-Timeout",
+                required=False,
+                description="Seconds the caller will wait for the model: the model call (every attempt, and the "
+                "waits between them) ends by then with 504. Capped by the service's own deadline "
+                "(CUSTODY_TURN_DEADLINE_SECONDS).",
+                # Documentation only: the handler checks it, and answers 422 when it is wrong.
+                schema_extra={"pattern": _SECONDS.pattern},
+            ),
+        ] = None,
     ) -> TurnOut | Response[TurnStatusOut]:
         """Send the next input; the whole history is replayed to the model with store=false.
 
         A reply the model did not complete answers 200 with `status: failed` and stores nothing; a
-        model call that still fails after Custody's retries answers 502 (504 when it timed out).
+        model call that still fails after Custody's retries answers 502, 503 when the model
+        service is overloaded or failing for now (its 429 or 503, or Custody's circuit breaker is
+        open; `Retry-After` when known), or 504 when it timed out or the turn's deadline passed;
+        `upstream_status` names the model service's own status when it gave one.
         Resend with the same Idempotency-Key to get the first answer again, not a second turn.
 
         With `background: true` (where the route permits it and provider storage is permitted), the
@@ -245,8 +265,21 @@ class ConversationController(Controller):
         """
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", pointer="Idempotency-Key")
+        timeout = None
+        if request_timeout is not None:
+            if not _SECONDS.fullmatch(request_timeout) or not 0 < float(request_timeout) <= 86_400:
+                raise InvalidInput(
+                    "Request-Timeout must be a number of seconds above 0 and at most 86400", pointer="Request-Timeout"
+                )
+            timeout = float(request_timeout)
         turn = TurnRequest(
-            principal, meta, conversation_id, data.input, idempotency_key, input_bytes=len(await request.body())
+            principal,
+            meta,
+            conversation_id,
+            data.input,
+            idempotency_key,
+            input_bytes=len(await request.body()),
+            timeout_seconds=timeout,
         )
         if not data.background:
             return TurnOut.of(await TurnEngine(_ctx(request)).run(turn))

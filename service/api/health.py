@@ -36,7 +36,9 @@ async def healthz() -> dict[str, str]:
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """The replica is not shutting down, the database and the key store answer and the keyring unwraps
-    what the database holds: the service can take traffic."""
+    what the database holds: the service can take traffic. `upstream.breaker` says whether turns
+    currently fail fast because the model service has been failing (`open`; `half_open` while a
+    probe is out), with `retry_after` seconds until the next probe; it does not affect readiness."""
     ctx: ServiceContext = request.app.state.ctx
     if ctx.drain.draining:
         # At once, before any query: the load balancer must stop sending traffic here.
@@ -61,4 +63,11 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
             f"the keyring cannot unwrap data keys wrapped under KEK version(s) {versions}",
             retry_after=5,
         )
-    return Response({"status": "ready"})
+    # The model service's breaker is shown, but an open one does not make the replica unready:
+    # every replica sees the same upstream, and taking them all out of rotation would turn the
+    # fast 503s of a degraded service into no service at all.
+    breaker = ctx.upstream.breaker
+    upstream: dict[str, Any] = {"breaker": breaker.state}
+    if breaker.state != "closed":
+        upstream["retry_after"] = round(breaker.retry_after(), 1)
+    return Response({"status": "ready", "upstream": upstream})

@@ -7,6 +7,7 @@ the request or of an upstream body), and where useful a JSON `pointer` into the 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from litestar import Request, Response
@@ -94,8 +95,20 @@ def _custody_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
                 data_classes=list(exc.classes) if isinstance(exc, errors.DataClassBlocked) else None,
             )
     if isinstance(exc, errors.UpstreamFailed):
-        status = 504 if exc.timeout else 502
-        return problem(status, "upstream-failed", "The model call failed", str(exc), code=exc.code)
+        # 504: it did not answer in time (or the turn's deadline passed); 503: it is overloaded
+        # or failing for now (its own 429 or 503, or the breaker is open), so the caller should
+        # come back later, after Retry-After when that is known; 502: any other failure.
+        status = 504 if exc.timeout else 503 if exc.unavailable else 502
+        retry_after = math.ceil(exc.retry_after) if exc.retry_after is not None else None
+        return problem(
+            status,
+            "upstream-failed",
+            "The model call failed",
+            str(exc),
+            retry_after=retry_after,
+            code=exc.code,
+            upstream_status=exc.upstream_status,
+        )
     if isinstance(exc, errors.DatabaseUnavailable):
         return _database_unavailable(str(exc), exc.retry_after)
     if isinstance(exc, errors.ShuttingDown):

@@ -127,6 +127,10 @@ class Simulator:
     def inject(self, fault: FaultSpec) -> None:
         self.faults.inject(fault)
 
+    def set_fault_rates(self, rates: list[tuple[float, FaultSpec]], seed: int = 0) -> None:
+        """Give requests faults at random (see _faults.py); `reset` stops it."""
+        self.faults.set_rates(rates, seed)
+
     def advance(self, seconds: float) -> None:
         """Move the simulator's clock forward (expiry, background progress)."""
         self.clock.advance(seconds)
@@ -422,6 +426,14 @@ class Simulator:
                 reply = {}
             elif (method, action) == ("POST", "faults"):
                 self.inject(FaultSpec.from_json(json.loads(raw or b"{}")))
+                reply = {}
+            elif (method, action) == ("POST", "fault-rates"):
+                # {"seed": 1, "rates": [{"probability": 0.05, "fault": {"status": 503}}, ...]}
+                spec = json.loads(raw or b"{}")
+                self.set_fault_rates(
+                    [(float(r["probability"]), FaultSpec.from_json(r["fault"])) for r in spec.get("rates", [])],
+                    int(spec.get("seed", 0)),
+                )
                 reply = {}
             elif (method, action) == ("POST", "advance"):
                 self.advance(float(json.loads(raw)["seconds"]))

@@ -4,10 +4,14 @@ A fault comes from the instance (`Simulator.inject(...)`, or `POST /_simulator/f
 applies to the next `count` API requests, or from a request's `x-sim-fault` header, e.g.
 `x-sim-fault: status=503; count=3`. The SDK re-sends headers on its own retries, so a header
 fault with `count=3` fails the first three attempts of that request and lets the fourth through.
+Fault rates (`Simulator.set_fault_rates(...)`, or `POST /_simulator/fault-rates`) give any
+request without a queued or header fault a fault at random: e.g. 5 % 503s and 1 % hangs, drawn
+from a seeded generator so that a benchmark's run can be repeated.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from dataclasses import dataclass, fields
 from typing import Any
@@ -65,6 +69,17 @@ class FaultPlan:
         self._lock = threading.Lock()
         self._queue: list[list[Any]] = []  # [spec, remaining]
         self._header_seen: dict[str, int] = {}
+        self._rates: list[tuple[float, FaultSpec]] = []
+        self._random = random.Random(0)  # noqa: S311 - reproducible draws for tests, not a secret
+
+    def set_rates(self, rates: list[tuple[float, FaultSpec]], seed: int = 0) -> None:
+        """Each request without another fault gets one of these at random, with its probability
+        (their sum at most 1); an empty list stops it."""
+        if any(p < 0 for p, _ in rates) or sum(p for p, _ in rates) > 1:
+            raise ValueError("fault probabilities must be non-negative and sum to at most 1")
+        with self._lock:
+            self._rates = list(rates)
+            self._random = random.Random(seed)  # noqa: S311 - see __init__
 
     def inject(self, spec: FaultSpec) -> None:
         with self._lock:
@@ -74,6 +89,7 @@ class FaultPlan:
         with self._lock:
             self._queue.clear()
             self._header_seen.clear()
+            self._rates = []
 
     def next_fault(self, header: str | None) -> FaultSpec | None:
         """The fault for this request, consuming one use of it."""
@@ -85,10 +101,21 @@ class FaultPlan:
             return spec if seen <= spec.count else None
         with self._lock:
             if not self._queue:
-                return None
+                return self._drawn()
             entry = self._queue[0]
             entry[1] -= 1
             if entry[1] <= 0:
                 self._queue.pop(0)
             queued: FaultSpec = entry[0]
             return queued
+
+    def _drawn(self) -> FaultSpec | None:
+        """A fault at random from the rates (the lock held)."""
+        if not self._rates:
+            return None
+        draw = self._random.random()
+        for probability, spec in self._rates:
+            if draw < probability:
+                return spec
+            draw -= probability
+        return None

@@ -83,6 +83,9 @@ class TurnEngine:
         """Run one turn; a repeated Idempotency-Key gets the first result back."""
         ctx = self._ctx
         started = time.perf_counter()
+        # The model call ends by then, however many attempts it takes (see Upstream.create).
+        limit = ctx.turn_deadline_seconds
+        deadline = time.monotonic() + min(limit, request.timeout_seconds or limit)
         new_steps = normalize_client_input(request.raw_input)
         key = request.idempotency_key
         key_digest = idempotency_key_digest(ctx.pepper, request.principal.tenant_id, key) if key else None
@@ -95,7 +98,7 @@ class TurnEngine:
         # anything else: the caller went away, the reply was not stored in time, a bug (error).
         status = "error"
         try:
-            result = await self._call_and_settle(request, new_steps, claim)
+            result = await self._call_and_settle(request, new_steps, claim, deadline)
             status = result.status
             return result
         except UpstreamFailed:
@@ -129,7 +132,9 @@ class TurnEngine:
 
         return ctx.tasks.spawn(drop(), name=f"drop-copies:{request.conversation_id}")
 
-    async def _call_and_settle(self, request: TurnRequest, new_steps: list[dict[str, Any]], claim: Claim) -> TurnResult:
+    async def _call_and_settle(
+        self, request: TurnRequest, new_steps: list[dict[str, Any]], claim: Claim, deadline: float
+    ) -> TurnResult:
         """The model call, with the lease renewed meanwhile, then the reply stored (or the turn
         given back when the call failed)."""
         ctx = self._ctx
@@ -143,6 +148,7 @@ class TurnEngine:
                 steps=[*claim.history, *turn.new_step_bytes],
                 store=claim.decision.provider_storage,
                 chain=claim.chain,
+                deadline=deadline,
             )
         except BaseException as exc:
             # Failed, cancelled (the client went away, or the replica's drain time ran out) or a

@@ -26,6 +26,8 @@ class TurnRequest:
     idempotency_key: str | None = field(default=None, repr=False)
     # The request body's size, to decide whether to scan it off the event loop.
     input_bytes: int = 0
+    # The caller's Request-Timeout in seconds, if it sent one (the context's deadline caps it).
+    timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -138,4 +138,4 @@ async def test_model_failure_leaves_history_usable(api: httpx.AsyncClient, tenan
 async def test_health_and_readiness(api: httpx.AsyncClient) -> None:
     """/healthz and /readyz answer 200 when the database is reachable."""
     assert (await api.get("/healthz")).json() == {"status": "ok"}
-    assert (await api.get("/readyz")).json() == {"status": "ready"}
+    assert (await api.get("/readyz")).json() == {"status": "ready", "upstream": {"breaker": "closed"}}

@@ -123,18 +123,18 @@ async def test_client_errors_upstream_are_not_retried(
 
 
 async def test_upstream_timeout_is_504(ctx: ServiceContext, gemini: RunningSimulator, tenant: Tenant) -> None:
-    """A model call that outlives the upstream timeout is a 504 problem, not retried, and releases the conversation."""
+    """A model call that outlives the upstream timeout on every attempt is a 504 problem (with store=false each timed-out attempt is retried), and releases the conversation."""
     upstream = make_upstream(gemini, attempts=3, timeout_seconds=0.3)
     app = create_app(dataclasses.replace(ctx, upstream=upstream))
     gemini.app.reset()
     async with httpx.AsyncClient(transport=asgi_transport(app), base_url="http://t") as client:
         conversation = await open_conversation(client, tenant.headers())
-        gemini.app.inject(FaultSpec(hang_seconds=3))
+        gemini.app.inject(FaultSpec(hang_seconds=3, count=3))
         response = await client.post(
             f"/v1/conversations/{conversation}/turns", json={"input": "slow"}, headers=tenant.headers()
         )
-        assert_problem(response, 504, "upstream-failed")
-        assert len(gemini.app.creates()) == 1
+        assert assert_problem(response, 504, "upstream-failed")["code"] == "upstream_timeout"
+        assert len(gemini.app.creates()) == 3
         assert (await take_turn(client, tenant.headers(), conversation, "again"))["status"] == "completed"
     await upstream.aclose()
 

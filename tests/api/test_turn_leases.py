@@ -174,7 +174,7 @@ async def test_failed_turns_record_their_upstream_attempts(
     response = await client.post(
         f"/v1/conversations/{conversation}/turns", json={"input": "x"}, headers=tenant.headers()
     )
-    assert_problem(response, 502, "upstream-failed")
+    assert assert_problem(response, 503, "upstream-failed")["upstream_status"] == 503
     async with engine.connect() as connection:
         attempts = (
             await connection.execute(

@@ -81,3 +81,29 @@ def test_sdk_retries_non_idempotent_create_by_default(sim: RunningSimulator) -> 
     client = genai.Client(api_key="k", http_options={"base_url": sim.base_url})
     client.interactions.create(model=MODEL, input="hi", store=False)
     assert len(sim.app.creates()) == 2
+
+
+def test_fault_rates_fail_a_share_of_requests_at_random(client: genai.Client, sim: RunningSimulator) -> None:
+    """With a 30 % rate of 503s, about that share of 100 creates fail, the same ones for the same seed; queued faults still come first, and a reset stops the rates."""
+
+    def failures() -> list[int]:
+        failed = []
+        for index in range(100):
+            try:
+                client.interactions.create(model=MODEL, input="hi", store=False)
+            except errors.InternalServerError:
+                failed.append(index)
+        return failed
+
+    sim.app.set_fault_rates([(0.3, FaultSpec(status=503))], seed=7)
+    first = failures()
+    assert 12 <= len(first) <= 50
+    sim.app.set_fault_rates([(0.3, FaultSpec(status=503))], seed=7)
+    assert failures() == first
+    sim.app.inject(FaultSpec(status=400))
+    with pytest.raises(errors.BadRequestError):
+        client.interactions.create(model=MODEL, input="hi", store=False)
+    sim.app.reset()
+    assert failures() == []
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        sim.app.set_fault_rates([(0.7, FaultSpec(status=503)), (0.4, FaultSpec(status=500))])

@@ -184,12 +184,12 @@ async def test_a_turn_the_model_failed_frees_its_key(
 async def test_a_failed_model_call_frees_its_key_and_the_retry_is_what_the_key_replays(
     api: httpx.AsyncClient, tenant: Tenant, gemini: RunningSimulator, engine: AsyncEngine
 ) -> None:
-    """A model call that still fails after Custody's retries (502) frees its Idempotency-Key: the retry with the key runs the turn again and succeeds, and from then on the key replays that success."""
+    """A model call that still fails after Custody's retries (503, the model's own status) frees its Idempotency-Key: the retry with the key runs the turn again and succeeds, and from then on the key replays that success."""
     conversation = await open_conversation(api, tenant.headers(), PHI)
     gemini.app.inject(FaultSpec(status=503, retry_after=0, count=3))
     failed = await post_turn(api, tenant, conversation, "try me", key="retry-1")
-    assert assert_problem(failed, 502, "upstream-failed")["code"] == "upstream_http_503"
-    assert await idempotency_rows(engine, conversation) == []  # released before the 502 was sent
+    assert assert_problem(failed, 503, "upstream-failed")["code"] == "upstream_http_503"
+    assert await idempotency_rows(engine, conversation) == []  # released before the 503 was sent
     retried = await take_turn(api, tenant.headers(), conversation, "try me", **{IDEMPOTENCY_KEY: "retry-1"})
     assert retried["status"] == "completed"
     assert retried["turn_number"] == 2
