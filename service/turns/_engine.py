@@ -83,7 +83,10 @@ class TurnEngine:
         """Run one turn; a repeated Idempotency-Key gets the first result back."""
         ctx = self._ctx
         started = time.perf_counter()
-        new_steps = normalize_client_input(request.raw_input)
+        # A large input (inline media, say) is checked in a worker thread: strict base64 over
+        # megabytes takes tens of milliseconds.
+        check = partial(normalize_client_input, request.raw_input)
+        new_steps = await asyncio.to_thread(check) if request.input_bytes > _OFF_LOOP_BYTES else check()
         key = request.idempotency_key
         key_digest = idempotency_key_digest(ctx.pepper, request.principal.tenant_id, key) if key else None
         inspected = await self._inspect(request, new_steps)
