@@ -252,7 +252,9 @@ def test_the_example_policy_fits_the_kubernetes_body_limit() -> None:
     deployment = yaml.safe_load((REPO_ROOT / "ops" / "k8s" / "base" / "deployment.yaml").read_text())
     (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "custody"]
     limit = int(next(e["value"] for e in container["env"] if e["name"] == "CUSTODY_MAX_BODY_BYTES"))
-    policy = parse_policy(yaml.safe_load((REPO_ROOT / "ops" / "k8s" / "base" / "policy.yaml").read_text()), source="k8s")
+    policy = parse_policy(
+        yaml.safe_load((REPO_ROOT / "ops" / "k8s" / "base" / "policy.yaml").read_text()), source="k8s"
+    )
     assert media_body_warnings(policy, limit) == []
     (warning,) = media_body_warnings(policy, 1_000_000)
     assert warning.startswith("WARNING: route patient-intake takes up to 5242880 bytes of media")
