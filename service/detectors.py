@@ -324,7 +324,12 @@ def _texts(steps: Iterable[dict[str, Any]]) -> Iterator[str]:
                 if isinstance(block, dict) and isinstance(block.get("text"), str):
                     yield block["text"]
         elif step.get("type") == "function_result":
-            yield from _json_texts(step.get("result"))
+            result = step.get("result")
+            if isinstance(result, list):
+                # Inline media's base64 is not text: scanned, it would find card numbers and
+                # IBANs in random letters. Media blocks are left out here as in user input.
+                result = [item for item in result if not _is_media(item)]
+            yield from _json_texts(result)
         elif step.get("type") == "model_output":
             # The model's answer, on its way into storage: what it echoes counts too.
             content = step.get("content")
@@ -333,6 +338,10 @@ def _texts(steps: Iterable[dict[str, Any]]) -> Iterator[str]:
                     yield block["text"]
         elif step.get("type") == "function_call":
             yield from _json_texts(step.get("arguments"))
+
+
+def _is_media(item: object) -> bool:
+    return isinstance(item, dict) and item.get("type") in {"image", "audio", "video", "document"}
 
 
 def _scan_text(steps: Iterable[dict[str, Any]]) -> str:

@@ -18,7 +18,10 @@
     │   ├── DataClassBlocked               the route refuses turns carrying a detected class
     │   │   ├── CardSecurityCodeRefused    a card security code next to a card number (always)
     │   │   └── ModelOutputRefused         the model's answer carries what the route refuses
-    │   └── BackgroundNotPermitted         a background turn where the route or a class forbids it
+    │   ├── BackgroundNotPermitted         a background turn where the route or a class forbids it
+    │   ├── MediaTypeNotAllowed            a media block of a type the route does not take  (415)
+    │   ├── MediaTooLarge                  a media block, or a turn's media, over the route's limit (413)
+    │   └── MediaUriNotAllowed             a media block by `uri` the route does not take
     ├── TurnNotFound                       no such turn in this tenant's conversation      (404)
     ├── TurnNotRunning                     the turn to cancel is not a running background turn (409)
     ├── TurnInProgress                     another turn holds the conversation             (409)
@@ -73,6 +76,10 @@ __all__ = [
     "LeaseLost",
     "LegalHoldActive",
     "MalformedRequest",
+    "MediaRefused",
+    "MediaTooLarge",
+    "MediaTypeNotAllowed",
+    "MediaUriNotAllowed",
     "MinimumRetention",
     "ModelOutputRefused",
     "PermissionDenied",
@@ -271,6 +278,30 @@ class BackgroundNotPermitted(PolicyViolation):
         )
         self.route = route
         self.reason = reason
+
+
+class MediaRefused(PolicyViolation):
+    """A media block of the turn's input does not fit the route's `media` rule: nothing of the turn
+    is stored or sent. `pointer` says which block; the message names the route's limits, never
+    what the block holds or which type it declared."""
+
+    def __init__(self, message: str, *, pointer: str) -> None:
+        super().__init__(message)
+        self.pointer = pointer
+
+
+class MediaTypeNotAllowed(MediaRefused):
+    """A media block of a type the route does not take; a route without `media` takes none."""
+
+
+class MediaTooLarge(MediaRefused):
+    """A media block larger than the route's `max_bytes`, or the turn's media larger than its
+    `max_total_bytes` (decoded sizes)."""
+
+
+class MediaUriNotAllowed(MediaRefused):
+    """A media block naming its content by `uri` where the route accepts no such URI: the provider
+    would fetch content Custody never sees, stores or audits."""
 
 
 class TurnNotFound(CustodyError):

@@ -23,6 +23,9 @@ from .detectors import Detector, DetectorSet, PatternRefused, compile_linear, de
 from .errors import (
     DataClassBlocked,
     DataClassNotAllowedError,
+    MediaTooLarge,
+    MediaTypeNotAllowed,
+    MediaUriNotAllowed,
     PolicyError,
     PolicyViolation,
     UnknownDataClassError,
@@ -35,6 +38,8 @@ __all__ = [
     "DataClass",
     "DataClassBlocked",
     "DataClassNotAllowedError",
+    "MediaBlock",
+    "MediaRule",
     "Policy",
     "PolicyError",
     "PolicyViolation",
@@ -44,8 +49,10 @@ __all__ = [
     "UnknownRouteError",
     "check_blocked",
     "check_data_classes",
+    "check_media",
     "decide_storage",
     "load_policy",
+    "media_body_warnings",
     "parse_policy",
 ]
 
@@ -73,6 +80,18 @@ class DataClass:
     retention: RetentionRule = field(default_factory=RetentionRule)
 
 
+@dataclass(frozen=True)
+class MediaRule:
+    """The media a route takes (its `media` section): MIME types, decoded sizes, URI prefixes.
+    A route without one takes no media at all."""
+
+    allowed: frozenset[str]
+    max_bytes: int
+    max_total_bytes: int
+    # Empty: a block may not name its content by `uri`, only carry it.
+    uri_prefixes: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Route:
     """A route and the interaction-scoped settings it sends upstream on every turn."""
@@ -98,6 +117,8 @@ class Route:
     # Whether a client may ask for a background turn (the model runs it while Custody polls);
     # only ever where provider storage is permitted too, which the turn checks at its claim.
     background: bool = False
+    # The media blocks a turn's input may carry; None (no `media` section) refuses every one.
+    media: MediaRule | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.agent is None):
@@ -207,6 +228,80 @@ def check_blocked(route: Route, detected: Iterable[str]) -> None:
     """Raise `DataClassBlocked` when the detectors found a class `route` blocks."""
     if blocked := frozenset(detected) & route.blocked_classes:
         raise DataClassBlocked(route.name, blocked)
+
+
+@dataclass(frozen=True)
+class MediaBlock:
+    """A media block of a turn's input, as the route's rule sees it: never its content."""
+
+    pointer: str
+    kind: str
+    # The MIME type's essence, lower case (parameters dropped): checked syntax, not content.
+    mime_type: str
+    # Decoded size of inline data; None for a block by `uri`.
+    size: int | None
+    uri: str | None
+
+
+def check_media(route: Route, blocks: Iterable[MediaBlock]) -> None:
+    """Raise unless every media block fits the route's rule: its type allowed (415), each inline
+    block and their total within the limits (413), a block by `uri` under an allowed prefix. The
+    first misfit in the input's order is named by its pointer; messages never quote the block."""
+    rule = route.media
+    total = 0
+    for block in blocks:
+        if rule is None:
+            raise MediaTypeNotAllowed(
+                f"route {route.name} takes no media (image, audio, video or document blocks); send text only",
+                pointer=block.pointer,
+            )
+        if block.mime_type not in rule.allowed:
+            raise MediaTypeNotAllowed(
+                f"route {route.name} takes media of types: {', '.join(sorted(rule.allowed))}",
+                pointer=f"{block.pointer}/mime_type",
+            )
+        if block.uri is not None:
+            # A dot segment could climb out of the prefix once the fetcher resolves it.
+            climbs = any(part in {".", ".."} for part in block.uri.split("?", 1)[0].split("/"))
+            if not rule.uri_prefixes or climbs or not block.uri.startswith(rule.uri_prefixes):
+                where = "these URI prefixes only" if rule.uri_prefixes else "no media by `uri`, only inline `data`"
+                raise MediaUriNotAllowed(f"route {route.name} takes {where}", pointer=f"{block.pointer}/uri")
+            continue
+        size = block.size or 0
+        if size > rule.max_bytes:
+            raise MediaTooLarge(
+                f"this media block is {size} bytes; route {route.name} takes at most {rule.max_bytes} bytes a block",
+                pointer=f"{block.pointer}/data",
+            )
+        total += size
+        if total > rule.max_total_bytes:
+            raise MediaTooLarge(
+                f"the input's media come to more than the {rule.max_total_bytes} bytes route {route.name} "
+                "takes in one turn",
+                pointer=f"{block.pointer}/data",
+            )
+
+
+# Room in a request body for what surrounds a turn's media: its text, JSON and the other fields.
+MEDIA_BODY_MARGIN = 64_000
+
+
+def media_body_bytes(rule: MediaRule) -> int:
+    """The request body a turn needs to carry `max_total_bytes` of media inline: base64 takes four
+    bytes for every three, plus a margin for the rest of the request."""
+    return -(-rule.max_total_bytes // 3) * 4 + MEDIA_BODY_MARGIN
+
+
+def media_body_warnings(policy: Policy, max_body_bytes: int) -> list[str]:
+    """A startup warning for each route whose media would not fit in the request body limit: the
+    body limit refuses them first (413 payload-too-large), whatever the route says."""
+    return [
+        f"WARNING: route {route.name} takes up to {route.media.max_total_bytes} bytes of media a turn, which needs "
+        f"a request body of about {media_body_bytes(route.media)} bytes; CUSTODY_MAX_BODY_BYTES is {max_body_bytes}"
+        ", so larger bodies are refused first (413 payload-too-large)"
+        for route in policy.routes.values()
+        if route.media is not None and media_body_bytes(route.media) > max_body_bytes
+    ]
 
 
 def load_policy(path: Path) -> Policy:
@@ -327,6 +422,21 @@ def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, Dat
         provider_ttl=_duration(spec.get("retention", {}).get("provider_ttl"), ("routes", name, "retention"), source),
         blocked_classes=frozenset(cls for cls, action in spec.get("on_detect", {}).items() if action == "block"),
         background=spec.get("background", False),
+        media=_media(spec.get("media"), ("routes", name, "media"), source),
+    )
+
+
+def _media(spec: Mapping[str, Any] | None, path: tuple[str | int, ...], source: str) -> MediaRule | None:
+    if spec is None:
+        return None
+    total = spec.get("max_total_bytes", spec["max_bytes"])
+    if total < spec["max_bytes"]:
+        raise PolicyError(source, _format_path((*path, "max_total_bytes")), "max_total_bytes is smaller than max_bytes")
+    return MediaRule(
+        allowed=frozenset(spec["allowed"]),
+        max_bytes=spec["max_bytes"],
+        max_total_bytes=total,
+        uri_prefixes=tuple(spec.get("uri_prefixes", ())),
     )
 
 

@@ -38,7 +38,7 @@ from .key_store import (
 from .leases import reap_expired_leases
 from .metrics_export import MetricsExport, load_metrics_token, metrics_export_from_env
 from .models import Tenant
-from .policy import PolicyError, load_policy
+from .policy import PolicyError, load_policy, media_body_warnings
 from .retention import RunSummary, run_retention
 from .secret_files import keyring_source, load_keyring, load_pepper, load_retired_keys, load_signer
 from .telemetry import describe, tracer_provider_from_env
@@ -318,6 +318,7 @@ async def build_runtime(settings: Settings, *, demo_keys: bool = True, verify_up
         policy = load_policy(settings.policy_path)
     except PolicyError as exc:
         raise ConfigurationError(f"invalid policy: {exc}") from None
+    announce.extend(media_body_warnings(policy, settings.max_body_bytes))
 
     url, key_store_url = settings.database_url, settings.key_store_url
     if url is None:

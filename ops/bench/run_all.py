@@ -16,6 +16,7 @@ if __name__ == "__main__":
         "turn_throughput.py",
         "concurrent_conversations.py",
         "replay_cost.py",
+        "media_cost.py",
         "observability.py",
         "keyrings.py",
         "expiry_layer.py",

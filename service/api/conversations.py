@@ -184,11 +184,15 @@ class ConversationController(Controller):
         responses=problem_responses(
             400,
             404,
-            413,
             502,
             504,
             *AUTHENTICATED,
             notes={
+                413: "The request body is larger than the configured limit (`payload-too-large`), or a media block "
+                "or the input's media together are larger than the route takes (`media-too-large`, `pointer` says "
+                "which); nothing is stored or sent.",
+                415: "A media block of a type the route does not take (`media-type-not-allowed`; a route without "
+                "`media` in the policy takes none); nothing is stored or sent.",
                 409: "Another turn holds the conversation, or the first request with this Idempotency-Key is still "
                 "running; retry when it ends.",
                 422: "The input is empty or in a shape a client may not send, a function result answers no pending "
@@ -199,7 +203,8 @@ class ConversationController(Controller):
                 "card number, refused on every route. Both name the classes in `data_classes`, and nothing of "
                 "the turn is stored or sent to the model. `background-not-permitted`: a background turn was asked "
                 "for where the route does not permit background turns or provider storage is not permitted (the "
-                "route's or a data class's policy); nothing is stored or sent.",
+                "route's or a data class's policy); nothing is stored or sent. `media-uri-not-allowed`: a media "
+                "block by `uri` the route does not take.",
                 503: "The database cannot be reached right now; a model reply already received is stored as soon "
                 "as it is back: retry after `Retry-After` seconds with the same Idempotency-Key. Or "
                 "`upstream-failed`: the model service is overloaded or failing for now (its own 429 or 503, named "

@@ -53,6 +53,9 @@ _MAPPING: list[tuple[type[Exception], int, str, str]] = [
     ),
     (errors.DataClassBlocked, 422, "data-class-blocked", "Data class blocked on this route"),
     (errors.BackgroundNotPermitted, 422, "background-not-permitted", "Background turn not permitted"),
+    (errors.MediaTypeNotAllowed, 415, "media-type-not-allowed", "Media type not allowed on this route"),
+    (errors.MediaTooLarge, 413, "media-too-large", "Media too large for this route"),
+    (errors.MediaUriNotAllowed, 422, "media-uri-not-allowed", "Media URI not allowed on this route"),
     (DataClassNotAllowedError, 422, "data-class-not-allowed", "Data class not allowed on this route"),
     (PolicyViolation, 422, "policy-violation", "Request violates the route policy"),
 ]

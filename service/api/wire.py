@@ -574,6 +574,7 @@ _PROBLEMS: dict[int, str] = {
     404: "No such conversation for this tenant (another tenant's conversation looks the same).",
     409: "Another turn holds the conversation; retry when it ends.",
     413: "The request body is larger than the configured limit.",
+    415: "A media block of a type the route does not take (`pointer` says which).",
     422: "The request is well formed but refused (`pointer` says where).",
     429: "Too many failed authentications from this source or on this key id; retry after `Retry-After` seconds.",
     500: "The service failed, or a stored record failed its integrity check; nothing of it is returned.",

@@ -10,7 +10,8 @@ Triggers (matched case-insensitively in the newest user text):
 - ``sim:fail``: the interaction ends ``failed`` with an error on its model_output;
 - ``sim:continue N`` (1 to 5): the answer comes over N + 1 interactions (see _continuation);
 - otherwise, with a ``response_format`` schema: JSON that validates against it;
-- otherwise an echo that names the turn number and a digest of the whole input.
+- otherwise an echo that names the turn number and a digest of the whole input, and the media
+  blocks (kind, MIME type, decoded size) of the newest input and of the history before it.
 
 Every turn opens with a ``thought`` step carrying an opaque signature.
 """
@@ -26,7 +27,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from ._steps import digest, user_text
+from ._steps import digest, media_received, user_text
 
 __all__ = ["ModelTurn", "SimulatedModel", "json_from_schema"]
 
@@ -99,7 +100,7 @@ class SimulatedModel:
             steps.append(
                 self._output(
                     f'Turn {turn}: you said "{latest}". I have read {len(transcript)} steps '
-                    f"of history (digest {history_digest}).",
+                    f"of history (digest {history_digest}).{_media_note(transcript)}",
                     turn,
                 )
             )
@@ -122,6 +123,15 @@ class SimulatedModel:
             # An unknown field, and a number the SDK would respell, to catch lossy storage.
             step["x_sim_meta"] = {"turn": turn, "confidence": 0.5, "nested": {"kept": None}}
         return step
+
+
+def _media_note(transcript: list[dict[str, Any]]) -> str:
+    """What media the model received: in the newest input, and earlier in the history."""
+    inputs = [step for step in transcript if step.get("type") == "user_input"]
+    newest = media_received(inputs[-1]) if inputs else []
+    earlier = [item for step in inputs[:-1] for item in media_received(step)]
+    note = f" Media in this input: {'; '.join(newest)}." if newest else ""
+    return note + (f" Media earlier in the history: {'; '.join(earlier)}." if earlier else "")
 
 
 def _trailing_results(transcript: list[dict[str, Any]]) -> int:

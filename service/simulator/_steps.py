@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import threading
@@ -9,7 +10,7 @@ from typing import Any
 
 from ._errors import invalid
 
-__all__ = ["CONTENT_TYPES", "MODEL_STEP_TYPES", "Ledger", "digest", "normalize_input", "user_text"]
+__all__ = ["CONTENT_TYPES", "MODEL_STEP_TYPES", "Ledger", "digest", "media_received", "normalize_input", "user_text"]
 
 CONTENT_TYPES = frozenset({"text", "image", "audio", "video", "document"})
 # Step types a client may originate; everything else in an input list must be replayed history.
@@ -66,6 +67,35 @@ def _check_content(content: Any, where: str) -> None:
             raise invalid(f"{where}[{index}]: unsupported content block")
         if block["type"] == "text" and not isinstance(block.get("text"), str):
             raise invalid(f"{where}[{index}]: text block needs a string 'text'")
+        if block["type"] != "text":
+            _check_media(block, f"{where}[{index}]")
+
+
+def _check_media(block: dict[str, Any], where: str) -> None:
+    # The API decodes inline data and refuses what does not decode; stricter here: no whitespace.
+    if not isinstance(block.get("data"), str) and not isinstance(block.get("uri"), str):
+        raise invalid(f"{where}: {block['type']} block needs 'data' or 'uri'")
+    if isinstance(block.get("data"), str):
+        try:
+            binascii.a2b_base64(block["data"], strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"{where}: {block['type']} block's 'data' is not valid base64") from None
+
+
+def media_received(step: dict[str, Any]) -> list[str]:
+    """What the media blocks of a user_input step are, as the simulated model reports them: kind,
+    MIME type and decoded size (or `by uri`), never content."""
+    seen = []
+    for block in step.get("content", []):
+        if block.get("type") in CONTENT_TYPES - {"text"}:
+            mime_type = block.get("mime_type", "unknown")
+            if isinstance(block.get("data"), str):
+                data = block["data"]
+                size = len(data) // 4 * 3 - (2 if data.endswith("==") else 1 if data.endswith("=") else 0)
+                seen.append(f"{block['type']} {mime_type} {size} bytes")
+            else:
+                seen.append(f"{block['type']} {mime_type} by uri")
+    return seen
 
 
 def user_text(step: dict[str, Any]) -> str:

@@ -42,9 +42,9 @@ from ..errors import (
 from ..ids import audited_conversation_id, is_conversation_id, new_id
 from ..leases import background_turn_running, close_abandoned
 from ..models import Conversation, DataKey, IdempotencyRecord, Turn, UpstreamInteraction
-from ..policy import Route, StorageDecision, check_blocked, check_data_classes, decide_storage
+from ..policy import Route, StorageDecision, check_blocked, check_data_classes, check_media, decide_storage
 from ..upstream import Chain
-from ._input import check_function_results
+from ._input import check_function_results, media_blocks
 from ._types import TurnRequest, TurnResult
 
 __all__ = ["Claim", "Inspected", "claim_turn"]
@@ -127,6 +127,7 @@ async def claim_turn(
                 entry.details["abandoned_turns_closed"] = closed
                 ctx.metrics.abandoned_turns(closed, "takeover")
         _refuse_detected(ctx, conversation.route, inspected, entry)
+        _refuse_media(ctx, conversation.route, request.raw_input, entry)
         if key_digest is not None:
             earlier = await session.get(IdempotencyRecord, (principal.tenant_id, key_digest))
             if earlier is not None:
@@ -233,6 +234,19 @@ def _refuse_detected(ctx: ServiceContext, route_name: str, inspected: Inspected,
         raise CardSecurityCodeRefused(route_name, inspected.detected)
     if route is not None:
         check_blocked(route, inspected.detected)
+
+
+def _refuse_media(ctx: ServiceContext, route_name: str, raw_input: Any, entry: AuditEntry) -> None:
+    """Refuse the turn when a media block does not fit the route's `media` rule (415, 413, or a
+    URI it does not take), at the same point and on the same turn.start record as a blocked
+    class. The record counts the blocks and their decoded bytes, never their types or content."""
+    blocks = media_blocks(raw_input)
+    if not blocks:
+        return
+    entry.details["media"] = {"blocks": len(blocks), "bytes": sum(block.size or 0 for block in blocks)}
+    route = ctx.policy.routes.get(route_name)
+    if route is not None:
+        check_media(route, blocks)
 
 
 async def _locked_conversation(

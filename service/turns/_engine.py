@@ -86,7 +86,10 @@ class TurnEngine:
         # The model call ends by then, however many attempts it takes (see Upstream.create).
         limit = ctx.turn_deadline_seconds
         deadline = time.monotonic() + min(limit, request.timeout_seconds or limit)
-        new_steps = normalize_client_input(request.raw_input)
+        # A large input (inline media, say) is checked in a worker thread: strict base64 over
+        # megabytes takes tens of milliseconds.
+        check = partial(normalize_client_input, request.raw_input)
+        new_steps = await asyncio.to_thread(check) if request.input_bytes > _OFF_LOOP_BYTES else check()
         key = request.idempotency_key
         key_digest = idempotency_key_digest(ctx.pepper, request.principal.tenant_id, key) if key else None
         inspected = await self._inspect(request, new_steps)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import binascii
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import FunctionResultMismatch, InvalidInput
+from ..policy import MediaBlock
 
-__all__ = ["normalize_client_input", "pending_calls", "check_function_results"]
+__all__ = ["MediaBlock", "check_function_results", "media_blocks", "normalize_client_input", "pending_calls"]
 
 # Error messages never quote what the client sent (it may be patient or card data); they point
 # at it with a JSON pointer instead. Only identifier-like field names are echoed.
@@ -21,6 +24,16 @@ _BLOCK_KEYS = {
     "video": {"type", "data", "uri", "mime_type", "resolution"},
     "document": {"type", "data", "uri", "mime_type"},
 }
+MEDIA_TYPES = CONTENT_TYPES - {"text"}
+# A MIME type as RFC 6838 spells one (optionally with parameters, which the route's rule ignores):
+# checked before anything compares it, so a refusal never has to quote what a client wrote.
+_MIME_TYPE = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126})/([A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126})(?:\s*;.*)?", re.S
+)
+# Blocks whose kind the MIME type's top-level type must name; a document may be any type.
+_TOP_LEVEL = {"image": "image", "audio": "audio", "video": "video"}
+# The base64 alphabet's values, for the check that unused trailing bits are zero.
+_B64_VALUE = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 _STEP_KEYS = {
     "user_input": {"type", "content"},
     "function_result": {"type", "call_id", "name", "result", "is_error"},
@@ -74,6 +87,13 @@ def _check_step(step: dict[str, Any], pointer: str) -> None:
         raise InvalidInput(
             "function_result needs a `result` (string, object or content list)", pointer=f"{pointer}/result"
         )
+    if isinstance(step["result"], list):
+        # A content list may carry media too: the same checks as user input's, and the route's
+        # rule at the claim. Other items are left as they are (a result may be any JSON list).
+        for position, item in enumerate(step["result"]):
+            if isinstance(item, dict) and item.get("type") in MEDIA_TYPES:
+                _no_unknown_keys(item, _BLOCK_KEYS[item["type"]], f"{pointer}/result/{position}")
+                _check_media(item, f"{pointer}/result/{position}")
     if "name" in step and not isinstance(step["name"], str):
         raise InvalidInput("function_result `name` must be a string", pointer=f"{pointer}/name")
     if "is_error" in step and not isinstance(step["is_error"], bool):
@@ -91,8 +111,87 @@ def _check_blocks(blocks: list[Any], pointer: str) -> None:
         if block["type"] == "text":
             if not isinstance(block.get("text"), str) or not block["text"]:
                 raise InvalidInput("a text block needs non-empty `text`", pointer=f"{where}/text")
-        elif not isinstance(block.get("data") or block.get("uri"), str):
-            raise InvalidInput("a media block needs `data` or `uri`", pointer=where)
+        else:
+            _check_media(block, where)
+
+
+def _check_media(block: dict[str, Any], where: str) -> None:
+    """A media block's own shape, whatever the route: exactly one of inline `data` (strict base64)
+    or `uri`, and a `mime_type` of the block's kind. The route's rule (which types, how large,
+    which URIs) is applied at the claim, where the conversation's route is known."""
+    has_data, has_uri = "data" in block, "uri" in block
+    if has_data == has_uri:
+        raise InvalidInput("a media block needs exactly one of `data` or `uri`", pointer=where)
+    if has_data:
+        _check_base64(block["data"], f"{where}/data")
+    elif not isinstance(block["uri"], str) or not block["uri"]:
+        raise InvalidInput("a media block's `uri` must be a non-empty string", pointer=f"{where}/uri")
+    mime_type = block.get("mime_type")
+    match = _MIME_TYPE.fullmatch(mime_type) if isinstance(mime_type, str) else None
+    if match is None:
+        # Required, although the API may guess one: a route's allowed types cannot be checked
+        # against a guess, and what the model is told it received should be what was checked.
+        raise InvalidInput("a media block needs a `mime_type` such as image/png", pointer=f"{where}/mime_type")
+    top = _TOP_LEVEL.get(block["type"])
+    if top is not None and match.group(1).lower() != top:
+        raise InvalidInput(f"{block['type']} blocks need a {top}/* `mime_type`", pointer=f"{where}/mime_type")
+
+
+def _check_base64(data: Any, pointer: str) -> None:
+    """Strict base64 (RFC 4648 section 4): the standard alphabet only (no whitespace, line breaks
+    or URL-safe characters), padded to a multiple of four, and no stray bits in the last
+    character. Anything else would be stored, replayed on every turn and left for the provider to
+    read however it reads it."""
+    if not isinstance(data, str) or not data:
+        raise InvalidInput("a media block's `data` must be a non-empty base64 string", pointer=pointer)
+    if len(data) % 4:
+        raise InvalidInput("`data` is not strict base64 (length not a multiple of 4)", pointer=pointer)
+    try:
+        binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):  # ValueError: a character outside ASCII
+        raise InvalidInput(
+            "`data` is not strict base64 (RFC 4648: no whitespace, standard alphabet, padded)", pointer=pointer
+        ) from None
+    padding = _padding(data)
+    if padding and _B64_VALUE[data[-1 - padding]] & (0b1111 if padding == 2 else 0b11):
+        raise InvalidInput("`data` is not canonical base64 (non-zero padding bits)", pointer=pointer)
+
+
+def _padding(data: str) -> int:
+    # Not rstrip: that would copy megabytes to count two characters.
+    return 2 if data.endswith("==") else 1 if data.endswith("=") else 0
+
+
+def media_blocks(raw: Any) -> list[MediaBlock]:
+    """The media blocks of a turn's input as the client sent it (already checked by
+    `normalize_client_input`): content blocks, user input, and content-list function results,
+    each with a pointer into the request. Sizes come from the base64 length, without decoding."""
+    found = []
+    for pointer, block in _media_of(raw):
+        data = block.get("data")
+        size = None
+        if isinstance(data, str):
+            size = len(data) // 4 * 3 - _padding(data)
+        essence = str(block["mime_type"]).split(";", 1)[0].strip().lower()
+        found.append(MediaBlock(pointer, block["type"], essence, size, block.get("uri")))
+    return found
+
+
+def _media_of(raw: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    items = [raw] if isinstance(raw, dict) else raw if isinstance(raw, list) else []
+    if all(item["type"] in CONTENT_TYPES for item in items):
+        lists = [("/input", items)]
+    else:
+        lists = []
+        for index, step in enumerate(items):
+            if step["type"] == "user_input":
+                lists.append((f"/input/{index}/content", step["content"]))
+            elif isinstance(step.get("result"), list):
+                lists.append((f"/input/{index}/result", step["result"]))
+    for where, blocks in lists:
+        for position, block in enumerate(blocks):
+            if isinstance(block, dict) and block.get("type") in MEDIA_TYPES:
+                yield f"{where}/{position}", block
 
 
 def _no_unknown_keys(item: dict[str, Any], allowed: set[str], pointer: str) -> None:
