@@ -18,11 +18,13 @@ from service.auth_failures import AuthFailures
 from service.circuit_breaker import BreakerOpen, CircuitBreaker
 from service.context import ServiceContext
 from service.errors import UpstreamFailed
+from service.metrics_export import metrics_export_from_env
 from service.simulator import FaultSpec, RunningSimulator
 from service.upstream import Upstream, _backoff, _retry_after
 
 from .api.helpers import assert_problem, open_conversation
 from .conftest import Tenant, asgi_transport, make_upstream
+from .observability import Scrape
 
 STEPS = [b'{"type":"user_input","content":[{"type":"text","text":"hello"}]}']
 SETTINGS = {"model": "gemini-3-flash-preview"}
@@ -267,3 +269,25 @@ async def test_request_timeout_shortens_the_deadline(
         response = await _turn(api, tenant, conversation, **{"Request-Timeout": bad})
         assert assert_problem(response, 422, "invalid-input")["pointer"] == "Request-Timeout", bad
     assert gemini.app.creates() == []
+
+
+async def test_the_breaker_is_in_the_metrics(gemini: RunningSimulator) -> None:
+    """The breaker's state as a gauge (read when scraped: it half-opens by the clock alone) and its openings as a counter."""
+    export = metrics_export_from_env({"OTEL_TRACES_EXPORTER": "none"}, prometheus=True)
+    gemini.app.reset()
+    upstream = make_upstream(gemini, attempts=1, metrics=export.metrics, breaker_failures=1, breaker_open_seconds=30)
+    clock = FakeClock()
+    upstream.breaker = CircuitBreaker(
+        failure_threshold=1, open_seconds=30, clock=clock, on_change=export.metrics.upstream_breaker
+    )
+    assert Scrape(export.prometheus_text().decode()).value("custody_upstream_breaker_state") == 0
+    gemini.app.inject(FaultSpec(status=500))
+    with pytest.raises(UpstreamFailed):
+        await upstream.create(settings=SETTINGS, steps=STEPS, store=False)
+    scrape = Scrape(export.prometheus_text().decode())
+    assert scrape.value("custody_upstream_breaker_state") == 2
+    assert scrape.value("custody_upstream_breaker_openings_total") == 1
+    clock.now += 30
+    assert Scrape(export.prometheus_text().decode()).value("custody_upstream_breaker_state") == 1
+    await upstream.aclose()
+    export.shutdown()
