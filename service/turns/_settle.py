@@ -214,7 +214,18 @@ class ClaimedTurn:
                 "steps": len(outcome.model_steps),
                 "upstream_interaction_id": outcome.last_interaction,
                 "history_sent": history_sent,
+                "surface": outcome.reply.surface,
             }
+            if outcome.reply.fallback_reason is not None:
+                # The route's fallback answered: the turn row says so too (its steps are stored
+                # as converted Interactions steps; the provider kept nothing of it).
+                entry.details["fallback_reason"] = outcome.reply.fallback_reason
+                await session.execute(
+                    update(Turn)
+                    .where(Turn.id == claim.turn_id)
+                    .values(surface=outcome.reply.surface)
+                    .execution_options(synchronize_session=False)
+                )
         return result
 
     async def _take_output_classes(self, session: AsyncSession, entry: AuditEntry, findings: Findings) -> None:
