@@ -404,6 +404,8 @@ class UpstreamFailed(CustodyError):
         self.interaction_ids = interaction_ids or []
         # How the turn's history went to the model (service.upstream.HISTORY_SENT).
         self.history_sent = "replayed"
+        # The code of the route's generateContent fallback, when it was tried and failed too.
+        self.fallback_failed: str | None = None
 
     @property
     def reason_code(self) -> str:

@@ -165,6 +165,7 @@ class Turn(Base):
     __table_args__ = (
         CheckConstraint("status IN ('in_progress', 'completed', 'requires_action', 'failed')", name="status"),
         CheckConstraint("history_sent IN ('replayed', 'chained', 'replayed_after_chain_lost')", name="history_sent"),
+        CheckConstraint("surface IN ('interactions', 'generate_content')", name="surface"),
         # The row lock already serializes turns; this is the backstop if that ever regresses.
         UniqueConstraint("conversation_id", "number", name="uq_turns_conversation_number"),
         # The background pollers' sweep: the turns still waiting for a background interaction.
@@ -193,6 +194,8 @@ class Turn(Base):
     # How the history reached the model: replayed in full, chained onto the provider's copy
     # (previous_interaction_id), or replayed in full after the provider's copy was found gone.
     history_sent: Mapped[str] = mapped_column(String(32), nullable=False, server_default="replayed")
+    # Which surface answered: `interactions`, or `generate_content` (the route's fallback).
+    surface: Mapped[str] = mapped_column(String(32), nullable=False, server_default="interactions")
     # The API key that started the turn, so that an abandoned turn's outcome names its actor.
     key_id: Mapped[str | None] = mapped_column(String(40))
     error_code: Mapped[str | None] = mapped_column(String(80))

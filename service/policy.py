@@ -34,6 +34,8 @@ from .errors import (
 from .retention_rules import Duration, RetentionRule, combine_rules
 
 __all__ = [
+    "FALLBACK_GENERATION_CONFIG",
+    "FALLBACK_TOOL_TYPES",
     "POLICY_SCHEMA_PATH",
     "DataClass",
     "DataClassBlocked",
@@ -67,6 +69,14 @@ _UPSTREAM_OPTIONAL = (
     "tools",
     "generation_config",
     "response_format",
+)
+
+# What a route with `fallback: generate_content` may set, because generateContent has a field for
+# it (service/generate_content.py maps them): anything else would be dropped silently on a
+# fallback turn, so the policy refuses it at load instead.
+FALLBACK_TOOL_TYPES = frozenset({"function", "google_search", "url_context"})
+FALLBACK_GENERATION_CONFIG = frozenset(
+    {"temperature", "top_p", "seed", "stop_sequences", "max_output_tokens", "thinking_level", "thinking_summaries"}
 )
 
 
@@ -119,6 +129,9 @@ class Route:
     background: bool = False
     # The media blocks a turn's input may carry; None (no `media` section) refuses every one.
     media: MediaRule | None = None
+    # `generate_content`: a turn the Interactions surface cannot take (a server error, the surface
+    # missing, the breaker open) goes through generateContent instead; None: it fails.
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.agent is None):
@@ -423,7 +436,39 @@ def _build_route(name: str, spec: Mapping[str, Any], catalogue: Mapping[str, Dat
         blocked_classes=frozenset(cls for cls, action in spec.get("on_detect", {}).items() if action == "block"),
         background=spec.get("background", False),
         media=_media(spec.get("media"), ("routes", name, "media"), source),
+        fallback=_fallback(name, spec, source),
     )
+
+
+def _fallback(name: str, spec: Mapping[str, Any], source: str) -> str | None:
+    """The route's fallback, once its settings are known to fit generateContent (the schema has
+    already refused it on an agent route)."""
+    fallback: str | None = spec.get("fallback")
+    if fallback is None:
+        return None
+    for index, tool in enumerate(spec.get("tools", ())):
+        if tool["type"] not in FALLBACK_TOOL_TYPES or (tool["type"] != "function" and set(tool) != {"type"}):
+            raise PolicyError(
+                source,
+                _format_path(("routes", name, "tools", index)),
+                "fallback: generate_content takes function tools and plain google_search or url_context tools only",
+            )
+    for key in spec.get("generation_config") or {}:
+        if key not in FALLBACK_GENERATION_CONFIG:
+            raise PolicyError(
+                source,
+                _format_path(("routes", name, "generation_config", key)),
+                f"fallback: generate_content cannot carry generation_config.{key}",
+            )
+    formats = spec.get("response_format")
+    for index, item in enumerate(formats if isinstance(formats, list) else [] if formats is None else [formats]):
+        if index or item.get("type", "text") != "text" or set(item) - {"type", "mime_type", "schema"}:
+            raise PolicyError(
+                source,
+                _format_path(("routes", name, "response_format")),
+                "fallback: generate_content takes one text response_format (mime_type, schema) only",
+            )
+    return fallback
 
 
 def _media(spec: Mapping[str, Any] | None, path: tuple[str | int, ...], source: str) -> MediaRule | None:

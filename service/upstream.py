@@ -73,6 +73,10 @@ class UpstreamReply:
     steps: list[bytes] = field(kw_only=True, repr=False)
     # How the history reached the model (see `HISTORY_SENT`).
     history_sent: str = field(default="replayed", kw_only=True)
+    # Which surface answered: `interactions`, or `generate_content` when the route's fallback
+    # took the turn (service/generate_content.py), and then why (`circuit_open`, ...).
+    surface: str = field(default="interactions", kw_only=True)
+    fallback_reason: str | None = field(default=None, kw_only=True)
 
 
 # How a turn's history reached the model: all of it in `input`; only the new input, chained onto
@@ -347,6 +351,25 @@ class Upstream:
                 )
             return (parsed, step_bytes), attempt
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    async def generate_content(
+        self, *, settings: dict[str, Any], steps: Sequence[bytes], deadline: float | None = None
+    ) -> UpstreamReply:
+        """The turn through `models.generate_content` instead, with this client, its attempts and
+        timeout: the route's fallback (service/generate_content.py). Not behind the breaker, which
+        watches the Interactions surface: that surface failing is when this is called."""
+        # Imported here: service/generate_content.py builds on this module.
+        from .generate_content import generate_turn
+
+        return await generate_turn(
+            self._client,
+            settings=settings,
+            steps=steps,
+            attempts=self._attempts,
+            timeout_seconds=self._timeout,
+            deadline=deadline,
+            metrics=self._metrics,
+        )
 
     async def delete(self, interaction_id: str) -> bool:
         """Delete a provider-side copy; False when the provider no longer has it."""

@@ -17,6 +17,7 @@ from ._config import SimulatorConfig
 from ._continuation import Continuations, requested_hops, split_into_hops
 from ._errors import ApiError, failed_precondition, invalid
 from ._faults import FaultPlan, FaultSpec
+from ._generate import generate, generate_model, surface_of
 from ._model import ModelTurn, SimulatedModel
 from ._sse import DONE, encode_event, stream_events
 from ._steps import Ledger, normalize_input, user_text
@@ -118,6 +119,10 @@ class Simulator:
         """The create requests received so far, with what was answered."""
         return [r for r in self.requests if r.method == "POST" and r.path.endswith("/interactions")]
 
+    def generate_requests(self) -> list[RecordedRequest]:
+        """The generateContent requests received so far, with what was answered."""
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith(":generateContent")]
+
     def answer_next_create(self, body: bytes) -> None:
         """Answer the next valid create request with exactly these bytes (HTTP 200), instead of
         the simulated model's JSON: how a test shows that a step's spelling (key order, spacing,
@@ -166,7 +171,7 @@ class Simulator:
         record = RecordedRequest(method, path, query, headers, _parse_body(raw), raw=raw)
         self._record(record)
         try:
-            fault = self.faults.next_fault(headers.get("x-sim-fault"))
+            fault = self.faults.next_fault(headers.get("x-sim-fault"), surface_of(path))
         except ValueError as exc:
             await _send_json(send, 400, invalid(f"x-sim-fault: {exc}").body())
             return
@@ -229,6 +234,11 @@ class Simulator:
             raise invalid("API key not valid. Please pass a valid API key.")
 
     def _dispatch(self, method: str, path: str, query: dict[str, str], raw: bytes) -> Any:
+        model = generate_model(path)
+        if model is not None:
+            if method != "POST":
+                raise ApiError(405, f"{method} is not allowed here", "METHOD_NOT_ALLOWED")
+            return generate(self, model, raw)
         match = _ROUTE.match(path)
         if match is None:
             raise ApiError(404, f"no such endpoint: {method} {path}")

@@ -7,6 +7,12 @@ fault with `count=3` fails the first three attempts of that request and lets the
 Fault rates (`Simulator.set_fault_rates(...)`, or `POST /_simulator/fault-rates`) give any
 request without a queued or header fault a fault at random: e.g. 5 % 503s and 1 % hangs, drawn
 from a seeded generator so that a benchmark's run can be repeated.
+
+A fault's `surface` says which requests it may hit: `interactions` (the Interactions API),
+`generate_content` (`models/{model}:generateContent`) or `any` (the default). A queued fault
+waits for a request of its surface, and the others pass it by: `FaultSpec(status=503,
+surface="interactions", count=1000)` takes the Interactions surface down while generateContent
+answers, which is what a route's generateContent fallback is for.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["FaultPlan", "FaultSpec"]
+__all__ = ["SURFACES", "FaultPlan", "FaultSpec"]
+
+SURFACES = frozenset({"interactions", "generate_content", "any"})
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,14 @@ class FaultSpec:
     drop: bool = False  # drop the connection part-way through the response body
     drop_after_events: int = 1  # for streams: SSE events sent before the drop
     count: int = 1  # requests this fault applies to
+    surface: str = "any"  # interactions | generate_content | any: the requests it may hit
+
+    def __post_init__(self) -> None:
+        if self.surface not in SURFACES:
+            raise ValueError(f"surface must be one of {sorted(SURFACES)}")
+
+    def hits(self, surface: str) -> bool:
+        return self.surface in {"any", surface}
 
     @classmethod
     def parse(cls, header: str) -> FaultSpec:
@@ -55,6 +71,8 @@ class FaultSpec:
 
 def _coerce(annotation: Any, raw: str) -> Any:
     text = str(annotation)
+    if text == "str":
+        return raw
     if "bool" in text:
         return raw.lower() in {"1", "true", "yes"}
     if "int" in text and "float" not in text:
@@ -91,21 +109,25 @@ class FaultPlan:
             self._header_seen.clear()
             self._rates = []
 
-    def next_fault(self, header: str | None) -> FaultSpec | None:
-        """The fault for this request, consuming one use of it."""
+    def next_fault(self, header: str | None, surface: str = "interactions") -> FaultSpec | None:
+        """The fault for this request (on `surface`), consuming one use of it."""
         if header:
             spec = FaultSpec.parse(header)
+            if not spec.hits(surface):
+                return None
             with self._lock:
                 seen = self._header_seen.get(header, 0) + 1
                 self._header_seen[header] = seen
             return spec if seen <= spec.count else None
         with self._lock:
-            if not self._queue:
-                return self._drawn()
-            entry = self._queue[0]
+            index = next((i for i, entry in enumerate(self._queue) if entry[0].hits(surface)), None)
+            if index is None:
+                drawn = self._drawn()
+                return drawn if drawn is not None and drawn.hits(surface) else None
+            entry = self._queue[index]
             entry[1] -= 1
             if entry[1] <= 0:
-                self._queue.pop(0)
+                self._queue.pop(index)
             queued: FaultSpec = entry[0]
             return queued
 

@@ -115,6 +115,7 @@ class Ledger:
         self._steps: set[str] = set()
         self._signatures: set[str] = set()
         self._calls: dict[str, str] = {}
+        self._signed_calls: set[str] = set()
 
     def record(self, steps: list[dict[str, Any]]) -> None:
         with self._lock:
@@ -124,12 +125,26 @@ class Ledger:
                     self._signatures.add(step["signature"])
                 if step.get("type") == "function_call":
                     self._calls[step["id"]] = step["name"]
+                    if isinstance(step.get("signature"), str):
+                        self._signed_calls.add(step["id"])
+
+    def knows_signature(self, signature: str) -> bool:
+        """Whether this simulator issued the signature (standard base64, as steps carry it)."""
+        with self._lock:
+            return signature in self._signatures
+
+    def call(self, call_id: str) -> tuple[str, bool] | None:
+        """A function call this simulator issued: (its name, whether it was signed)."""
+        with self._lock:
+            name = self._calls.get(call_id)
+            return None if name is None else (name, call_id in self._signed_calls)
 
     def clear(self) -> None:
         with self._lock:
             self._steps.clear()
             self._signatures.clear()
             self._calls.clear()
+            self._signed_calls.clear()
 
     def check_history(self, history: list[dict[str, Any]], new_input: list[dict[str, Any]], *, strict: bool) -> None:
         """Refuse an input the real model would mis-handle: altered replays, unanswered or

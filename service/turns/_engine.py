@@ -46,6 +46,7 @@ from ..conversations import delete_conversation_copies, delete_provider_copies
 from ..database_errors import database_unreachable
 from ..detectors import Findings
 from ..errors import ConversationNotFound, DatabaseUnavailable, ModelOutputRefused, UpstreamFailed
+from ..generate_content import create_or_fall_back
 from ..ids import is_conversation_id
 from ..keyed_digests import canonical_json, idempotency_key_digest, request_fingerprint
 from ..leases import renew_lease
@@ -145,8 +146,13 @@ class TurnEngine:
         heartbeat = ctx.tasks.spawn(
             renew_lease(ctx, request.conversation_id, claim.lease_token), name=f"lease:{claim.turn_id}"
         )
+        route = ctx.policy.routes.get(claim.route)
         try:
-            reply = await ctx.upstream.create(
+            # On a route with `fallback: generate_content`, a turn the Interactions surface cannot
+            # take goes through generateContent instead (service/generate_content.py).
+            reply = await create_or_fall_back(
+                ctx.upstream,
+                fallback=route is not None and route.fallback == "generate_content",
                 settings=claim.settings,
                 steps=[*claim.history, *turn.new_step_bytes],
                 store=claim.decision.provider_storage,

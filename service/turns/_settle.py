@@ -66,7 +66,8 @@ class ClaimedTurn:
             steps=outcome.model_steps,
             output_text=output_text(outcome.model_steps),
             usage=outcome.usage,
-            store=claim.decision.provider_storage,
+            # A turn the fallback answered was not sent with store (generateContent keeps nothing).
+            store=claim.decision.provider_storage and outcome.reply.surface == "interactions",
             storage_reason=claim.decision.reason,
             policy_version=claim.policy_version,
         )
@@ -214,7 +215,18 @@ class ClaimedTurn:
                 "steps": len(outcome.model_steps),
                 "upstream_interaction_id": outcome.last_interaction,
                 "history_sent": history_sent,
+                "surface": outcome.reply.surface,
             }
+            if outcome.reply.fallback_reason is not None:
+                # The route's fallback answered: the turn row says so too (its steps are stored
+                # as converted Interactions steps; the provider kept nothing of it).
+                entry.details["fallback_reason"] = outcome.reply.fallback_reason
+                await session.execute(
+                    update(Turn)
+                    .where(Turn.id == claim.turn_id)
+                    .values(surface=outcome.reply.surface)
+                    .execution_options(synchronize_session=False)
+                )
         return result
 
     async def _take_output_classes(self, session: AsyncSession, entry: AuditEntry, findings: Findings) -> None:
