@@ -194,7 +194,9 @@ class Simulator:
             return
         drop = fault is not None and fault.drop
         if isinstance(result, list):
-            await _send_stream(send, result, drop_after=fault.drop_after_events if drop and fault else None)
+            await _send_stream(
+                send, result, drop_after=fault.drop_after_events if drop and fault else None, pacing=self._pacing(fault)
+            )
         else:
             await _send_json(send, 200, result, drop=drop)
 
@@ -209,6 +211,22 @@ class Simulator:
             deadline = self.clock.now() + fault.hang_seconds
             while self.clock.now() < deadline and not self.closing.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+    def _pacing(self, fault: FaultSpec | None) -> Callable[[int], Awaitable[None]] | None:
+        """What a stream waits for before its event number `n` (from 0): the fault's gap, and its
+        pause (until the clock has moved on, or the simulator stops)."""
+        if fault is None or (not fault.event_gap_ms and fault.pause_after_events is None):
+            return None
+
+        async def wait(number: int) -> None:
+            if number and fault.event_gap_ms:
+                await asyncio.sleep(fault.event_gap_ms / 1000)
+            if number == fault.pause_after_events:
+                deadline = self.clock.now() + fault.pause_seconds
+                while self.clock.now() < deadline and not self.closing.is_set():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+
+        return wait
 
     def _record(self, request: RecordedRequest) -> None:
         with self._log_lock:
@@ -545,10 +563,18 @@ async def _send_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_stream(send: Send, events: list[dict[str, Any]], *, drop_after: int | None) -> None:
+async def _send_stream(
+    send: Send,
+    events: list[dict[str, Any]],
+    *,
+    drop_after: int | None,
+    pacing: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
     headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     for number, event in enumerate(events):
+        if pacing is not None:
+            await pacing(number)
         if drop_after is not None and number >= drop_after:
             raise DroppedConnection("simulated connection drop mid-stream")
         await send({"type": "http.response.body", "body": encode_event(event), "more_body": True})
