@@ -190,6 +190,13 @@ class Simulator:
                 self.ledger.record(record.response["steps"])
                 if isinstance(result, dict) and isinstance(record.response.get("id"), str):
                     self.store.adopt(str(result.get("id")), record.response["id"], record.response["steps"])
+            if isinstance(result, list) and isinstance(record.response, dict):
+                # A streamed create: the given answer's steps streamed as the simulator streams its
+                # own (its JSON spelling is the stream's to choose, as the real API's is).
+                events = _verbatim_events(record.response, self.config.stream_chunk_words)
+                record.response = events
+                await _send_stream(send, events, drop_after=None, pacing=self._pacing(fault))
+                return
             await _send_bytes(send, 200, verbatim)
             return
         drop = fault is not None and fault.drop
@@ -456,6 +463,14 @@ class Simulator:
             await _send_json(send, exc.code, exc.body())
             return
         await _send_json(send, 200, reply)
+
+
+def _verbatim_events(answer: dict[str, Any], chunk_words: int) -> list[dict[str, Any]]:
+    steps = answer.get("steps") if isinstance(answer.get("steps"), list) else []
+    final = {k: v for k, v in answer.items() if k != "steps"}
+    final.setdefault("id", "int_verbatim")
+    summary = {k: v for k, v in final.items() if k != "usage"} | {"status": "in_progress"}
+    return stream_events(summary, list(steps or []), final, chunk_words)
 
 
 def _parse_create_body(raw: bytes) -> dict[str, Any]:

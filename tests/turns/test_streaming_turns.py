@@ -363,3 +363,58 @@ async def test_content_never_reaches_logs_or_spans(
     for span in spans.get_finished_spans():
         assert CANARY not in json.dumps(dict(span.attributes or {}), default=str)
         assert all(CANARY not in json.dumps(dict(e.attributes or {}), default=str) for e in span.events)
+
+
+CARD = "4111 1111 1111 1111"
+
+
+async def test_the_relay_holds_back_what_the_route_refuses(
+    service: tuple[ServiceContext, httpx.AsyncClient], tenant: Tenant, gemini: RunningSimulator
+) -> None:
+    """On a route that blocks `pan`, the model streams a card number: the relay stops before the
+    delta that completes it, the detectors refuse the assembled answer before anything is stored
+    (error `model_output_refused`, the turn.create record denied as for a JSON turn), and the
+    conversation takes its next turn."""
+    ctx, client = service
+    conversation = await open_conversation(client, tenant.headers(), PHI)
+    await take_turn(client, tenant.headers(), conversation, "first")
+    stored_before = await stored_steps(ctx, conversation)
+    answer = {
+        "id": "int_stream_refused_1",
+        "status": "completed",
+        "steps": [{"type": "model_output", "content": [{"type": "text", "text": f"the card is {CARD}"}]}],
+        "usage": {"total_tokens": 9},
+    }
+    gemini.app.answer_next_create(json.dumps(answer).encode())
+    events = await stream_turn(client, tenant, conversation, "second")
+    assert_valid(events)
+    relayed = "".join(e.data["delta"]["text"] for e in events if e.type == "step.delta")
+    assert relayed.startswith("the card is")  # what came before it was relayed
+    assert CARD not in relayed
+    assert CARD not in json.dumps([e.data for e in events])
+    assert events[-1].type == "error"
+    assert events[-1].data["code"] == "model_output_refused"
+    assert await stored_steps(ctx, conversation) == stored_before
+    created = await audit(client, tenant, action="turn.create")
+    assert (created[-1]["outcome"], created[-1]["reason"]) == ("denied", "model_output_refused")
+    third = await take_turn(client, tenant.headers(), conversation, "third")
+    assert third["status"] == "completed"
+
+
+async def test_a_streamed_function_call_and_its_result(
+    service: tuple[ServiceContext, httpx.AsyncClient], tenant: Tenant
+) -> None:
+    """A function call arrives whole in step.start and the stream ends `requires_action` with the
+    call in turn.completed's steps; the result is then sent in a streamed turn too."""
+    _, client = service
+    conversation = await open_conversation(client, tenant.headers(), PHI)
+    events = await stream_turn(client, tenant, conversation, "call lookup_appointment_slots")
+    assert_valid(events)
+    completed = events[-1].data
+    assert completed["status"] == "requires_action"
+    (call,) = [s for s in completed["steps"] if s["type"] == "function_call"]
+    assert any(e.type == "step.start" and e.data["step"] == call for e in events)
+    result = [{"type": "function_result", "call_id": call["id"], "name": call["name"], "result": {"slots": []}}]
+    answered = await stream_turn(client, tenant, conversation, result)
+    assert answered[-1].data["status"] == "completed"
+    assert answered[-1].data["output_text"].startswith("Function results received")
