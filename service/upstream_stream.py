@@ -23,6 +23,7 @@ text/event-stream` and the response read as a stream.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ _FIELD_ORDER: dict[str, tuple[str, ...]] = {
     "model_output": ("type", "content"),
     "function_call": ("type", "id", "name", "arguments"),
 }
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 # An SSE line longer than this is refused: a stream must not make the service buffer without bound.
 _MAX_LINE = 8 * 1024 * 1024
 
@@ -186,34 +188,48 @@ def _serialize(value: Any) -> bytes:
 
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON events of an SSE byte stream, one at a time: `data:` lines joined per event, the
-    `[DONE]` sentinel and comments skipped. A line past `_MAX_LINE` is refused."""
+    """The JSON events of an SSE byte stream, one at a time: `data:` lines joined per event, lines
+    ended by CRLF, LF or CR (as the SDK's parser takes them), a leading byte-order mark, comments,
+    other fields and the `[DONE]` sentinel skipped. A line past `_MAX_LINE` is refused."""
     buffer = b""
     data: list[bytes] = []
+    first = True
     async for chunk in chunks:
+        if first and chunk:
+            chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
         buffer += chunk
-        if len(buffer) > _MAX_LINE and b"\n" not in buffer:
+        # A CR at the very end may be the first half of a CRLF: it waits for the next chunk.
+        complete = buffer[:-1] if buffer.endswith(b"\r") else buffer
+        *lines, rest = _LINE_END.split(complete)
+        buffer = rest + buffer[len(complete) :]
+        if len(buffer) > _MAX_LINE:
             raise AssemblyError("an event line too long")
-        *lines, buffer = buffer.split(b"\n")
         for line in lines:
-            line = line.removesuffix(b"\r")
-            if not line:
-                if data:
-                    payload = b"\n".join(data)
-                    data = []
-                    if payload.strip() == b"[DONE]":
-                        continue
-                    try:
-                        event = json.loads(payload)
-                    except ValueError:
-                        raise AssemblyError("an event that is not JSON") from None
-                    if not isinstance(event, dict):
-                        raise AssemblyError("an event that is not a JSON object")
-                    yield event
-            elif line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" "))
+                continue
+            if not data:
+                continue
+            payload, data = b"\n".join(data), []
+            if payload.strip() == b"[DONE]":
+                continue
+            yield _event(payload)
+    if buffer.startswith(b"data:"):
+        data.append(buffer[5:].removeprefix(b" "))
     if data and b"\n".join(data).strip() != b"[DONE]":
+        # The stream ended without the blank line after its last event: SSE drops such an event.
         raise AssemblyError("the stream ended inside an event")
+
+
+def _event(payload: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise AssemblyError("an event that is not JSON") from None
+    if not isinstance(event, dict):
+        raise AssemblyError("an event that is not a JSON object")
+    return event
 
 
 def sdk_stream_opener(client: genai.Client) -> Callable[[bytes], Any]:
