@@ -131,9 +131,7 @@ async def turns(services: dict[str, tuple[str, str]], sizes: list[int], samples:
         for size in sizes:
             conversations = {}
             for name, client in clients.items():
-                created = await client.post(
-                    "/v1/conversations", json={"route": "patient-intake", "data_classes": ["phi"]}
-                )
+                created = await client.post("/v1/conversations", json={"route": "patient-intake", "data_classes": ["phi"]})
                 conversations[name] = created.json()["id"]
                 for index in range(size):
                     (
@@ -159,7 +157,9 @@ async def turns(services: dict[str, tuple[str, str]], sizes: list[int], samples:
             cells = " | ".join(
                 f"{statistics.median(times[name]):>12.2f} {percentile(times[name], 0.99):>7.2f}" for name in names
             )
-            print(f"{size:>12} | {cells} | {statistics.median(difference):>14.2f} {percentile(difference, 0.99):>7.2f}")
+            print(
+                f"{size:>12} | {cells} | {statistics.median(difference):>14.2f} {percentile(difference, 0.99):>7.2f}"
+            )
     finally:
         for client in clients.values():
             await client.aclose()

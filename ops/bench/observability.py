@@ -29,9 +29,7 @@ from google import genai
 from turn_latency import measure, percentile, running_custody, running_simulator
 
 
-async def main_async(
-    args: argparse.Namespace, services: dict[str, tuple[str, str]], simulator: str, token: str
-) -> None:
+async def main_async(args: argparse.Namespace, services: dict[str, tuple[str, str]], simulator: str, token: str) -> None:
     sdk = genai.Client(api_key="bench", http_options={"base_url": simulator, "retry_options": {"attempts": 1}})
     print(f"turn through Custody, ms ({args.samples} samples per size), metrics and JSON logs off vs on")
     print(f"{'stored turns':>12} | {'off p50':>8} {'p99':>7} | {'on p50':>8} {'p99':>7} | {'on/off p50':>10}")
@@ -63,11 +61,7 @@ def main() -> None:
         token_file.write_text(token, encoding="utf-8")
         os.chmod(token_file, 0o600)
         quiet = {"CUSTODY_LOG_FORMAT": "text", "CUSTODY_ACCESS_LOG": "false"}
-        observed = {
-            "CUSTODY_LOG_FORMAT": "json",
-            "CUSTODY_ACCESS_LOG": "true",
-            "CUSTODY_METRICS_TOKEN_FILE": str(token_file),
-        }
+        observed = {"CUSTODY_LOG_FORMAT": "json", "CUSTODY_ACCESS_LOG": "true", "CUSTODY_METRICS_TOKEN_FILE": str(token_file)}
         clean = {name: value for name, value in os.environ.items() if name.startswith("OTEL_")}
         for name in clean:
             os.environ.pop(name)

@@ -122,9 +122,7 @@ def build_history(base: str) -> list[dict[str, Any]]:
     del history[-1]
     history.append(user("what did I say first?"))
     if len(history) != 10:
-        raise SystemExit(
-            f"the replayed history has {len(history)} steps, not 10: the benchmark would measure another load"
-        )
+        raise SystemExit(f"the replayed history has {len(history)} steps, not 10: the benchmark would measure another load")
     return history
 
 
