@@ -1,7 +1,7 @@
 """Memory of one replica relaying 200 streamed turns at once, with readers fast, slow and gone.
 
 Run: .venv/bin/python ops/bench/concurrent_streams.py [--streams 200] [--words 300] [--gap-ms 10]
-         [--stall-seconds 5]
+         [--stall-seconds 5] [--cycles 3]
 
 Starts `custody simulator` streaming every answer one event per --gap-ms (its `event_gap_ms`
 fault: a model producing tokens), and one `custody serve` process as a deployment on a fresh
@@ -16,9 +16,13 @@ answer is about as long: some --words / 3 text deltas):
   --stall-seconds (the service cannot send: its socket buffers fill), then the rest;
 - gone: streamed, every client leaving after turn.started; the turns go on, and are stored.
 
+The streamed rounds run --cycles times over (fast, slow, gone, fast, ...), so that memory that
+grows from round to round would show.
+
 After each round it waits until every turn of it is stored. Prints the replica's resident memory
 (VmRSS of /proc/<pid>/status) at start, after making the conversations, its highest value sampled
-during each round and after it, and the peak (VmHWM); per round its length, the events and bytes
+during each round and after it, 35 s after the last round (an ended turn's events are kept 30 s),
+and the peak (VmHWM); per round its length, the events and bytes
 the clients read, and the errors. Asserts nothing.
 """
 
@@ -116,9 +120,7 @@ async def run_round(
                     if view.json().get("status") != "in_progress":
                         break
                     await asyncio.sleep(0.1)
-    return RoundResult(
-        kind, sampler.wall, sampler.peaks["rss"], mib(pid), counts["events"], counts["bytes"], errors
-    )
+    return RoundResult(kind, sampler.wall, sampler.peaks["rss"], mib(pid), counts["events"], counts["bytes"], errors)
 
 
 async def main_async(args: argparse.Namespace, deployment: Deployment, replica: Replica) -> None:
@@ -130,8 +132,12 @@ async def main_async(args: argparse.Namespace, deployment: Deployment, replica: 
         conversations = await make_conversations(http, args.streams)
     rss[f"after making {args.streams} conversations"] = mib(pid)
     results = []
-    for number, kind in enumerate(["json", "fast", "slow", "gone", "fast", "slow"], start=1):
+    kinds = ["json", *(["fast", "slow", "gone"] * args.cycles)]
+    for number, kind in enumerate(kinds, start=1):
         results.append(await run_round(replica, deployment.key, conversations, kind, number, args))
+    # An ended turn's events stay in memory for 30 s, for clients that reconnect at once.
+    await asyncio.sleep(35)
+    rss["35 s after the last round"] = mib(pid)
     rss["peak (VmHWM)"] = mib(pid, "VmHWM")
     print(
         f"{args.streams} concurrent turns per round, inputs of {args.words} words, the model streaming one event "
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=300, help="words in each input (the answer echoes them)")
     parser.add_argument("--gap-ms", type=float, default=10.0, help="the simulated model's pause between events")
     parser.add_argument("--stall-seconds", type=float, default=5.0, help="how long a slow reader does not read")
+    parser.add_argument("--cycles", type=int, default=3, help="rounds of fast, slow and gone readers")
     args = parser.parse_args()
     with simulator_process(request_log_limit=1) as (simulator, _):
         fault = {"event_gap_ms": args.gap_ms, "count": 10**9}
