@@ -54,7 +54,8 @@ _FIELD_ORDER: dict[str, tuple[str, ...]] = {
     "function_call": ("type", "id", "name", "arguments"),
 }
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-# An SSE line longer than this is refused: a stream must not make the service buffer without bound.
+# An SSE line (or event) longer than this is refused: a stream must not make the service buffer
+# without bound.
 _MAX_LINE = 8 * 1024 * 1024
 
 
@@ -193,6 +194,7 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, An
     other fields and the `[DONE]` sentinel skipped. A line past `_MAX_LINE` is refused."""
     buffer = b""
     data: list[bytes] = []
+    held = 0  # the bytes of `data`
     first = True
     async for chunk in chunks:
         if first and chunk:
@@ -208,10 +210,13 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, An
             if line:
                 if line.startswith(b"data:"):
                     data.append(line[5:].removeprefix(b" "))
+                    held += len(line)
+                    if held > _MAX_LINE:
+                        raise AssemblyError("an event too long")
                 continue
             if not data:
                 continue
-            payload, data = b"\n".join(data), []
+            payload, data, held = b"\n".join(data), [], 0
             if payload.strip() == b"[DONE]":
                 continue
             yield _event(payload)

@@ -202,3 +202,10 @@ def test_assembly_folds_deltas_in_the_answers_field_order() -> None:
 def test_assembly_refuses_what_it_cannot_store_whole(events: list[dict[str, Any]]) -> None:
     with pytest.raises(AssemblyError):
         step_events(*events).result()
+
+
+async def test_an_endless_event_is_refused() -> None:
+    """An event whose data lines never end is refused once past 8 MiB, not buffered on."""
+    line = b"data: " + b"x" * 65536 + b"\n"
+    with pytest.raises(AssemblyError):
+        [e async for e in sse_events(events_of(*([line] * 200)))]
