@@ -16,6 +16,7 @@ from .drain import Drain
 from .key_store import ExpiryKeyStore
 from .metrics import Metrics
 from .policy import Policy
+from .turn_events import TurnEventLogs
 from .upstream import Upstream
 
 __all__ = ["ServiceContext"]
@@ -59,6 +60,9 @@ class ServiceContext:
     data_keys: DataKeyCache = field(default_factory=DataKeyCache)
     # The instruments (service/metrics.py); recording nothing unless the runtime gave real ones.
     metrics: Metrics = field(default_factory=Metrics.disabled)
+    # The events of the streamed turns this replica runs, for their relays and for clients that
+    # reconnect (service/turn_events.py).
+    turn_events: TurnEventLogs = field(default_factory=TurnEventLogs)
 
     def subject_digest(self, tenant_id: str, subject: str) -> bytes:
         """A stable, keyed digest of a data subject's identifier, scoped to the tenant."""

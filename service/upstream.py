@@ -44,6 +44,7 @@ from .config import API_REVISION, UpstreamSettings
 from .errors import ConfigurationError, UpstreamFailed
 from .json_spans import split_steps
 from .metrics import Metrics
+from .upstream_stream import AssemblyError, StepAssembler, UpstreamErrorEvent, sdk_stream_opener, sse_events
 
 __all__ = ["HISTORY_SENT", "Chain", "Upstream", "UpstreamReply"]
 
@@ -129,6 +130,7 @@ class Upstream:
         else:
             self._client = genai.Client(api_key=key, http_options=http_options)
         self._send_create = _sdk_create_sender(self._client)
+        self._open_stream = sdk_stream_opener(self._client)
         self._attempts = max(1, attempts)
         self._timeout = timeout_seconds
         self._metrics = metrics or Metrics.disabled()
@@ -371,6 +373,169 @@ class Upstream:
             metrics=self._metrics,
         )
 
+    async def create_stream(
+        self,
+        *,
+        settings: dict[str, Any],
+        steps: Sequence[bytes],
+        store: bool,
+        chain: Chain | None = None,
+        on_event: Callable[[dict[str, Any], dict[str, Any] | None], Awaitable[None]],
+    ) -> UpstreamReply:
+        """One turn as `create` takes it, but streamed (`"stream": true`): each event is handed to
+        `on_event(event, step)` as it arrives (`step`: the step it belongs to, as assembled so
+        far), and the reply is the steps assembled from the events as the non-streaming answer
+        would carry them (service/upstream_stream.py). Chained and falling back as `create` does.
+
+        Retried as `create` is, but only until the stream opens: once events have been handed on
+        a retry would be a second answer, so a failure mid-stream fails the turn. A turn the model
+        would answer over several interactions (`requires_continuation`) is not continued while
+        streaming: it fails (`upstream_stream_continuation`), and a non-streaming turn takes it."""
+        if chain is None or not store:
+            return await self._stream_turn(settings, steps, store, None, on_event)
+        try:
+            return await self._stream_turn(
+                settings, steps[len(steps) - chain.new_steps :], store, chain.interaction_id, on_event
+            )
+        except _ChainLost as lost:
+            spent = lost.attempts
+        except UpstreamFailed as exc:
+            exc.history_sent = "chained"
+            raise
+        try:
+            reply = await self._stream_turn(settings, steps, store, None, on_event, spent=spent)
+        except UpstreamFailed as exc:
+            exc.history_sent = "replayed_after_chain_lost"
+            raise
+        return replace(reply, history_sent="replayed_after_chain_lost")
+
+    async def _stream_turn(
+        self,
+        settings: dict[str, Any],
+        steps: Sequence[bytes],
+        store: bool,
+        previous_interaction_id: str | None,
+        on_event: Callable[[dict[str, Any], dict[str, Any] | None], Awaitable[None]],
+        *,
+        spent: int = 0,
+    ) -> UpstreamReply:
+        started = time.perf_counter()
+        fields: dict[str, Any] = {"stream": True}
+        if previous_interaction_id:
+            fields["previous_interaction_id"] = previous_interaction_id
+        body = _request_body(settings, store, fields, b"[" + b",".join(steps) + b"]")
+        try:
+            assembled, attempts = await self._stream_one(body, store, bool(previous_interaction_id), on_event)
+        except UpstreamFailed as exc:
+            exc.attempts += spent
+            self._metrics.upstream_failed(exc.code)
+            raise
+        attempts += spent
+        parsed, step_bytes = assembled.result()
+        ids = _hop_ids([(parsed, step_bytes)])
+        if parsed.get("status") == "requires_continuation":
+            self._metrics.upstream_failed("upstream_stream_continuation")
+            raise UpstreamFailed(
+                "upstream_stream_continuation",
+                "the model asked to continue a streamed turn over another interaction",
+                attempts=attempts,
+                interaction_ids=ids,
+            )
+        return UpstreamReply(
+            parsed,
+            (time.perf_counter() - started) * 1000,
+            attempts,
+            ids,
+            steps=step_bytes,
+            history_sent="chained" if previous_interaction_id else "replayed",
+        )
+
+    async def _stream_one(
+        self,
+        body: bytes,
+        store: bool,
+        chained: bool,
+        on_event: Callable[[dict[str, Any], dict[str, Any] | None], Awaitable[None]],
+    ) -> tuple[StepAssembler, int]:
+        """One streamed interaction, its opening retried as `_create_one` retries; the assembler
+        that folded its events, and the requests sent."""
+        breaker = self.breaker
+        for attempt in range(1, self._attempts + 1):
+            assembler = StepAssembler()
+            opened = False
+            try:
+                breaker.before_request()
+            except BreakerOpen as refused:
+                raise UpstreamFailed(
+                    "upstream_circuit_open",
+                    "the model service has been failing; requests are refused for a while",
+                    attempts=attempt - 1,
+                    unavailable=True,
+                    retry_after=refused.retry_after,
+                ) from None
+            verdict = False
+            try:
+                with self._metrics.upstream_request("create", _request_outcome):
+                    async with self._open_stream(body) as chunks:
+                        opened = True
+                        async for event in sse_events(chunks):
+                            assembler.add(event)
+                            await on_event(event, _event_step(assembler, event))
+                breaker.record_success()
+                verdict = True
+            except sdk_errors.APITimeoutError:
+                breaker.record_failure()
+                verdict = True
+                raise UpstreamFailed(
+                    "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
+                ) from None
+            except sdk_errors.APIStatusError as exc:
+                status = exc.status_code or 0
+                if status >= 500 or status == 408:
+                    breaker.record_failure()
+                else:
+                    breaker.record_success()
+                verdict = True
+                if chained and _chain_gone(exc):
+                    raise _ChainLost(attempt) from None
+                asked = _retry_after(exc.response.headers)
+                retry = status in _TRANSIENT and (not store or status == 429) and (asked or 0) <= _MAX_RETRY_AFTER
+                if retry and attempt < self._attempts:
+                    await asyncio.sleep(asked or _backoff(attempt))
+                    continue
+                raise UpstreamFailed(
+                    f"upstream_http_{status}",
+                    f"the model call failed with HTTP {status}",
+                    attempts=attempt,
+                    upstream_status=status,
+                    unavailable=status in {429, 503},
+                    retry_after=asked,
+                ) from None
+            except sdk_errors.APIConnectionError:
+                breaker.record_failure()
+                verdict = True
+                if not opened and not store and attempt < self._attempts:
+                    await asyncio.sleep(_backoff(attempt))
+                    continue
+                raise UpstreamFailed(
+                    "upstream_unreachable", "the model service could not be reached", attempts=attempt
+                ) from None
+            except UpstreamErrorEvent:
+                # Its message stays out: it may quote the request.
+                raise UpstreamFailed(
+                    "upstream_stream_error", "the model service ended the stream with an error", attempts=attempt
+                ) from None
+            except AssemblyError:
+                # The reason stays out of the message: it may name what the upstream sent.
+                raise UpstreamFailed(
+                    "upstream_bad_response", "the model service sent a stream Custody cannot store", attempts=attempt
+                ) from None
+            finally:
+                if not verdict:
+                    breaker.record_abandoned()
+            return assembler, attempt
+        raise AssertionError("unreachable")  # the loop always returns or raises
+
     async def delete(self, interaction_id: str) -> bool:
         """Delete a provider-side copy; False when the provider no longer has it."""
         try:
@@ -534,6 +699,14 @@ def _request_outcome(exc: BaseException) -> str:
     if isinstance(exc, _NOT_JSON):
         return "bad_response"
     return "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+
+
+def _event_step(assembler: StepAssembler, event: dict[str, Any]) -> dict[str, Any] | None:
+    """The step a step event belongs to, as assembled so far."""
+    index = event.get("index")
+    if event.get("event_type", "").startswith("step.") and isinstance(index, int) and 0 <= index < len(assembler.steps):
+        return assembler.steps[index].value
+    return None
 
 
 def _hop_ids(hops: list[_Hop]) -> list[str]:

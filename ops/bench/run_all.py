@@ -23,6 +23,8 @@ if __name__ == "__main__":
         "detectors.py",
         "retention.py",
         "audit_append.py",
+        "stream_latency.py",
+        "concurrent_streams.py",
     ):
         print(f"== {script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script)], check=True)

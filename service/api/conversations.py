@@ -12,6 +12,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import Stream
 
 from ..audit import RequestMeta
 from ..auth import Principal
@@ -25,8 +26,9 @@ from ..conversations import (
 )
 from ..errors import InvalidInput
 from ..ids import id_pattern
-from ..turns import BackgroundTurns, TurnEngine, TurnRequest, TurnView
+from ..turns import BackgroundTurns, StreamingTurns, TurnEngine, TurnRequest, TurnView
 from .security import provide_meta, require_role
+from .streaming import LAST_EVENT_ID, event_stream, wants_event_stream
 from .wire import (
     AUTHENTICATED,
     ApiOperation,
@@ -252,7 +254,7 @@ class ConversationController(Controller):
                 schema_extra={"pattern": _SECONDS.pattern},
             ),
         ] = None,
-    ) -> TurnOut | Response[TurnStatusOut]:
+    ) -> TurnOut | Response[TurnStatusOut] | Stream:
         """Send the next input; the whole history is replayed to the model with store=false.
 
         A reply the model did not complete answers 200 with `status: failed` and stores nothing; a
@@ -267,6 +269,12 @@ class ConversationController(Controller):
         turn's id and a `Location` to poll (`GET .../turns/{turn_id}`). Custody polls the model and
         stores its answer as it stores a foreground turn's; until then the conversation refuses new
         turns (409), and `POST .../turns/{turn_id}/cancel` stops it.
+
+        With `Accept: text/event-stream` (and no `background`), the answer is the model's progress as
+        Server-Sent Events while it works, and Custody stores the complete turn when the model has
+        finished, exactly as it stores one answered as JSON (refusals are still problem+json, before
+        any event). A client that goes away loses nothing: the turn is stored all the same, and
+        `GET .../turns/{turn_id}/events` gives its events again.
         """
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
             raise InvalidInput("Idempotency-Key must be 1 to 255 visible ASCII characters", pointer="Idempotency-Key")
@@ -286,6 +294,8 @@ class ConversationController(Controller):
             input_bytes=len(await request.body()),
             timeout_seconds=timeout,
         )
+        if not data.background and wants_event_stream(request.headers.get("accept")):
+            return event_stream((await StreamingTurns(_ctx(request)).start(turn)).events)
         if not data.background:
             return TurnOut.of(await TurnEngine(_ctx(request)).run(turn))
         view = await BackgroundTurns(_ctx(request)).start(turn)
@@ -316,6 +326,49 @@ class ConversationController(Controller):
         """A turn's status and, once the model has answered (`completed` or `requires_action`), its
         result as the turn itself would have answered it. Audited as a read of the history."""
         return _status_out(await BackgroundTurns(_ctx(request)).read(principal, meta, conversation_id, turn_id))
+
+    @get(
+        "/{conversation_id:str}/turns/{turn_id:str}/events",
+        operation_id="GetTurnEvents",
+        summary="Read a turn's events (Server-Sent Events)",
+        operation_class=ApiOperation,
+        media_type="text/event-stream",
+        responses=problem_responses(
+            *AUTHENTICATED,
+            notes={404: "No such conversation for this tenant, or no such turn in it (`turn-not-found`)."},
+        ),
+    )
+    async def turn_events(
+        self,
+        request: Request[Any, Any, Any],
+        conversation_id: FromPath[str],
+        turn_id: FromPath[str],
+        principal: NamedDependency[Principal],
+        meta: NamedDependency[RequestMeta],
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Last-Event-ID",
+                required=False,
+                description="The id of the last event received: only the events after it are sent (an id that "
+                "is not one of this turn's is taken as none: every event is sent).",
+            ),
+        ] = None,
+    ) -> Stream:
+        """A turn's events, for a client that reconnects (`Last-Event-ID`) or comes later: while the
+        turn runs on this replica, the events it missed and then the rest as they come; once the
+        turn has ended, on any replica, its events regenerated from the stored turn. A turn running
+        on another replica: one `turn.running_elsewhere` event that asks the client to reconnect.
+        Audited as a read of the history."""
+        if last_event_id is not None and not LAST_EVENT_ID.fullmatch(last_event_id):
+            # As a browser's EventSource would send whatever id it last saw: not one of ours.
+            last_event_id = None
+        ctx = _ctx(request)
+        view = await BackgroundTurns(ctx).read(principal, meta, conversation_id, turn_id)
+        log = ctx.turn_events.get(view.turn_id)
+        if log is not None and (log.tenant_id, log.conversation_id) != (principal.tenant_id, view.conversation_id):
+            log = None
+        return event_stream(await StreamingTurns(ctx).events(view, log, last_event_id))
 
     @post(
         "/{conversation_id:str}/turns/{turn_id:str}/cancel",

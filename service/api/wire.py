@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.plugins import OpenAPISchemaPlugin
 from litestar.typing import FieldDefinition
 
@@ -24,6 +24,7 @@ from ..retention_rules import RetentionRule
 from ..retention_status import PendingCopies, RunView
 from ..turns import TurnResult
 from .problems import PROBLEM_JSON
+from .streaming import EVENT_STREAM, EVENT_STREAM_DOC
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
@@ -651,6 +652,14 @@ class ApiOperation(Operation):
                 del responses[status]
                 continue
             response.headers = {**(response.headers or {}), **_response_headers(int(status))}
+            if int(status) == 200 and self.operation_id in ("CreateTurn", "GetTurnEvents"):
+                # The streamed answer (Accept: text/event-stream), beside or instead of the JSON one.
+                response.content = {
+                    **{k: v for k, v in (response.content or {}).items() if k != EVENT_STREAM},
+                    EVENT_STREAM: OpenAPIMediaType(
+                        schema=Schema(type=OpenAPIType.STRING, description=EVENT_STREAM_DOC)
+                    ),
+                }
             if int(status) == 202 and self.operation_id == "CreateTurn":
                 response.headers["Location"] = _header(
                     "The turn started in the background, to poll: `/v1/conversations/{id}/turns/{turn_id}`.",

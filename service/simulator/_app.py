@@ -199,11 +199,20 @@ class Simulator:
                 self.ledger.record(record.response["steps"])
                 if isinstance(result, dict) and isinstance(record.response.get("id"), str):
                     self.store.adopt(str(result.get("id")), record.response["id"], record.response["steps"])
+            if isinstance(result, list) and isinstance(record.response, dict):
+                # A streamed create: the given answer's steps streamed as the simulator streams its
+                # own (its JSON spelling is the stream's to choose, as the real API's is).
+                events = _verbatim_events(record.response, self.config.stream_chunk_words)
+                record.response = events
+                await _send_stream(send, events, drop_after=None, pacing=self._pacing(fault))
+                return
             await _send_bytes(send, 200, verbatim)
             return
         drop = fault is not None and fault.drop
         if isinstance(result, list):
-            await _send_stream(send, result, drop_after=fault.drop_after_events if drop and fault else None)
+            await _send_stream(
+                send, result, drop_after=fault.drop_after_events if drop and fault else None, pacing=self._pacing(fault)
+            )
         else:
             await _send_json(send, 200, result, drop=drop)
 
@@ -218,6 +227,22 @@ class Simulator:
             deadline = self.clock.now() + fault.hang_seconds
             while self.clock.now() < deadline and not self.closing.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+
+    def _pacing(self, fault: FaultSpec | None) -> Callable[[int], Awaitable[None]] | None:
+        """What a stream waits for before its event number `n` (from 0): the fault's gap, and its
+        pause (until the clock has moved on, or the simulator stops)."""
+        if fault is None or (not fault.event_gap_ms and fault.pause_after_events is None):
+            return None
+
+        async def wait(number: int) -> None:
+            if number and fault.event_gap_ms:
+                await asyncio.sleep(fault.event_gap_ms / 1000)
+            if number == fault.pause_after_events:
+                deadline = self.clock.now() + fault.pause_seconds
+                while self.clock.now() < deadline and not self.closing.is_set():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+
+        return wait
 
     def _record(self, request: RecordedRequest) -> None:
         with self._log_lock:
@@ -462,6 +487,14 @@ class Simulator:
         await _send_json(send, 200, reply)
 
 
+def _verbatim_events(answer: dict[str, Any], chunk_words: int) -> list[dict[str, Any]]:
+    steps = answer.get("steps") if isinstance(answer.get("steps"), list) else []
+    final = {k: v for k, v in answer.items() if k != "steps"}
+    final.setdefault("id", "int_verbatim")
+    summary = {k: v for k, v in final.items() if k != "usage"} | {"status": "in_progress"}
+    return stream_events(summary, list(steps or []), final, chunk_words)
+
+
 def _parse_create_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
@@ -567,10 +600,18 @@ async def _send_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_stream(send: Send, events: list[dict[str, Any]], *, drop_after: int | None) -> None:
+async def _send_stream(
+    send: Send,
+    events: list[dict[str, Any]],
+    *,
+    drop_after: int | None,
+    pacing: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
     headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     for number, event in enumerate(events):
+        if pacing is not None:
+            await pacing(number)
         if drop_after is not None and number >= drop_after:
             raise DroppedConnection("simulated connection drop mid-stream")
         await send({"type": "http.response.body", "body": encode_event(event), "more_body": True})

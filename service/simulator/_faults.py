@@ -37,6 +37,11 @@ class FaultSpec:
     hang_seconds: float | None = None  # hold the request this long, then drop the connection
     drop: bool = False  # drop the connection part-way through the response body
     drop_after_events: int = 1  # for streams: SSE events sent before the drop
+    event_gap_ms: float = 0.0  # for streams: a pause before each event after the first (token pacing)
+    # For streams: after this many events, hold the rest until the simulator's clock has moved
+    # `pause_seconds` on (tests move it with advance()), as a model still at work would.
+    pause_after_events: int | None = None
+    pause_seconds: float = 3600.0
     count: int = 1  # requests this fault applies to
     surface: str = "any"  # interactions | generate_content | any: the requests it may hit
 

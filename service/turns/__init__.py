@@ -3,10 +3,12 @@
 from ._background import BackgroundTurns, TurnView
 from ._engine import TurnEngine
 from ._input import check_function_results, normalize_client_input, pending_calls
+from ._stream import StreamingTurns
 from ._types import TurnRequest, TurnResult
 
 __all__ = [
     "BackgroundTurns",
+    "StreamingTurns",
     "TurnEngine",
     "TurnRequest",
     "TurnResult",
