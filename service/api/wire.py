@@ -312,6 +312,27 @@ class RouteOut(msgspec.Struct):
             "permitted too)."
         ),
     ] = False
+    fallback: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="`generate_content`: a turn the Interactions surface cannot take (a server error, the "
+            "surface missing, the circuit breaker open) goes through generateContent instead; null: it fails."
+        ),
+    ] = None
+    media: Annotated[
+        MediaRuleOut | None,
+        msgspec.Meta(description="The media the route takes; null: text only."),
+    ] = None
+
+
+class MediaRuleOut(msgspec.Struct):
+    """A route's media rule: the MIME types it takes, the decoded size of one block and of a turn's
+    blocks together, and the URI prefixes a block may name its content by."""
+
+    allowed: list[str]
+    max_bytes: int
+    max_total_bytes: int
+    uri_prefixes: list[str]
 
 
 class DetectorOut(msgspec.Struct):
@@ -348,6 +369,15 @@ class PolicyOut(msgspec.Struct):
                     settings=route.upstream_settings(),
                     blocked_classes=sorted(route.blocked_classes),
                     background=route.background,
+                    fallback=route.fallback,
+                    media=None
+                    if route.media is None
+                    else MediaRuleOut(
+                        sorted(route.media.allowed),
+                        route.media.max_bytes,
+                        route.media.max_total_bytes,
+                        list(route.media.uri_prefixes),
+                    ),
                 )
                 for name, route in sorted(policy.routes.items())
             },

@@ -166,7 +166,10 @@ class TurnEngine:
             code, attempts = (failed.code, failed.attempts) if failed else (_aborted(ctx, exc), 0)
             partial_hops = failed.interaction_ids if failed else []
             sent = failed.history_sent if failed else ("chained" if claim.chain else "replayed")
-            release = self._in_background(self._give_back(turn, code, attempts, partial_hops, sent), heartbeat, claim)
+            fallback_failed = failed.fallback_failed if failed else None
+            release = self._in_background(
+                self._give_back(turn, code, attempts, partial_hops, sent, fallback_failed), heartbeat, claim
+            )
             # The caller hears about the model's failure, not the database's: if the database is
             # down, the release goes on in the background.
             with contextlib.suppress(DatabaseUnavailable):
@@ -239,13 +242,19 @@ class TurnEngine:
         return findings
 
     async def _give_back(
-        self, turn: ClaimedTurn, code: str, attempts: int, interaction_ids: list[str], sent: str
+        self,
+        turn: ClaimedTurn,
+        code: str,
+        attempts: int,
+        interaction_ids: list[str],
+        sent: str,
+        fallback_failed: str | None = None,
     ) -> None:
         """Release a turn whose model call failed; interactions it did get (hops of a continued
         turn) still go into the ledger, since the provider may keep them."""
         if interaction_ids:
             await self._stored(partial(turn.ledger, interaction_ids))
-        if not await self._stored(partial(turn.release, code, attempts, sent=sent)):
+        if not await self._stored(partial(turn.release, code, attempts, sent=sent, fallback_failed=fallback_failed)):
             await self._delete_orphans(turn, interaction_ids)
 
     async def _delete_orphans(self, turn: ClaimedTurn, interaction_ids: list[str]) -> None:

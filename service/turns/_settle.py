@@ -285,7 +285,14 @@ class ClaimedTurn:
             await session.execute(delete(IdempotencyRecord).where(*mine).execution_options(synchronize_session=False))
 
     async def release(
-        self, code: str, attempts: int, retry: bool, *, audit: bool = True, sent: str = "replayed"
+        self,
+        code: str,
+        attempts: int,
+        retry: bool,
+        *,
+        audit: bool = True,
+        sent: str = "replayed",
+        fallback_failed: str | None = None,
     ) -> bool:
         """Record the failed turn and give the conversation back; the history is untouched.
         Idempotent: a turn already closed (by an earlier attempt or a takeover) stays as it is.
@@ -316,6 +323,9 @@ class ClaimedTurn:
             if audit and closing:
                 entry = self.turn_entry()
                 entry.details |= {"upstream_attempts": attempts, "history_sent": sent}
+                if fallback_failed is not None:
+                    # The route's generateContent fallback was tried too, and failed so.
+                    entry.details["fallback_failed"] = fallback_failed
                 await self.ctx.auditor.append(session, entry, outcome="error", reason=code[:80])
             return conversation is not None
 

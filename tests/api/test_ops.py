@@ -48,7 +48,7 @@ async def exists(service: RetentionService, conversation: str) -> bool:
 
 
 async def test_the_policy_shows_its_classes_routes_and_rules(retention: RetentionService) -> None:
-    """The policy answer has the version, each class's provider storage and rule, each route's classes, rule, provider_ttl, settings and blocked classes, and the detectors; the read is audited."""
+    """The policy answer has the version, each class's provider storage and rule, each route's classes, rule, provider_ttl, settings, blocked classes, media rule, fallback and background, and the detectors; the read is audited."""
     ops = retention.tenant.headers("ops")
     response = await retention.api.get("/v1/ops/policy", headers=ops)
     assert response.status_code == 200, response.text
@@ -66,6 +66,13 @@ async def test_the_policy_shows_its_classes_routes_and_rules(retention: Retentio
     assert intake["settings"] == retention.ctx.policy.route("patient-intake").upstream_settings()
     assert intake["blocked_classes"] == ["financial", "pan"]
     assert faq["blocked_classes"] == []
+    assert intake["media"] == {
+        "allowed": ["application/pdf", "image/jpeg", "image/png"],
+        "max_bytes": 5_242_880,
+        "max_total_bytes": 5_242_880,
+        "uri_prefixes": [],
+    }
+    assert (faq["media"], faq["fallback"], faq["background"]) == (None, None, True)
     assert policy["detectors"]["card_security_code"] == {
         "data_class": "pan",
         "builtin": "card_security_code",

@@ -238,7 +238,7 @@ async def test_a_route_without_fallback_fails_as_before(
 
 
 async def test_a_refused_request_does_not_fall_back(
-    fallback_api: tuple[httpx.AsyncClient, Upstream], tenant: Tenant, gemini: RunningSimulator
+    fallback_api: tuple[httpx.AsyncClient, Upstream], tenant: Tenant, gemini: RunningSimulator, engine: AsyncEngine
 ) -> None:
     """A 400 would be refused on either surface: 502, with no generateContent request; a
     fallback that fails too answers with the Interactions failure."""
@@ -255,6 +255,9 @@ async def test_a_refused_request_does_not_fall_back(
     body = assert_problem(response, 503, "upstream-failed")
     assert (body["code"], response.headers["retry-after"]) == ("upstream_http_503", "4")
     assert [r.status for r in gemini.app.generate_requests()] == [500]
+    # The failed turn's record says the fallback was tried, and how it failed.
+    failed = (await _turn_records(engine, api, tenant))[-1]
+    assert (failed["reason"], failed["details"]["fallback_failed"]) == ("upstream_http_503", "upstream_http_500")
 
 
 async def test_a_missing_interactions_surface_falls_back(
