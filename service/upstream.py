@@ -273,16 +273,7 @@ class Upstream:
                 if left <= 0:
                     raise _deadline_passed(attempt - 1)
                 timeout = min(timeout, left)
-            try:
-                breaker.before_request()
-            except BreakerOpen as refused:
-                raise UpstreamFailed(
-                    "upstream_circuit_open",
-                    "the model service has been failing; requests are refused for a while",
-                    attempts=attempt - 1,
-                    unavailable=True,
-                    retry_after=refused.retry_after,
-                ) from None
+            self._admit(attempt)
             verdict = False
             try:
                 with self._metrics.upstream_request("create", _request_outcome):
@@ -302,32 +293,9 @@ class Upstream:
                     "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
                 ) from None
             except sdk_errors.APIStatusError as exc:
-                status = exc.status_code or 0
-                # A server error says the service is unwell; any other answer says it is up.
-                if status >= 500 or status == 408:
-                    breaker.record_failure()
-                else:
-                    breaker.record_success()
                 verdict = True
-                if chained and _chain_gone(exc):
-                    raise _ChainLost(attempt) from None
-                asked = _retry_after(exc.response.headers)
-                # A wait the service asks for is kept (0 means "no preference": the backoff);
-                # one longer than this turn should wait goes back to the caller instead.
-                retry = status in _TRANSIENT and (not store or status == 429) and (asked or 0) <= _MAX_RETRY_AFTER
-                wait = asked or _backoff(attempt)
-                if retry and attempt < self._attempts and _in_time(deadline, wait):
-                    await asyncio.sleep(wait)
-                    continue
-                # The status only: upstream error bodies may quote the request's content.
-                raise UpstreamFailed(
-                    f"upstream_http_{status}",
-                    f"the model call failed with HTTP {status}",
-                    attempts=attempt,
-                    upstream_status=status,
-                    unavailable=status in {429, 503},
-                    retry_after=asked,
-                ) from None
+                await asyncio.sleep(self._wait_after(exc, store, chained, attempt, deadline))
+                continue
             except sdk_errors.APIConnectionError:
                 breaker.record_failure()
                 verdict = True
@@ -463,16 +431,7 @@ class Upstream:
         for attempt in range(1, self._attempts + 1):
             assembler = StepAssembler()
             opened = False
-            try:
-                breaker.before_request()
-            except BreakerOpen as refused:
-                raise UpstreamFailed(
-                    "upstream_circuit_open",
-                    "the model service has been failing; requests are refused for a while",
-                    attempts=attempt - 1,
-                    unavailable=True,
-                    retry_after=refused.retry_after,
-                ) from None
+            self._admit(attempt)
             verdict = False
             try:
                 with self._metrics.upstream_request("create", _request_outcome):
@@ -490,27 +449,10 @@ class Upstream:
                     "upstream_timeout", "the model did not answer in time", timeout=True, attempts=attempt
                 ) from None
             except sdk_errors.APIStatusError as exc:
-                status = exc.status_code or 0
-                if status >= 500 or status == 408:
-                    breaker.record_failure()
-                else:
-                    breaker.record_success()
+                # Only until the stream opens: a status error comes before any event.
                 verdict = True
-                if chained and _chain_gone(exc):
-                    raise _ChainLost(attempt) from None
-                asked = _retry_after(exc.response.headers)
-                retry = status in _TRANSIENT and (not store or status == 429) and (asked or 0) <= _MAX_RETRY_AFTER
-                if retry and attempt < self._attempts:
-                    await asyncio.sleep(asked or _backoff(attempt))
-                    continue
-                raise UpstreamFailed(
-                    f"upstream_http_{status}",
-                    f"the model call failed with HTTP {status}",
-                    attempts=attempt,
-                    upstream_status=status,
-                    unavailable=status in {429, 503},
-                    retry_after=asked,
-                ) from None
+                await asyncio.sleep(self._wait_after(exc, store, chained, attempt, None))
+                continue
             except sdk_errors.APIConnectionError:
                 breaker.record_failure()
                 verdict = True
@@ -535,6 +477,55 @@ class Upstream:
                     breaker.record_abandoned()
             return assembler, attempt
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _admit(self, attempt: int) -> None:
+        """Let attempt `attempt` go, or refuse it at once while the breaker is open."""
+        try:
+            self.breaker.before_request()
+        except BreakerOpen as refused:
+            raise UpstreamFailed(
+                "upstream_circuit_open",
+                "the model service has been failing; requests are refused for a while",
+                attempts=attempt - 1,
+                unavailable=True,
+                retry_after=refused.retry_after,
+            ) from None
+
+    def _wait_after(
+        self,
+        exc: sdk_errors.APIStatusError,
+        store: bool,
+        chained: bool,
+        attempt: int,
+        deadline: float | None,
+    ) -> float:
+        """What a create answered with an error status comes to: the breaker's verdict on the
+        service, then the seconds to wait before retrying, or the failure (`_ChainLost` when a
+        chained request's previous interaction is gone)."""
+        status = exc.status_code or 0
+        # A server error says the service is unwell; any other answer says it is up.
+        if status >= 500 or status == 408:
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+        if chained and _chain_gone(exc):
+            raise _ChainLost(attempt) from None
+        asked = _retry_after(exc.response.headers)
+        # A wait the service asks for is kept (0 means "no preference": the backoff); one longer
+        # than this turn should wait goes back to the caller instead.
+        retry = status in _TRANSIENT and (not store or status == 429) and (asked or 0) <= _MAX_RETRY_AFTER
+        wait = asked or _backoff(attempt)
+        if retry and attempt < self._attempts and _in_time(deadline, wait):
+            return wait
+        # The status only: upstream error bodies may quote the request's content.
+        raise UpstreamFailed(
+            f"upstream_http_{status}",
+            f"the model call failed with HTTP {status}",
+            attempts=attempt,
+            upstream_status=status,
+            unavailable=status in {429, 503},
+            retry_after=asked,
+        ) from None
 
     async def delete(self, interaction_id: str) -> bool:
         """Delete a provider-side copy; False when the provider no longer has it."""
